@@ -1,0 +1,1 @@
+"""Benchmarks of kport against baselines and peers, run with `kport bench NAME`."""

@@ -1,0 +1,60 @@
+"""What every benchmark shares: percentiles, a printed table, and JSON results on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table as RichTable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The nearest-rank percentile of ``values`` (0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class Table:
+    """A titled table printed with rich."""
+
+    def __init__(self, title: str, columns: list[str]) -> None:
+        self._table = RichTable(title=title, title_justify="left")
+        for i, column in enumerate(columns):
+            self._table.add_column(column, justify="left" if i == 0 else "right")
+
+    def row(self, *cells: str) -> None:
+        self._table.add_row(*cells)
+
+    def show(self) -> None:
+        Console().print(self._table)
+
+
+def save_results(name: str, result: dict[str, Any], directory: str | None = None) -> Path:
+    """Write ``result`` and machine facts to ``<dir>/<name>-<UTC time>.json``; return its path."""
+    out_dir = Path(directory) if directory else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    result = {
+        **result,
+        "machine": {
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "utc": stamp,
+    }
+    path = out_dir / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    Console().print(f"results saved to {path}")
+    return path

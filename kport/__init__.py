@@ -1,0 +1,61 @@
+"""kport: kernel events to user-mode Python programs on Linux, and their answers back.
+
+The public API, re-exported from the modules that implement it.
+"""
+
+from kport.errors import (
+    AccessDenied,
+    KportError,
+    LocalProtocolError,
+    NameCollision,
+    NameNotFound,
+    ObjectTypeMismatch,
+    OneWayPort,
+    PortClosed,
+    PortNotFound,
+    ProtocolError,
+    QueueFull,
+    RemoteProtocolError,
+    Timeout,
+    TooManyConnections,
+)
+from kport.port import (
+    AsyncConnection,
+    Connection,
+    Message,
+    PeerCredentials,
+    Security,
+    ServerConnection,
+    ServerPort,
+    aconnect,
+    connect,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "AsyncConnection",
+    "Connection",
+    "KportError",
+    "LocalProtocolError",
+    "Message",
+    "NameCollision",
+    "NameNotFound",
+    "ObjectTypeMismatch",
+    "OneWayPort",
+    "PeerCredentials",
+    "PortClosed",
+    "PortNotFound",
+    "ProtocolError",
+    "QueueFull",
+    "RemoteProtocolError",
+    "Security",
+    "ServerConnection",
+    "ServerPort",
+    "Timeout",
+    "TooManyConnections",
+    "__version__",
+    "aconnect",
+    "connect",
+]

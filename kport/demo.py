@@ -1,0 +1,85 @@
+"""`kport demo`: a port that announces new processes (found by scanning /proc) and a client
+that prints them, in one process: the smallest whole use of ServerPort and connect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+from kport import procinfo
+from kport.errors import PortClosed
+from kport.port.client import connect
+from kport.port.server import ServerConnection, ServerPort
+
+
+def _pids() -> set[int]:
+    return {int(name) for name in os.listdir("/proc") if name.isdigit()}
+
+
+def _describe(pid: int) -> dict[str, Any]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []
+    return {
+        "ts": time.time_ns(),
+        "source": "demo",
+        "kind": "seen",
+        "pid": pid,
+        "start_time": procinfo.start_time(pid),
+        "exe": procinfo.exe(pid),
+        "argv": argv,
+    }
+
+
+def _watch(runtime_dir: str | None, count: int, done: threading.Event) -> None:
+    seen = 0
+    with connect("demo", runtime_dir=runtime_dir) as conn:
+        print(f"client: connected to {conn.path} (one-way: {conn.one_way})", flush=True)
+        try:
+            for msg in conn:
+                if msg.is_lost:
+                    print(f"client: LOST {msg.data['count']} events", flush=True)
+                    continue
+                ev = msg.data
+                print(
+                    f"{msg.seq:>6} {ev['kind']:<8} pid {ev['pid']:<7} "
+                    f"{' '.join(ev['argv']) or ev['exe'] or '?'}",
+                    flush=True,
+                )
+                seen += 1
+                if count and seen >= count:
+                    break
+        except PortClosed:
+            pass
+    done.set()
+
+
+async def run(*, runtime_dir: str | None = None, count: int = 0) -> int:
+    def greet(conn: ServerConnection) -> None:
+        # A new client first gets what is running now, flagged as a snapshot.
+        for pid in sorted(_pids()):
+            port.notify(conn, {**_describe(pid), "kind": "snapshot"})
+
+    port = ServerPort("demo", one_way=True, runtime_dir=runtime_dir, on_connect=greet)
+    await port.start()
+    print(f"server: port 'demo' at {port.path}; new processes are announced on it", flush=True)
+    done = threading.Event()
+    client = threading.Thread(target=_watch, args=(runtime_dir, count, done), daemon=True)
+    client.start()
+    known: set[int] = set()
+    try:
+        while not done.is_set():
+            current = _pids()
+            for pid in sorted(current - known):
+                port.broadcast({**_describe(pid), "kind": "new"})
+            known = current
+            await asyncio.sleep(0.2)
+    finally:
+        await port.shutdown()
+        client.join(2)
+    return 0

@@ -1,0 +1,235 @@
+"""The asyncio client: ``async with kport.aconnect(name) as conn`` → an `AsyncConnection`.
+
+A reader task fills the bounded inbox. When the inbox is full it stops reading, so the
+server's queue (not this process's memory) absorbs a slow consumer and reports the loss,
+unless a ``send`` is waiting for its reply, which must not wait behind unread messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from kport import paths, protocol
+from kport.errors import KportError, PortClosed, Timeout
+from kport.port.client import handshake_result, hello_for, translate_connect_error
+from kport.port.message import DEFAULT_MAX_INBOX, ClientCore, Message
+
+_RECV_SIZE = 256 * 1024
+
+
+class AsyncConnection:
+    """A connection to a port, for asyncio programs (see :class:`kport.Connection`)."""
+
+    def __init__(self, sock: socket.socket, core: ClientCore, path: Path) -> None:
+        self._sock = sock
+        self._core = core
+        self.path = path
+        self.port = core.port
+        self._arrived = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._closed = False
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    def __repr__(self) -> str:
+        return f"<kport.AsyncConnection port={self.port!r} one_way={self.one_way} lost={self.lost}>"
+
+    @property
+    def one_way(self) -> bool:
+        return self._core.one_way
+
+    @property
+    def lost(self) -> int:
+        return self._core.lost
+
+    @property
+    def pending(self) -> int:
+        return len(self._core.inbox)
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        core = self._core
+        try:
+            while core.end is None:
+                if len(core.inbox) >= core.max_inbox and not core.waiting:
+                    self._space.clear()
+                    await self._space.wait()
+                    continue
+                try:
+                    data = await loop.sock_recv(self._sock, _RECV_SIZE)
+                except OSError as err:
+                    core.finish(
+                        PortClosed(f"port {self.port!r}: read failed: {err.strerror}"),
+                        graceful=self._closed,
+                    )
+                    return
+                core.feed(data)
+                self._arrived.set()
+        finally:
+            if core.end is None:
+                core.finish(
+                    PortClosed(f"port {self.port!r}: this connection was closed"), graceful=True
+                )
+            self._arrived.set()
+
+    async def _wait_until(self, ready: Any, timeout: float | None, what: str) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not ready():
+                    if self._core.end is not None:
+                        raise self._core.end
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            if ready():
+                return
+            raise Timeout(f"port {self.port!r}: {what} within {timeout:g} s") from None
+
+    async def get_message(self, timeout: float | None = None) -> Message:
+        """The next message; ``Timeout`` after ``timeout`` s, ``PortClosed`` at the end."""
+        inbox = self._core.inbox
+        if not inbox:
+            await self._wait_until(lambda: bool(inbox), timeout, "nothing arrived")
+        msg = inbox.popleft()
+        self._space.set()
+        return msg
+
+    async def get_messages(
+        self, max_count: int = 1024, timeout: float | None = None
+    ) -> list[Message]:
+        """Every message ready now (at most ``max_count``), waiting for at least one."""
+        out = [await self.get_message(timeout)]
+        inbox = self._core.inbox
+        while inbox and len(out) < max_count:
+            out.append(inbox.popleft())
+        return out
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.get_message()
+            except PortClosed:
+                if self._core.graceful or self._closed:
+                    return
+                raise
+
+    async def reply(self, msg: Message, data: Any) -> None:
+        """Answer a request. A reply after the request's deadline is ignored by the server."""
+        await self._write(self._core.reply_frame(msg, data))
+
+    async def send(self, data: Any, timeout: float = 5.0) -> Any:
+        """Send ``data`` to the server's ``on_message`` and return what it returns."""
+        core = self._core
+        core.check_can_send("send")
+        send_id = core.next_send_id()
+        try:
+            self._space.set()  # the reply may sit behind unread messages: keep reading
+            await self._write(core.proto.send(protocol.Send(send_id, data)))
+            await self._wait_until(lambda: send_id in core.results, timeout, "no reply came")
+            return core.take_result(send_id)
+        finally:
+            core.waiting.discard(send_id)
+            core.results.pop(send_id, None)
+
+    async def _write(self, frame: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().sock_sendall(self._sock, frame)
+        except OSError as err:
+            raise PortClosed(f"port {self.port!r}: write failed: {err.strerror}") from err
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.one_way and self._core.end is None:
+            with contextlib.suppress(OSError, KportError):
+                self._sock.send(
+                    self._core.proto.send(protocol.Bye("client closed")), socket.MSG_DONTWAIT
+                )
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        self._sock.close()
+
+    async def __aenter__(self) -> AsyncConnection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class aconnect:
+    """Connect to a port from asyncio: ``conn = await aconnect(name)`` or ``async with``."""
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike[str],
+        *,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        timeout: float = 5.0,
+        max_inbox: int = DEFAULT_MAX_INBOX,
+        max_frame: int = protocol.DEFAULT_MAX_FRAME,
+    ) -> None:
+        self._args = (name_or_path, runtime_dir, timeout, max_inbox, max_frame)
+        self._conn: AsyncConnection | None = None
+
+    def __await__(self) -> Any:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncConnection:
+        self._conn = await self._open()
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def _open(self) -> AsyncConnection:
+        name_or_path, runtime_dir, timeout, max_inbox, max_frame = self._args
+        path = paths.port_path(name_or_path, runtime_dir)
+        name = paths.port_name_of(path)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            proto = protocol.Connection(protocol.Role.CLIENT, max_frame=max_frame)
+            try:
+                async with asyncio.timeout(timeout):
+                    try:
+                        await loop.sock_connect(sock, str(path))
+                    except OSError as err:
+                        raise translate_connect_error(err, path) from err
+                    try:
+                        await loop.sock_sendall(sock, proto.send(hello_for(name)))
+                        while (event := proto.next_event()) is protocol.NEED_DATA:
+                            proto.receive_data(await loop.sock_recv(sock, 65536))
+                    except OSError as err:
+                        raise PortClosed(
+                            f"port {name!r} at {path} closed during the handshake: {err.strerror}"
+                        ) from err
+            except TimeoutError:
+                raise Timeout(
+                    f"port {name!r} at {path} did not answer within {timeout:g} s"
+                ) from None
+            assert not isinstance(event, protocol.NeedData)
+            core = ClientCore(name, handshake_result(name, event), proto, max_inbox)
+            core.process()
+            return AsyncConnection(sock, core, path)
+        except BaseException:
+            sock.close()
+            raise

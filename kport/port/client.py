@@ -1,0 +1,291 @@
+"""The blocking client: `kport.connect(name)` → a `Connection` to a port.
+
+A `Connection` may be used from several threads: one thread reads the socket at a time,
+the others wait on a condition for what it delivers (a message, their send's reply), and
+replies may be written from any thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from kport import paths, protocol
+from kport.errors import (
+    AccessDenied,
+    KportError,
+    PortClosed,
+    PortNotFound,
+    Timeout,
+    error_from_code,
+)
+from kport.port.message import DEFAULT_MAX_INBOX, ClientCore, Message
+
+_RECV_SIZE = 256 * 1024
+T = TypeVar("T")
+
+
+def translate_connect_error(err: OSError, path: Path) -> KportError:
+    """The kport error for a failed ``connect()`` to a port's socket (one place for it)."""
+    if isinstance(err, FileNotFoundError):
+        return PortNotFound(
+            f"no port at {path}: the socket does not exist (is the server running?)"
+        )
+    if isinstance(err, ConnectionRefusedError):
+        return PortNotFound(f"no server behind {path}: the socket is stale or its server is gone")
+    if isinstance(err, PermissionError):
+        return AccessDenied(f"not allowed to connect to {path}: {err.strerror}")
+    if isinstance(err, TimeoutError):
+        return Timeout(f"connecting to {path} timed out")
+    if isinstance(err, NotADirectoryError | IsADirectoryError):
+        return PortNotFound(f"{path} is not a port socket: {err.strerror}")
+    return PortClosed(f"connecting to {path} failed: {err.strerror or err}")
+
+
+def handshake_result(core_port: str, event: protocol.Event | protocol.NeedData) -> protocol.Welcome:
+    """The server's answer to our hello: a Welcome, or the error it stands for."""
+    if isinstance(event, protocol.Welcome):
+        return event
+    if isinstance(event, protocol.Error):
+        raise error_from_code(event.code, event.message)
+    raise PortClosed(f"port {core_port!r}: the server closed the connection during the handshake")
+
+
+def hello_for(name: str) -> protocol.Hello:
+    return protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid())
+
+
+class Connection:
+    """A connection to a port: receive messages, reply to requests, send to the server."""
+
+    def __init__(self, sock: socket.socket, core: ClientCore, path: Path) -> None:
+        self._sock = sock
+        self._core = core
+        self.path = path
+        self.port = core.port
+        self._cond = threading.Condition()
+        self._reading = False
+        self._write_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<kport.Connection port={self.port!r} one_way={self.one_way} lost={self.lost}>"
+
+    @property
+    def one_way(self) -> bool:
+        return self._core.one_way
+
+    @property
+    def lost(self) -> int:
+        """Notifications lost so far (server queue and client inbox together)."""
+        return self._core.lost
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet taken."""
+        return len(self._core.inbox)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    # --- receiving -------------------------------------------------------------------
+
+    def get_message(self, timeout: float | None = None) -> Message:
+        """The next message; ``Timeout`` after ``timeout`` s, ``PortClosed`` at the end."""
+        try:
+            return self._core.inbox.popleft()
+        except IndexError:
+            pass
+        return self._wait(self._pop_one, timeout)
+
+    def get_messages(self, max_count: int = 1024, timeout: float | None = None) -> list[Message]:
+        """Every message ready now (at most ``max_count``), waiting for at least one."""
+        first = self.get_message(timeout)
+        inbox = self._core.inbox
+        out = [first]
+        while inbox and len(out) < max_count:
+            try:
+                out.append(inbox.popleft())
+            except IndexError:
+                break
+        return out
+
+    def __iter__(self) -> Iterator[Message]:
+        """Messages until the port closes the connection."""
+        while True:
+            try:
+                yield self.get_message()
+            except PortClosed:
+                if self._core.graceful or self._closed:
+                    return
+                raise
+
+    def _pop_one(self) -> Message | None:
+        inbox = self._core.inbox
+        return inbox.popleft() if inbox else None
+
+    def _wait(self, ready: Callable[[], T | None], timeout: float | None) -> T:
+        """Wait until ``ready()`` gives a value, reading the socket when no other thread is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                while True:
+                    value = ready()
+                    if value is not None:
+                        return value
+                    if self._core.end is not None:
+                        raise self._core.end
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise Timeout(f"port {self.port!r}: nothing arrived within {timeout:g} s")
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    self._cond.wait(remaining)
+            try:
+                self._read_once(remaining)
+            finally:
+                with self._cond:
+                    self._reading = False
+                    self._cond.notify_all()
+
+    def _read_once(self, timeout: float | None) -> None:
+        if self._closed:
+            self._core.finish(
+                PortClosed(f"port {self.port!r}: this connection was closed"), graceful=True
+            )
+            return
+        self._sock.settimeout(timeout)
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except TimeoutError:
+            return
+        except OSError as err:
+            if self._closed:
+                data = b""
+            else:
+                self._core.finish(
+                    PortClosed(f"port {self.port!r}: read failed: {err.strerror}"), graceful=False
+                )
+                return
+        with self._cond:
+            self._core.feed(data)
+
+    # --- sending ---------------------------------------------------------------------
+
+    def reply(self, msg: Message, data: Any) -> None:
+        """Answer a request. A reply after the request's deadline is ignored by the server."""
+        with self._cond:
+            frame = self._core.reply_frame(msg, data)
+        self._write(frame)
+
+    def send(self, data: Any, timeout: float = 5.0) -> Any:
+        """Send ``data`` to the server's ``on_message`` and return what it returns."""
+        with self._cond:
+            self._core.check_can_send("send")
+            send_id = self._core.next_send_id()
+            frame = self._core.proto.send(protocol.Send(send_id, data))
+        try:
+            self._write(frame)
+            results = self._core.results
+
+            def ready() -> tuple[int] | None:
+                return (send_id,) if send_id in results else None
+
+            self._wait(ready, timeout)
+            return self._core.take_result(send_id)
+        finally:
+            with self._cond:
+                self._core.waiting.discard(send_id)
+                self._core.results.pop(send_id, None)
+
+    def _write(self, frame: bytes) -> None:
+        with self._write_lock:
+            try:
+                self._sock.settimeout(None)
+                self._sock.sendall(frame)
+            except OSError as err:
+                raise PortClosed(f"port {self.port!r}: write failed: {err.strerror}") from err
+
+    # --- closing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.one_way and self._core.end is None:
+                with self._cond:
+                    frame = self._core.proto.send(protocol.Bye("client closed"))
+                self._sock.send(frame, socket.MSG_DONTWAIT)
+        except (OSError, KportError):
+            pass
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def connect(
+    name_or_path: str | os.PathLike[str],
+    *,
+    runtime_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 5.0,
+    max_inbox: int = DEFAULT_MAX_INBOX,
+    max_frame: int = protocol.DEFAULT_MAX_FRAME,
+) -> Connection:
+    """Connect to a port by name (``<runtime dir>/<name>.sock``) or by socket path.
+
+    Raises ``PortNotFound``, ``AccessDenied``, ``TooManyConnections``, ``Timeout`` or
+    ``ProtocolError``, each naming the port.
+    """
+    path = paths.port_path(name_or_path, runtime_dir)
+    name = paths.port_name_of(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as err:
+            raise translate_connect_error(err, path) from err
+        proto = protocol.Connection(protocol.Role.CLIENT, max_frame=max_frame)
+        deadline = time.monotonic() + timeout
+        try:
+            sock.sendall(proto.send(hello_for(name)))
+            while True:
+                event = proto.next_event()
+                if event is not protocol.NEED_DATA:
+                    break
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                proto.receive_data(sock.recv(65536))
+        except TimeoutError as err:
+            raise Timeout(
+                f"port {name!r} at {path} did not answer the handshake in {timeout:g} s"
+            ) from err
+        except OSError as err:
+            raise PortClosed(
+                f"port {name!r} at {path} closed during the handshake: {err.strerror}"
+            ) from err
+        assert not isinstance(event, protocol.NeedData)
+        welcome = handshake_result(name, event)
+        core = ClientCore(name, welcome, proto, max_inbox)
+        core.process()  # frames that came in the same read as the welcome
+        return Connection(sock, core, path)
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,207 @@
+"""What a client receives (`Message`), and the client-side bookkeeping shared by the sync
+and asyncio clients: turning protocol events into messages, send replies and end-of-stream.
+
+The inbox is bounded. It only grows past what the client asked for while a ``send`` digs
+for its reply through notifications the program has not read yet; then the oldest
+notifications are dropped, counted, and a ``lost`` message stands where they were.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Final
+
+from kport import protocol
+from kport.errors import (
+    KportError,
+    OneWayPort,
+    PortClosed,
+    error_from_code,
+)
+
+DEFAULT_MAX_INBOX: Final = 65536
+
+NOTIFY: Final = "notify"
+REQUEST: Final = "request"
+LOST: Final = "lost"
+
+
+class Message:
+    """One message from a port.
+
+    ``kind`` is ``"notify"``, ``"request"`` (answer it with ``reply``) or ``"lost"``
+    (``data`` is ``{"count", "first_seq", "last_seq", "where"}``: notifications that were
+    dropped, by the server's queue or this client's inbox). ``deadline`` is on the
+    ``time.monotonic()`` clock (system-wide on Linux), for requests only.
+    """
+
+    __slots__ = ("data", "deadline", "id", "kind", "replied", "seq")
+
+    def __init__(
+        self,
+        kind: str,
+        data: Any,
+        seq: int | None = None,
+        *,
+        id: int | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.data = data
+        self.seq = seq
+        self.id = id
+        self.deadline = deadline
+        self.replied = False
+
+    @property
+    def needs_reply(self) -> bool:
+        return self.kind == REQUEST
+
+    @property
+    def is_lost(self) -> bool:
+        return self.kind == LOST
+
+    def time_left(self) -> float | None:
+        """Seconds until a request's deadline (negative once passed); None for other kinds."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def __repr__(self) -> str:
+        extra = f" seq={self.seq}" if self.seq is not None else f" id={self.id}"
+        return f"<Message {self.kind}{extra} data={self.data!r:.60}>"
+
+
+def _lost_message(count: int, first: int | None, last: int | None, where: str) -> Message:
+    return Message(LOST, {"count": count, "first_seq": first, "last_seq": last, "where": where})
+
+
+class ClientCore:
+    """Client state that does not depend on how bytes are read: inbox, replies, end."""
+
+    def __init__(
+        self, port: str, welcome: protocol.Welcome, proto: protocol.Connection, max_inbox: int
+    ) -> None:
+        if max_inbox < 1:
+            raise ValueError(f"max_inbox must be positive, not {max_inbox}")
+        self.port = port
+        self.one_way = welcome.one_way
+        self.proto = proto
+        self.max_inbox = max_inbox
+        self.inbox: deque[Message] = deque()
+        #: notifications lost, as reported by the server and counted by this client
+        self.lost = 0
+        self.results: dict[int, tuple[bool, Any]] = {}
+        self.waiting: set[int] = set()
+        self.send_ids = 0
+        self.end: KportError | None = None
+        self.graceful = False
+
+    def check_can_send(self, what: str) -> None:
+        if self.one_way:
+            raise OneWayPort(f"port {self.port!r} is one-way: a client cannot {what} on it")
+        if self.end is not None:
+            raise self.end
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the socket (``b""`` at EOF) → messages, replies, or the end."""
+        self.proto.receive_data(data)
+        self.process()
+
+    def process(self) -> None:
+        """Turn every complete frame buffered so far into messages, replies, or the end."""
+        proto = self.proto
+        try:
+            events = proto.events()
+        except KportError as err:
+            self.finish(err, graceful=False)
+            return
+        inbox = self.inbox
+        for event in events:
+            if type(event) is protocol.Notify:
+                seqs = event.seqs
+                if isinstance(seqs, int):
+                    inbox.extend(
+                        [Message(NOTIFY, item, s) for s, item in enumerate(event.items, seqs)]
+                    )
+                else:
+                    inbox.extend(
+                        [
+                            Message(NOTIFY, item, s)
+                            for s, item in zip(seqs, event.items, strict=True)
+                        ]
+                    )
+            elif isinstance(event, protocol.Request):
+                deadline = time.monotonic() + (event.deadline_ns - time.monotonic_ns()) / 1e9
+                inbox.append(Message(REQUEST, event.data, id=event.id, deadline=deadline))
+            elif isinstance(event, protocol.Lost):
+                self.lost += event.count
+                inbox.append(_lost_message(event.count, event.first_seq, event.last_seq, "server"))
+            elif isinstance(event, protocol.SendReply):
+                if event.id in self.waiting:
+                    self.results[event.id] = (True, event.data)
+            elif isinstance(event, protocol.Error):
+                error = error_from_code(event.code, f"port {self.port!r}: {event.message}")
+                if event.id is None:
+                    self.finish(error, graceful=False)
+                elif event.id in self.waiting:
+                    self.results[event.id] = (False, error)
+            elif isinstance(event, protocol.Bye):
+                self.finish(
+                    PortClosed(f"port {self.port!r} closed the connection: {event.reason}"),
+                    graceful=True,
+                )
+            elif isinstance(event, protocol.ConnectionClosed):
+                self.finish(
+                    PortClosed(f"port {self.port!r}: the server closed the connection"),
+                    graceful=True,
+                )
+        if len(inbox) > self.max_inbox:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest notifications beyond ``max_inbox``; requests are never dropped."""
+        inbox = self.inbox
+        excess = len(inbox) - self.max_inbox
+        kept: list[Message] = []
+        dropped = 0
+        first: int | None = None
+        last: int | None = None
+        while excess > 0 and inbox:
+            msg = inbox.popleft()
+            if msg.kind == NOTIFY:
+                dropped += 1
+                excess -= 1
+                first = msg.seq if first is None else first
+                last = msg.seq
+            else:
+                kept.append(msg)
+        self.lost += dropped
+        inbox.extendleft(reversed(kept))
+        inbox.appendleft(_lost_message(dropped, first, last, "client"))
+
+    def finish(self, err: KportError, *, graceful: bool) -> None:
+        if self.end is None:
+            self.end = err
+            self.graceful = graceful
+
+    def next_send_id(self) -> int:
+        self.send_ids += 1
+        self.waiting.add(self.send_ids)
+        return self.send_ids
+
+    def take_result(self, send_id: int) -> Any:
+        ok, value = self.results.pop(send_id)
+        self.waiting.discard(send_id)
+        if not ok:
+            raise value
+        return value
+
+    def reply_frame(self, msg: Message, data: Any) -> bytes:
+        self.check_can_send("reply")
+        if msg.kind != REQUEST or msg.id is None:
+            raise ValueError(f"only requests take a reply; this message is a {msg.kind}")
+        if msg.replied:
+            raise ValueError(f"request {msg.id} was already answered")
+        frame = self.proto.send(protocol.Reply(msg.id, data))
+        msg.replied = True
+        return frame

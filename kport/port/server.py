@@ -1,0 +1,886 @@
+"""`ServerPort`: the privileged end of a communication port, on asyncio.
+
+A port is a Unix stream socket at ``<runtime dir>/<name>.sock``. Each accepted client is
+checked (security, ``max_connections``, handshake, ``on_connect``) before it sees a
+single event, and then gets its own bounded queue and writer task:
+
+* ``notify`` never blocks the producer. When a queue is full (messages or bytes) its
+  oldest notifications are dropped and the client is sent a LOST frame (count and seq
+  range) before the next message it receives.
+* Requests, send-replies and errors are never dropped: they may evict notifications to
+  find room, and a request that still finds none fails at once with ``QueueFull``.
+* Every request ends: reply, deadline (``Timeout``), disconnect or shutdown (``PortClosed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import inspect
+import itertools
+import logging
+import os
+import select
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from kport import paths, procinfo, protocol
+from kport.errors import (
+    ErrorCode,
+    KportError,
+    NameCollision,
+    OneWayPort,
+    PortClosed,
+    ProtocolError,
+    QueueFull,
+    RemoteProtocolError,
+    Timeout,
+    code_of,
+)
+from kport.port.security import PeerCredentials, Security, peer_credentials
+
+log = logging.getLogger("kport.port")
+
+DEFAULT_QUEUE_LIMIT: Final = 8192
+DEFAULT_QUEUE_BYTES: Final = 32 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS: Final = 64
+HANDSHAKE_TIMEOUT_S: Final = 5.0
+MAX_SENDS_IN_FLIGHT: Final = 64
+_BATCH_BYTES: Final = 256 * 1024
+_RECV_SIZE: Final = 256 * 1024
+_ACCEPT_RETRY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
+)
+
+# Queue entries: (_NOTIFY, seq, packed item) or (_FRAME, request id or None, frame bytes).
+_NOTIFY: Final = 0
+_FRAME: Final = 1
+_Entry = tuple[int, Any, bytes]
+
+OnConnect = Callable[["ServerConnection"], Any]
+OnDisconnect = Callable[["ServerConnection"], Any]
+OnMessage = Callable[["ServerConnection", Any], Any]
+
+
+class ServerConnection:
+    """One accepted client: who it is, its queue, and what it has lost."""
+
+    def __init__(
+        self,
+        port: ServerPort,
+        conn_id: int,
+        sock: socket.socket,
+        peer: PeerCredentials,
+    ) -> None:
+        self.port = port
+        self.id = conn_id
+        self.peer = peer
+        self.pid = peer.pid
+        self.uid = peer.uid
+        self.gid = peer.gid
+        self.start_time = procinfo.start_time(peer.pid)
+        self.client_pid: int | None = None
+        self.connected_at = time.time()
+        self.context: Any = None
+        #: notifications dropped because the queue was full
+        self.lost = 0
+        #: frames written to the socket (a NOTIFY batch counts its items)
+        self.sent = 0
+        #: replies that came after their request had ended
+        self.late_replies = 0
+        self.closed = False
+        self._sock = sock
+        self._proto = protocol.Connection(protocol.Role.SERVER, max_frame=port.max_frame)
+        self._queue: deque[_Entry] = deque()
+        self._queue_bytes = 0
+        self._queued_notifies = 0
+        self._lost_count = 0
+        self._lost_first: int | None = None
+        self._lost_last: int | None = None
+        self._wake = asyncio.Event()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._sends_in_flight = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<ServerConnection {self.id} pid={self.pid} uid={self.uid} "
+            f"queue={len(self._queue)} lost={self.lost}>"
+        )
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queue_bytes(self) -> int:
+        return self._queue_bytes
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
+    def info(self) -> dict[str, Any]:
+        """A plain mapping for status displays."""
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "uid": self.uid,
+            "gid": self.gid,
+            "connected_at": self.connected_at,
+            "queue_depth": self.queue_depth,
+            "queue_bytes": self.queue_bytes,
+            "lost": self.lost,
+            "sent": self.sent,
+            "pending_requests": self.pending_requests,
+        }
+
+    # --- the queue -------------------------------------------------------------------
+
+    def _enqueue_notify(self, seq: int, item: bytes) -> bool:
+        port = self.port
+        size = len(item)
+        if size > port.queue_bytes:
+            self._record_lost(seq)
+            return False
+        while len(self._queue) >= port.queue_limit or self._queue_bytes + size > port.queue_bytes:
+            if not self._drop_oldest_notify():
+                self._record_lost(seq)
+                return False
+        self._queue.append((_NOTIFY, seq, item))
+        self._queue_bytes += size
+        self._queued_notifies += 1
+        self._wake.set()
+        return True
+
+    def _enqueue_frame(self, frame: bytes, request_id: int | None) -> None:
+        port = self.port
+        size = len(frame)
+        while len(self._queue) >= port.queue_limit or self._queue_bytes + size > port.queue_bytes:
+            if not self._drop_oldest_notify():
+                raise QueueFull(
+                    f"port {port.name!r}: the queue of connection {self.id} (pid {self.pid}) "
+                    f"is full of requests and replies ({len(self._queue)} messages, "
+                    f"{self._queue_bytes} bytes)"
+                )
+        self._queue.append((_FRAME, request_id, frame))
+        self._queue_bytes += size
+        self._wake.set()
+
+    def _drop_oldest_notify(self) -> bool:
+        if not self._queued_notifies:
+            return False
+        queue = self._queue
+        if queue[0][0] == _NOTIFY:
+            _, seq, item = queue.popleft()
+        else:  # rare: requests at the head; find the oldest notification behind them
+            index = next(i for i, entry in enumerate(queue) if entry[0] == _NOTIFY)
+            _, seq, item = queue[index]
+            del queue[index]
+        self._queue_bytes -= len(item)
+        self._queued_notifies -= 1
+        self._record_lost(seq)
+        return True
+
+    def _record_lost(self, seq: int) -> None:
+        self.lost += 1
+        self.port.lost += 1
+        self._lost_count += 1
+        if self._lost_first is None or seq < self._lost_first:
+            self._lost_first = seq
+        if self._lost_last is None or seq > self._lost_last:
+            self._lost_last = seq
+        self._wake.set()
+
+    def _unqueue_request(self, request_id: int) -> None:
+        for index, entry in enumerate(self._queue):
+            if entry[0] == _FRAME and entry[1] == request_id:
+                del self._queue[index]
+                self._queue_bytes -= len(entry[2])
+                return
+
+    def _take_batch(self) -> bytes:
+        """Pop up to ~256 KiB of queued messages as frame bytes, a LOST frame first if due."""
+        parts: list[bytes] = []
+        total = 0
+        if self._lost_count:
+            lost = protocol.Lost(self._lost_count, self._lost_first, self._lost_last)
+            parts.append(self._proto.send(lost))
+            self._lost_count, self._lost_first, self._lost_last = 0, None, None
+        queue = self._queue
+        limit = min(_BATCH_BYTES, self.port.max_frame - 64)
+        while queue and total < _BATCH_BYTES:
+            kind, _, payload = queue[0]
+            if kind == _FRAME:
+                queue.popleft()
+                self._queue_bytes -= len(payload)
+                parts.append(payload)
+                total += len(payload)
+                self.sent += 1
+                continue
+            # A run of notifications becomes one NOTIFY frame.
+            seqs: list[int] = []
+            items: list[bytes] = []
+            run_bytes = 0
+            while queue and queue[0][0] == _NOTIFY:
+                _, seq, item = queue[0]
+                if items and run_bytes + len(item) > limit:
+                    break
+                queue.popleft()
+                seqs.append(seq)
+                items.append(item)
+                run_bytes += len(item)
+            self._queue_bytes -= run_bytes
+            self._queued_notifies -= len(items)
+            contiguous = seqs[-1] - seqs[0] == len(seqs) - 1
+            frame = self._proto.send(
+                protocol.Notify(seqs[0] if contiguous else seqs, items, packed=True)
+            )
+            parts.append(frame)
+            total += len(frame)
+            self.sent += len(items)
+        return b"".join(parts)
+
+
+class ServerPort:
+    """A named communication port served by this process (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        security: Security | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        one_way: bool = False,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        max_frame: int = protocol.DEFAULT_MAX_FRAME,
+        on_connect: OnConnect | None = None,
+        on_disconnect: OnDisconnect | None = None,
+        on_message: OnMessage | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        paths.validate_port_name(name)
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if queue_limit < 1 or queue_bytes < 1:
+            raise ValueError("queue_limit and queue_bytes must be positive")
+        self.name = name
+        self.security = (security or Security()).resolve()
+        self.max_connections = max_connections
+        self.one_way = one_way
+        self.queue_limit = queue_limit
+        self.queue_bytes = queue_bytes
+        self.max_frame = max_frame
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.on_message = on_message
+        self.path = paths.port_path(name, runtime_dir)
+        #: notifications dropped over all connections
+        self.lost = 0
+        #: the last seq this port assigned
+        self.seq = 0
+        self._conns: dict[int, ServerConnection] = {}
+        self._conn_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._hup_poll: select.epoll | None = None
+        self._hup_fds: dict[int, ServerConnection] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._shut_down = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<ServerPort {self.name!r} at {self.path} connections={len(self._conns)}>"
+
+    @property
+    def connections(self) -> list[ServerConnection]:
+        return list(self._conns.values())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> ServerPort:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the socket, with its permissions in place before its path exists, and serve."""
+        if self._listener is not None:
+            raise RuntimeError(f"port {self.name!r} is already started")
+        self._loop = asyncio.get_running_loop()
+        self._take_lock()
+        try:
+            self._listener = self._bind()
+        except BaseException:
+            self._release_lock()
+            raise
+        if self.one_way:
+            self._hup_poll = select.epoll()
+            self._loop.add_reader(self._hup_poll.fileno(), self._on_hup)
+        self._accept_task = self._loop.create_task(
+            self._accept_loop(), name=f"kport-accept-{self.name}"
+        )
+        log.info("port %s listening at %s (%s)", self.name, self.path, self.security.describe())
+
+    def _take_lock(self) -> None:
+        rundir = self.path.parent
+        rundir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        lock_path = rundir / f".{self.path.name}.lock"
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise NameCollision(
+                    f"port {self.name!r} is already served by a live process (it holds {lock_path})"
+                ) from None
+            # The lock file may have been unlinked by a server that was stopping while we
+            # waited: then lock the new file instead.
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                self._lock_path = lock_path
+                return
+            os.close(fd)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _bind(self) -> socket.socket:
+        path = self.path
+        if path.exists() or path.is_symlink():
+            self._check_stale(path)
+        sec = self.security
+        # Bind inside a private directory, set owner and mode there, then rename into
+        # place: the socket is never reachable with the wrong permissions.
+        tmpdir = tempfile.mkdtemp(prefix=f".{self.name}.", dir=path.parent)
+        tmp_path = os.path.join(tmpdir, "s")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(tmp_path)
+            if (sec.owner, sec.group) != (os.geteuid(), os.getegid()):
+                os.chown(tmp_path, sec.owner, sec.group)
+            os.chmod(tmp_path, sec.mode)
+            sock.listen(128)
+            sock.setblocking(False)
+            os.rename(tmp_path, path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+            raise
+        finally:
+            os.rmdir(tmpdir)
+        self._inode = os.stat(path).st_ino
+        return sock
+
+    def _check_stale(self, path: Path) -> None:
+        """A leftover socket of a dead server is replaced; anything alive or foreign is not."""
+        if not path.is_socket():
+            raise NameCollision(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("port %s: replacing the stale socket %s", self.name, path)
+            return
+        except OSError as err:
+            raise NameCollision(
+                f"{path} exists and cannot be checked ({err}); not replacing it"
+            ) from err
+        finally:
+            probe.close()
+        raise NameCollision(f"port {self.name!r} is already served at {path} by a live process")
+
+    def close(self) -> None:
+        """Stop accepting connections (the socket file goes); existing connections go on."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        self._unlink_socket()
+
+    def _unlink_socket(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == getattr(self, "_inode", None):
+                os.unlink(self.path)
+
+    async def shutdown(self, *, grace: float = 1.0, reason: str = "port shut down") -> None:
+        """End every connection, resolve every pending request with ``PortClosed``.
+
+        Queued messages get up to ``grace`` seconds to reach their clients, then each
+        client is told BYE and its connection is closed. The socket file is removed.
+        """
+        self.close()
+        if self._accept_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        for task in list(self._handshakes):
+            task.cancel()
+        conns = list(self._conns.values())
+        for conn in conns:
+            self._fail_pending(conn, PortClosed(f"port {self.name!r} shut down: {reason}"))
+        if conns:
+            await asyncio.gather(*(self._finish(c, reason, grace) for c in conns))
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+        if self._hup_poll is not None and self._loop is not None:
+            self._loop.remove_reader(self._hup_poll.fileno())
+            self._hup_poll.close()
+            self._hup_poll = None
+        self._release_lock()
+        self._shut_down.set()
+
+    async def wait_shutdown(self) -> None:
+        """Wait until :meth:`shutdown` has finished."""
+        await self._shut_down.wait()
+
+    async def _finish(self, conn: ServerConnection, reason: str, grace: float) -> None:
+        conn._closing = True
+        conn._wake.set()
+        writer = conn._writer_task
+        if writer is not None and not writer.done():
+            await asyncio.wait({writer}, timeout=grace)
+            if not writer.done():
+                log.info(
+                    "port %s: connection %d still had %d queued at shutdown",
+                    self.name,
+                    conn.id,
+                    conn.queue_depth,
+                )
+        if not conn.closed:
+            with contextlib.suppress(OSError, ProtocolError):
+                conn._sock.send(conn._proto.send(protocol.Bye(reason)), socket.MSG_DONTWAIT)
+        await self._drop(conn, reason)
+
+    # --- sending ---------------------------------------------------------------------
+
+    def _next_seq(self, seq: int | None) -> int:
+        if seq is None:
+            self.seq += 1
+            return self.seq
+        self.seq = max(self.seq, seq)
+        return seq
+
+    def _pack_item(self, data: Any) -> bytes:
+        item = protocol.pack(data)
+        if len(item) > self.max_frame - 64:
+            raise ValueError(
+                f"a message of {len(item)} bytes exceeds port {self.name!r}'s frame limit "
+                f"of {self.max_frame} bytes"
+            )
+        return item
+
+    def notify(self, conn: ServerConnection, data: Any, *, seq: int | None = None) -> int:
+        """Queue a notification for one client; never blocks. Returns its seq.
+
+        A full queue drops its oldest notifications (counted, and reported to the client
+        in a LOST frame). Notifying a connection that has gone is a no-op.
+        """
+        seq = self._next_seq(seq)
+        if not conn.closed and not conn._closing:
+            conn._enqueue_notify(seq, self._pack_item(data))
+        return seq
+
+    def broadcast(
+        self,
+        data: Any,
+        *,
+        seq: int | None = None,
+        where: Callable[[ServerConnection], bool] | None = None,
+    ) -> int:
+        """Queue one notification for every client (or those ``where`` accepts); encoded once."""
+        seq = self._next_seq(seq)
+        if self._conns:
+            item = self._pack_item(data)
+            for conn in self._conns.values():
+                if not conn._closing and (where is None or where(conn)):
+                    conn._enqueue_notify(seq, item)
+        return seq
+
+    async def request(self, conn: ServerConnection, data: Any, *, timeout: float = 5.0) -> Any:
+        """Send a request and wait for the client's reply.
+
+        Raises ``Timeout`` when ``timeout`` seconds pass, ``PortClosed`` if the client goes
+        away or the port shuts down first, ``QueueFull`` if it cannot be queued at all,
+        ``OneWayPort`` on a one-way port.
+        """
+        if self.one_way:
+            raise OneWayPort(f"port {self.name!r} is one-way: it cannot carry requests")
+        if conn.closed or conn._closing:
+            raise PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed")
+        if timeout <= 0:
+            raise ValueError(f"request timeout must be positive, not {timeout}")
+        request_id = next(self._request_ids)
+        deadline_ns = time.monotonic_ns() + int(timeout * 1e9)
+        frame = conn._proto.send(
+            protocol.Request(request_id, deadline_ns, self._pack_item(data), packed=True)
+        )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        conn._enqueue_frame(frame, request_id)
+        conn._pending[request_id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise Timeout(
+                f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not reply "
+                f"within {timeout:g} s"
+            ) from None
+        finally:
+            conn._pending.pop(request_id, None)
+            if not future.done():
+                conn._unqueue_request(request_id)
+
+    # --- accepting -------------------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        loop = self._loop
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self._listener)
+            except OSError as err:
+                if self._closed:
+                    return
+                if err.errno in _ACCEPT_RETRY_ERRNOS:
+                    log.warning("port %s: accept failed (%s); retrying", self.name, err)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            task = loop.create_task(self._handshake(sock))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        conn: ServerConnection | None = None
+        registered = False
+        try:
+            sock.setblocking(False)
+            peer = peer_credentials(sock)
+            conn = ServerConnection(self, next(self._conn_ids), sock, peer)
+            refusal = self._refusal(peer)
+            if refusal is not None:
+                await self._refuse(conn, *refusal)
+                return
+            hello = await self._read_hello(conn)
+            if hello is None:
+                return
+            conn.client_pid = hello.pid
+            if hello.port not in ("", self.name):
+                await self._refuse(
+                    conn,
+                    ErrorCode.WRONG_PORT,
+                    f"this is port {self.name!r}, not {hello.port!r}",
+                )
+                return
+            if self.on_connect is not None:
+                try:
+                    conn.context = await _maybe_await(self.on_connect(conn))
+                except KportError as err:
+                    await self._refuse(conn, err.code, f"port {self.name!r} refused: {err}")
+                    return
+            if len(self._conns) >= self.max_connections:  # on_connect may have awaited
+                await self._refuse(conn, *self._too_many())
+                return
+            welcome = protocol.Welcome(
+                protocol.PROTOCOL_VERSION, self.name, self.one_way, self.max_frame
+            )
+            frame = conn._proto.send(welcome)
+            if self.one_way:
+                # The kernel now refuses the client's writes (EPIPE): one way, for real.
+                sock.shutdown(socket.SHUT_RD)
+            self._conns[conn.id] = conn
+            registered = True
+            await self._loop_sendall(sock, frame)
+            self._start_connection(conn)
+            log.debug(
+                "port %s: connection %d from pid %d uid %d", self.name, conn.id, conn.pid, conn.uid
+            )
+        except OSError as err:
+            log.debug("port %s: handshake failed: %s", self.name, err)
+            if conn is not None and registered:
+                await self._drop(conn, f"handshake failed: {err}")
+            else:
+                sock.close()
+        except BaseException:
+            if conn is not None and registered:
+                await self._drop(conn, "handshake cancelled")
+            else:
+                sock.close()
+            raise
+
+    def _refusal(self, peer: PeerCredentials) -> tuple[ErrorCode, str] | None:
+        if self._closed:
+            return ErrorCode.PORT_CLOSED, f"port {self.name!r} is closed to new connections"
+        if not self.security.admits(peer):
+            return (
+                ErrorCode.ACCESS_DENIED,
+                f"port {self.name!r} does not admit uid {peer.uid} gid {peer.gid} "
+                f"(it admits {self.security.describe()})",
+            )
+        if len(self._conns) >= self.max_connections:
+            return self._too_many()
+        return None
+
+    def _too_many(self) -> tuple[ErrorCode, str]:
+        return (
+            ErrorCode.TOO_MANY_CONNECTIONS,
+            f"port {self.name!r} already has its maximum of {self.max_connections} connections",
+        )
+
+    async def _refuse(self, conn: ServerConnection, code: ErrorCode, message: str) -> None:
+        log.info("port %s: refused pid %d uid %d: %s", self.name, conn.pid, conn.uid, message)
+        try:
+            frame = conn._proto.send(protocol.Error(int(code), message))
+            async with asyncio.timeout(1.0):
+                await self._loop_sendall(conn._sock, frame)
+        except (OSError, TimeoutError, ProtocolError):
+            pass
+        finally:
+            conn._sock.close()
+
+    async def _read_hello(self, conn: ServerConnection) -> protocol.Hello | None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                while True:
+                    event = conn._proto.next_event()
+                    if isinstance(event, protocol.Hello):
+                        return event
+                    if isinstance(event, protocol.ConnectionClosed):
+                        conn._sock.close()
+                        return None
+                    data = await loop.sock_recv(conn._sock, 4096)
+                    conn._proto.receive_data(data)
+        except TimeoutError:
+            log.info(
+                "port %s: pid %d sent no hello within %g s",
+                self.name,
+                conn.pid,
+                HANDSHAKE_TIMEOUT_S,
+            )
+            conn._sock.close()
+        except RemoteProtocolError as err:
+            await self._refuse(conn, err.code, f"bad handshake: {err}")
+        return None
+
+    async def _loop_sendall(self, sock: socket.socket, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+    # --- running connections ---------------------------------------------------------
+
+    def _start_connection(self, conn: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        conn._writer_task = loop.create_task(self._writer(conn))
+        conn._tasks.add(conn._writer_task)
+        if self.one_way:
+            assert self._hup_poll is not None
+            fd = conn._sock.fileno()
+            self._hup_fds[fd] = conn
+            self._hup_poll.register(fd, select.EPOLLHUP)
+        else:
+            conn._tasks.add(loop.create_task(self._reader(conn)))
+
+    def _on_hup(self) -> None:
+        assert self._hup_poll is not None
+        for fd, _ in self._hup_poll.poll(0):
+            conn = self._hup_fds.get(fd)
+            if conn is not None:
+                self._drop_later(conn, "client closed")
+
+    async def _writer(self, conn: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        sock = conn._sock
+        try:
+            while True:
+                if not conn._queue and not conn._lost_count:
+                    if conn._closing:
+                        return
+                    conn._wake.clear()
+                    await conn._wake.wait()
+                    continue
+                await loop.sock_sendall(sock, conn._take_batch())
+        except OSError as err:
+            if not conn.closed:
+                self._drop_later(conn, f"write failed: {err.strerror}")
+
+    async def _reader(self, conn: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        proto = conn._proto
+        reason = "client closed"
+        try:
+            while True:
+                data = await loop.sock_recv(conn._sock, _RECV_SIZE)
+                proto.receive_data(data)
+                for event in proto.events():
+                    if isinstance(event, protocol.Reply):
+                        self._on_reply(conn, event)
+                    elif isinstance(event, protocol.Send):
+                        self._on_send(conn, event)
+                    elif isinstance(event, protocol.Bye | protocol.ConnectionClosed):
+                        return
+                if not data:
+                    return
+        except RemoteProtocolError as err:
+            reason = f"protocol error: {err}"
+            log.warning(
+                "port %s: dropping connection %d (pid %d): %s", self.name, conn.id, conn.pid, err
+            )
+            with contextlib.suppress(OSError):
+                frame = protocol.encode(protocol.Error(int(err.code), str(err)))
+                conn._sock.send(frame, socket.MSG_DONTWAIT)
+        except OSError as err:
+            reason = f"read failed: {err.strerror}"
+        finally:
+            if not conn.closed:
+                self._drop_later(conn, reason)
+
+    def _on_reply(self, conn: ServerConnection, event: protocol.Reply) -> None:
+        future = conn._pending.get(event.id)
+        if future is None or future.done():
+            conn.late_replies += 1
+            return
+        future.set_result(event.data)
+
+    def _on_send(self, conn: ServerConnection, event: protocol.Send) -> None:
+        if self.on_message is None:
+            self._send_error(
+                conn,
+                event.id,
+                ErrorCode.NO_HANDLER,
+                f"port {self.name!r} takes no messages (it has no on_message)",
+            )
+            return
+        if conn._sends_in_flight >= MAX_SENDS_IN_FLIGHT:
+            self._send_error(
+                conn,
+                event.id,
+                ErrorCode.QUEUE_FULL,
+                f"port {self.name!r}: more than {MAX_SENDS_IN_FLIGHT} sends in flight",
+            )
+            return
+        conn._sends_in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._handle_send(conn, event))
+        conn._tasks.add(task)
+        task.add_done_callback(conn._tasks.discard)
+
+    async def _handle_send(self, conn: ServerConnection, event: protocol.Send) -> None:
+        assert self.on_message is not None
+        try:
+            result = await _maybe_await(self.on_message(conn, event.data))
+            if conn.closed:
+                return
+            frame = conn._proto.send(protocol.SendReply(event.id, result))
+        except Exception as err:  # the handler's failure goes to its client, not the server
+            if not isinstance(err, KportError):
+                log.exception("port %s: on_message failed", self.name)
+            message = (
+                str(err)
+                if isinstance(err, KportError)
+                else f"handler raised {type(err).__name__}: {err}"
+            )
+            self._send_error(conn, event.id, code_of(err), message)
+            return
+        finally:
+            conn._sends_in_flight -= 1
+        with contextlib.suppress(QueueFull):
+            conn._enqueue_frame(frame, None)
+
+    def _send_error(
+        self, conn: ServerConnection, send_id: int, code: ErrorCode, message: str
+    ) -> None:
+        if conn.closed:
+            return
+        try:
+            conn._enqueue_frame(conn._proto.send(protocol.Error(int(code), message, send_id)), None)
+        except QueueFull:
+            log.warning("port %s: could not queue an error for connection %d", self.name, conn.id)
+
+    def _fail_pending(self, conn: ServerConnection, error: KportError) -> None:
+        for future in conn._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        conn._pending.clear()
+
+    def _drop_later(self, conn: ServerConnection, reason: str) -> None:
+        """Drop ``conn`` from a task of its own (the caller may be one of its tasks)."""
+        task = asyncio.get_running_loop().create_task(self._drop(conn, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drop(self, conn: ServerConnection, reason: str) -> None:
+        """End one connection: requests fail with PortClosed, tasks stop, the socket closes."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns.pop(conn.id, None)
+        self._fail_pending(
+            conn, PortClosed(f"connection {conn.id} (pid {conn.pid}) ended: {reason}")
+        )
+        fd = conn._sock.fileno()
+        if self._hup_fds.pop(fd, None) is not None and self._hup_poll is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._hup_poll.unregister(fd)
+        current = asyncio.current_task()
+        tasks = [t for t in conn._tasks if t is not current and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        conn._sock.close()
+        if conn.lost:
+            log.info(
+                "port %s: connection %d (pid %d) ended (%s); it lost %d notifications",
+                self.name,
+                conn.id,
+                conn.pid,
+                reason,
+                conn.lost,
+            )
+        else:
+            log.debug("port %s: connection %d ended: %s", self.name, conn.id, reason)
+        if self.on_disconnect is not None:
+            try:
+                await _maybe_await(self.on_disconnect(conn))
+            except Exception:
+                log.exception("port %s: on_disconnect failed", self.name)
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Install the Debian packages kport needs, only those that are missing (fast when all are there).
+set -eu
+need=""
+python3 -c 'import venv, ensurepip' 2>/dev/null || need="$need python3-venv"
+command -v python3 >/dev/null 2>&1 || need="$need python3"
+for cmd in make gcc; do command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"; done
+if [ -n "$need" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "kport setup: missing Debian packages:$need (run as root, or install them)" >&2
+        exit 1
+    fi
+    echo "kport setup: installing$need"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need
+fi
