@@ -455,8 +455,9 @@ class ServerPort:
             self._fail_pending(conn, PortClosed(f"port {self.name!r} shut down: {reason}"))
         if conns:
             await asyncio.gather(*(self._finish(c, reason, grace) for c in conns))
-        if self._handshakes:
-            await asyncio.gather(*self._handshakes, return_exceptions=True)
+        # Handshakes in flight, and connections that were already ending on their own.
+        while self._handshakes or self._background:
+            await asyncio.gather(*self._handshakes, *self._background, return_exceptions=True)
         if self._hup_poll is not None and self._loop is not None:
             self._loop.remove_reader(self._hup_poll.fileno())
             self._hup_poll.close()
@@ -859,9 +860,11 @@ class ServerPort:
         tasks = [t for t in conn._tasks if t is not current and not t.done()]
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        conn._sock.close()
+        try:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            conn._sock.close()
         if conn.lost:
             log.info(
                 "port %s: connection %d (pid %d) ended (%s); it lost %d notifications",
