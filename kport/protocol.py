@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Final
 
 import msgpack
@@ -63,6 +65,8 @@ class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    __hash__ = object.__hash__  # members are singletons; Enum's hash runs Python code
+
 
 class State(enum.Enum):
     START = "start"
@@ -70,6 +74,8 @@ class State(enum.Enum):
     OPEN = "open"
     OPEN_ONE_WAY = "open-one-way"
     CLOSED = "closed"
+
+    __hash__ = object.__hash__
 
 
 class Key(enum.Enum):
@@ -87,6 +93,8 @@ class Key(enum.Enum):
     ERROR_REPLY = "error-reply"  # answers one SEND; the connection goes on
     ERROR_FATAL = "error-fatal"  # ends the connection
     BYE = "bye"
+
+    __hash__ = object.__hash__
 
 
 S, R, K = State, Role, Key
@@ -235,15 +243,12 @@ NEED_DATA: Final = NeedData()
 
 def key_of(event: Event) -> Key:
     """The state-table key of an event."""
-    match event:
-        case Welcome(one_way=True):
-            return Key.WELCOME_ONE_WAY
-        case Error(id=None):
-            return Key.ERROR_FATAL
-        case Error():
-            return Key.ERROR_REPLY
-        case _:
-            return _KEY_BY_CLASS[type(event)]
+    cls = type(event)
+    if cls is Welcome:
+        return Key.WELCOME_ONE_WAY if event.one_way else Key.WELCOME  # type: ignore[union-attr]
+    if cls is Error:
+        return Key.ERROR_FATAL if event.id is None else Key.ERROR_REPLY  # type: ignore[union-attr]
+    return _KEY_BY_CLASS[cls]
 
 
 _KEY_BY_CLASS: dict[type, Key] = {
@@ -262,6 +267,8 @@ _KEY_BY_CLASS: dict[type, Key] = {
 # --- encoding -------------------------------------------------------------------------
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+_NOTIFY_HEAD: Final = _packer.pack_array_header(3) + _packer.pack(int(FrameType.NOTIFY))
+_REQUEST_HEAD: Final = _packer.pack_array_header(4) + _packer.pack(int(FrameType.REQUEST))
 
 
 def pack(data: Any) -> bytes:
@@ -283,49 +290,42 @@ def _frame_parts(head: bytes, parts: list[bytes]) -> bytes:
 
 def encode_notify_packed(seqs: int | list[int], packed_items: list[bytes]) -> bytes:
     """A NOTIFY frame from items that are already msgpack bytes (the producer's fast path)."""
-    head = (
-        _packer.pack_array_header(3)
-        + _packer.pack(FrameType.NOTIFY)
-        + _packer.pack(seqs)
-        + _packer.pack_array_header(len(packed_items))
-    )
+    head = _NOTIFY_HEAD + _packer.pack(seqs) + _packer.pack_array_header(len(packed_items))
     return _frame_parts(head, packed_items)
 
 
 def encode_request_packed(request_id: int, deadline_ns: int, packed_data: bytes) -> bytes:
-    head = _packer.pack_array_header(4) + _packer.pack(FrameType.REQUEST)
-    head += _packer.pack(request_id) + _packer.pack(deadline_ns)
+    head = _REQUEST_HEAD + _packer.pack(request_id) + _packer.pack(deadline_ns)
     return _frame_parts(head, [packed_data])
+
+
+_FIELDS: dict[type, tuple[int, Callable[[Any], tuple[Any, ...]]]] = {
+    Notify: (int(FrameType.NOTIFY), attrgetter("seqs", "items")),
+    Request: (int(FrameType.REQUEST), attrgetter("id", "deadline_ns", "data")),
+    Hello: (int(FrameType.HELLO), attrgetter("version", "port", "pid")),
+    Welcome: (int(FrameType.WELCOME), attrgetter("version", "port", "one_way", "max_frame")),
+    Reply: (int(FrameType.REPLY), attrgetter("id", "data")),
+    Send: (int(FrameType.SEND), attrgetter("id", "data")),
+    SendReply: (int(FrameType.SEND_REPLY), attrgetter("id", "data")),
+    Lost: (int(FrameType.LOST), attrgetter("count", "first_seq", "last_seq")),
+    Error: (int(FrameType.ERROR), lambda e: (int(e.code), e.message[:MAX_MESSAGE_LEN], e.id)),
+    Bye: (int(FrameType.BYE), lambda e: (e.reason[:MAX_MESSAGE_LEN],)),
+}
 
 
 def encode(event: Event) -> bytes:
     """The frame bytes for one event (no state checks: see :meth:`Connection.send`)."""
-    match event:
-        case Notify(seqs=seqs, items=items, packed=True):
-            return encode_notify_packed(seqs, items)
-        case Notify(seqs=seqs, items=items):
-            return _frame(pack([FrameType.NOTIFY, seqs, items]))
-        case Request(id=rid, deadline_ns=deadline, data=data, packed=True):
-            return encode_request_packed(rid, deadline, data)
-        case Request(id=rid, deadline_ns=deadline, data=data):
-            return _frame(pack([FrameType.REQUEST, rid, deadline, data]))
-        case Hello(version=v, port=port, pid=pid):
-            return _frame(pack([FrameType.HELLO, v, port, pid]))
-        case Welcome(version=v, port=port, one_way=one_way, max_frame=max_frame):
-            return _frame(pack([FrameType.WELCOME, v, port, one_way, max_frame]))
-        case Reply(id=rid, data=data):
-            return _frame(pack([FrameType.REPLY, rid, data]))
-        case Send(id=rid, data=data):
-            return _frame(pack([FrameType.SEND, rid, data]))
-        case SendReply(id=rid, data=data):
-            return _frame(pack([FrameType.SEND_REPLY, rid, data]))
-        case Lost(count=count, first_seq=first, last_seq=last):
-            return _frame(pack([FrameType.LOST, count, first, last]))
-        case Error(code=code, message=message, id=rid):
-            return _frame(pack([FrameType.ERROR, int(code), message[:MAX_MESSAGE_LEN], rid]))
-        case Bye(reason=reason):
-            return _frame(pack([FrameType.BYE, reason[:MAX_MESSAGE_LEN]]))
-    raise LocalProtocolError(f"{type(event).__name__} is not a frame that can be sent")
+    if type(event) is Notify and event.packed:
+        return encode_notify_packed(event.seqs, event.items)
+    if type(event) is Request and event.packed:
+        return encode_request_packed(event.id, event.deadline_ns, event.data)
+    try:
+        ftype, fields = _FIELDS[type(event)]
+    except KeyError:
+        raise LocalProtocolError(
+            f"{type(event).__name__} is not a frame that can be sent"
+        ) from None
+    return _frame(pack([ftype, *fields(event)]))
 
 
 # --- decoding -------------------------------------------------------------------------
@@ -460,7 +460,7 @@ class Connection:
 
     # receiving
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed the stream."""
         if data:
             if self._eof:

@@ -56,6 +56,8 @@ class AsyncConnection:
     async def _read_loop(self) -> None:
         loop = asyncio.get_running_loop()
         core = self._core
+        rbuf = bytearray(_RECV_SIZE)  # reused: see client.Connection._read_once
+        rview = memoryview(rbuf)
         try:
             while core.end is None:
                 if len(core.inbox) >= core.max_inbox and not core.waiting:
@@ -63,14 +65,14 @@ class AsyncConnection:
                     await self._space.wait()
                     continue
                 try:
-                    data = await loop.sock_recv(self._sock, _RECV_SIZE)
+                    size = await loop.sock_recv_into(self._sock, rbuf)
                 except OSError as err:
                     core.finish(
                         PortClosed(f"port {self.port!r}: read failed: {err.strerror}"),
                         graceful=self._closed,
                     )
                     return
-                core.feed(data)
+                core.feed(rview[:size])
                 self._arrived.set()
         finally:
             if core.end is None:

@@ -72,6 +72,9 @@ class Connection:
         self._cond = threading.Condition()
         self._reading = False
         self._write_lock = threading.Lock()
+        self._rbuf = bytearray(_RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._timeout = sock.gettimeout()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -161,14 +164,17 @@ class Connection:
                 PortClosed(f"port {self.port!r}: this connection was closed"), graceful=True
             )
             return
-        self._sock.settimeout(timeout)
+        self._set_timeout(timeout)
         try:
-            data = self._sock.recv(_RECV_SIZE)
+            # recv_into a buffer kept for the connection: a fresh 256 KiB bytes per read
+            # costs an mmap, page faults and a copy, which dominated a round trip.
+            size = self._sock.recv_into(self._rbuf)
+            data = self._rview[:size]
         except TimeoutError:
             return
         except OSError as err:
             if self._closed:
-                data = b""
+                data = memoryview(b"")
             else:
                 self._core.finish(
                     PortClosed(f"port {self.port!r}: read failed: {err.strerror}"), graceful=False
@@ -176,6 +182,12 @@ class Connection:
                 return
         with self._cond:
             self._core.feed(data)
+
+    def _set_timeout(self, timeout: float | None) -> None:
+        # settimeout() is a syscall when it flips blocking mode: skip it when unchanged.
+        if timeout != self._timeout:
+            self._sock.settimeout(timeout)
+            self._timeout = timeout
 
     # --- sending ---------------------------------------------------------------------
 
@@ -208,7 +220,7 @@ class Connection:
     def _write(self, frame: bytes) -> None:
         with self._write_lock:
             try:
-                self._sock.settimeout(None)
+                self._set_timeout(None)
                 self._sock.sendall(frame)
             except OSError as err:
                 raise PortClosed(f"port {self.port!r}: write failed: {err.strerror}") from err

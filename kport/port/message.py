@@ -102,7 +102,7 @@ class ClientCore:
         if self.end is not None:
             raise self.end
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Bytes from the socket (``b""`` at EOF) → messages, replies, or the end."""
         self.proto.receive_data(data)
         self.process()

@@ -110,6 +110,8 @@ class ServerConnection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._reading = False
+        self._writing = False
 
     def __repr__(self) -> str:
         return (
@@ -301,6 +303,8 @@ class ServerPort:
         self._hup_poll: select.epoll | None = None
         self._hup_fds: dict[int, ServerConnection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rbuf = bytearray(_RECV_SIZE)  # one read buffer: the loop reads one socket at a time
+        self._rview = memoryview(self._rbuf)
         self._closed = False
         self._shut_down = asyncio.Event()
 
@@ -551,19 +555,24 @@ class ServerPort:
             protocol.Request(request_id, deadline_ns, self._pack_item(data), packed=True)
         )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        conn._enqueue_frame(frame, request_id)
         conn._pending[request_id] = future
         try:
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
+            self._send_frame(conn, frame, request_id)
+        except QueueFull:
+            del conn._pending[request_id]
+            raise
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, future)
+        try:
+            return await future
+        except _Expired:
             raise Timeout(
                 f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not reply "
                 f"within {timeout:g} s"
             ) from None
         finally:
+            timer.cancel()
             conn._pending.pop(request_id, None)
-            if not future.done():
+            if conn._queue:  # still queued (deadline, cancellation): do not send it late
                 conn._unqueue_request(request_id)
 
     # --- accepting -------------------------------------------------------------------
@@ -714,7 +723,8 @@ class ServerPort:
             self._hup_fds[fd] = conn
             self._hup_poll.register(fd, select.EPOLLHUP)
         else:
-            conn._tasks.add(loop.create_task(self._reader(conn)))
+            conn._reading = True
+            loop.add_reader(conn._sock.fileno(), self._on_readable, conn)
 
     def _on_hup(self) -> None:
         assert self._hup_poll is not None
@@ -734,41 +744,72 @@ class ServerPort:
                     conn._wake.clear()
                     await conn._wake.wait()
                     continue
+                conn._writing = True
                 await loop.sock_sendall(sock, conn._take_batch())
+                conn._writing = False
         except OSError as err:
             if not conn.closed:
                 self._drop_later(conn, f"write failed: {err.strerror}")
 
-    async def _reader(self, conn: ServerConnection) -> None:
-        loop = asyncio.get_running_loop()
-        proto = conn._proto
-        reason = "client closed"
+    def _on_readable(self, conn: ServerConnection) -> None:
+        """The client's socket is readable: parse and dispatch in place, with no task hop."""
         try:
-            while True:
-                data = await loop.sock_recv(conn._sock, _RECV_SIZE)
-                proto.receive_data(data)
-                for event in proto.events():
-                    if isinstance(event, protocol.Reply):
-                        self._on_reply(conn, event)
-                    elif isinstance(event, protocol.Send):
-                        self._on_send(conn, event)
-                    elif isinstance(event, protocol.Bye | protocol.ConnectionClosed):
-                        return
-                if not data:
+            size = conn._sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self._stop_reading(conn)
+            self._drop_later(conn, f"read failed: {err.strerror}")
+            return
+        proto = conn._proto
+        try:
+            proto.receive_data(self._rview[:size])
+            for event in proto.events():
+                if isinstance(event, protocol.Reply):
+                    self._on_reply(conn, event)
+                elif isinstance(event, protocol.Send):
+                    self._on_send(conn, event)
+                else:  # Bye or end of stream
+                    self._stop_reading(conn)
+                    self._drop_later(conn, "client closed")
                     return
         except RemoteProtocolError as err:
-            reason = f"protocol error: {err}"
             log.warning(
                 "port %s: dropping connection %d (pid %d): %s", self.name, conn.id, conn.pid, err
             )
+            self._stop_reading(conn)
             with contextlib.suppress(OSError):
                 frame = protocol.encode(protocol.Error(int(err.code), str(err)))
                 conn._sock.send(frame, socket.MSG_DONTWAIT)
+            self._drop_later(conn, f"protocol error: {err}")
+
+    def _stop_reading(self, conn: ServerConnection) -> None:
+        if conn._reading and self._loop is not None:
+            conn._reading = False
+            self._loop.remove_reader(conn._sock.fileno())
+
+    def _send_frame(self, conn: ServerConnection, frame: bytes, request_id: int | None) -> None:
+        """Queue a frame that may not be dropped; written at once when the writer is idle.
+
+        Requests and replies are latency-bound: when nothing is queued or being written,
+        one non-blocking send saves waking the writer task, a whole loop iteration.
+        """
+        if conn._queue or conn._writing or conn._lost_count:
+            conn._enqueue_frame(frame, request_id)
+            return
+        try:
+            sent = conn._sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError as err:
-            reason = f"read failed: {err.strerror}"
-        finally:
-            if not conn.closed:
-                self._drop_later(conn, reason)
+            self._drop_later(conn, f"write failed: {err.strerror}")
+            return
+        conn.sent += 1
+        if sent < len(frame):  # the rest goes first, whatever comes after
+            rest = frame[sent:]
+            conn._queue.appendleft((_FRAME, None if sent else request_id, rest))
+            conn._queue_bytes += len(rest)
+            conn._wake.set()
 
     def _on_reply(self, conn: ServerConnection, event: protocol.Reply) -> None:
         future = conn._pending.get(event.id)
@@ -818,8 +859,10 @@ class ServerPort:
             return
         finally:
             conn._sends_in_flight -= 1
-        with contextlib.suppress(QueueFull):
-            conn._enqueue_frame(frame, None)
+        try:
+            self._send_frame(conn, frame, None)
+        except QueueFull:
+            log.warning("port %s: no room for a reply to connection %d", self.name, conn.id)
 
     def _send_error(
         self, conn: ServerConnection, send_id: int, code: ErrorCode, message: str
@@ -827,7 +870,9 @@ class ServerPort:
         if conn.closed:
             return
         try:
-            conn._enqueue_frame(conn._proto.send(protocol.Error(int(code), message, send_id)), None)
+            self._send_frame(
+                conn, conn._proto.send(protocol.Error(int(code), message, send_id)), None
+            )
         except QueueFull:
             log.warning("port %s: could not queue an error for connection %d", self.name, conn.id)
 
@@ -852,6 +897,7 @@ class ServerPort:
         self._fail_pending(
             conn, PortClosed(f"connection {conn.id} (pid {conn.pid}) ended: {reason}")
         )
+        self._stop_reading(conn)
         fd = conn._sock.fileno()
         if self._hup_fds.pop(fd, None) is not None and self._hup_poll is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -881,6 +927,15 @@ class ServerPort:
                 await _maybe_await(self.on_disconnect(conn))
             except Exception:
                 log.exception("port %s: on_disconnect failed", self.name)
+
+
+class _Expired(Exception):
+    """A request's deadline passed (turned into kport.Timeout with the details)."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
 
 async def _maybe_await(value: Any) -> Any:
