@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/kport demo
+	@echo "kport serve: watch with '$(BIN)/kport tail proc' (or 'kport status') in another terminal; Ctrl-C stops"
+	$(BIN)/kport serve
 
 lint: setup
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,148 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(demo.run(runtime_dir=args.runtime_dir, count=args.count))
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from kport import config as config_mod
+    from kport import daemon
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as err:
+        print(f"kport serve: {err}", file=sys.stderr)
+        return 2
+    if args.runtime_dir:
+        cfg.daemon.runtime_dir = args.runtime_dir
+    if args.log_format:
+        cfg.daemon.log_format = args.log_format
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    if os.geteuid() != 0:
+        print(
+            "kport serve: must run as root (the proc connector needs CAP_NET_ADMIN)",
+            file=sys.stderr,
+        )
+        return 1
+    handler = logging.StreamHandler()
+    if cfg.daemon.log_format == "json":
+        handler.setFormatter(daemon.JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if args.verbose else cfg.daemon.log_level.upper())
+    try:
+        asyncio.run(daemon.Daemon(cfg).run())
+    except KportError as err:
+        print(f"kport serve: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from kport import tail
+
+    try:
+        return tail.run(
+            args.source,
+            as_json=args.json,
+            terms=args.filter or [],
+            runtime_dir=args.runtime_dir,
+            count=args.count,
+        )
+    except ValueError as err:
+        print(f"kport tail: {err}", file=sys.stderr)
+        return 2
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    with kport.connect("control", runtime_dir=args.runtime_dir) as conn:
+        status = conn.send({"op": "status"}, timeout=5)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    console = Console()
+    console.print(
+        f"kport {status['version']} pid {status['pid']} up {status['uptime_s']} s, "
+        f"seq {status['seq']}, runtime dir {status['runtime_dir']}"
+    )
+    sources = Table(
+        "source",
+        "events/s",
+        "events",
+        "lost",
+        "resyncs",
+        "processes",
+        "backlog",
+        title="Sources",
+        title_justify="left",
+    )
+    for name, s in status["sources"].items():
+        sources.add_row(
+            name,
+            f"{s['rate']:.1f}",
+            str(s["events"]),
+            str(s["lost"]),
+            str(s["resyncs"]),
+            str(s["table"]),
+            str(s["backlog"]),
+        )
+    console.print(sources)
+    ports = Table(
+        "port", "one-way", "clients", "queued", "lost", title="Ports", title_justify="left"
+    )
+    conns = Table(
+        "port", "pid", "uid", "queue", "lost", "sent", title="Connections", title_justify="left"
+    )
+    for name, p in status["ports"].items():
+        ports.add_row(
+            name,
+            "yes" if p["one_way"] else "no",
+            str(len(p["connections"])),
+            str(sum(c["queue_depth"] for c in p["connections"])),
+            str(p["lost"]),
+        )
+        for c in p["connections"]:
+            conns.add_row(
+                name,
+                str(c["pid"]),
+                str(c["uid"]),
+                str(c["queue_depth"]),
+                str(c["lost"]),
+                str(c["sent"]),
+            )
+    console.print(ports)
+    console.print(conns)
+    return 0
+
+
+def _install_service(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        print("kport install-service: must run as root", file=sys.stderr)
+        return 1
+    unit = Path(__file__).resolve().parent.parent / "contrib" / "kport.service"
+    exe = shutil.which("kport") or str(Path(sys.argv[0]).resolve())
+    target = Path(args.unit_dir) / "kport.service"
+    target.write_text(unit.read_text().replace("@KPORT@", exe))
+    for group in ("kport", "kport-admin"):
+        subprocess.run(["groupadd", "--system", "-f", group], check=True)
+    print(f"installed {target} (ExecStart={exe} serve); groups kport and kport-admin exist")
+    if Path("/run/systemd/system").is_dir():
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        print("start it with: systemctl enable --now kport")
+    else:
+        print("systemd is not running here: start the daemon with `kport serve`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kport",
@@ -55,6 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many events (default: run until Ctrl-C)",
     )
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="run the daemon (root): sources → ports")
+    serve.add_argument("--config", help="TOML configuration (default: built-in defaults)")
+    serve.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration and exit"
+    )
+    serve.add_argument("--runtime-dir", help="where the ports' sockets go")
+    serve.add_argument("--log-format", choices=("text", "json"))
+    serve.set_defaults(func=_serve)
+
+    tail = sub.add_parser("tail", help="print a source's events as they happen")
+    tail.add_argument("source", help="the port to follow, e.g. proc")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument(
+        "--filter",
+        action="append",
+        metavar="KEY=GLOB",
+        help="show only events whose KEY matches (repeatable; all must match)",
+    )
+    tail.add_argument("--count", type=int, default=0, help="stop after this many events")
+    tail.add_argument("--runtime-dir", help="where the ports' sockets are")
+    tail.set_defaults(func=_tail)
+
+    status = sub.add_parser("status", help="the daemon's sources, ports and connections")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--runtime-dir", help="where the ports' sockets are")
+    status.set_defaults(func=_status)
+
+    install = sub.add_parser("install-service", help="install the systemd unit and groups")
+    install.add_argument("--unit-dir", default="/etc/systemd/system")
+    install.set_defaults(func=_install_service)
 
     bench = sub.add_parser("bench", help="run a benchmark against its baselines and peers")
     bench.add_argument("name", choices=BENCHMARKS)

@@ -1,28 +1,53 @@
-"""Small reads of /proc that identify a process: its start time and executable."""
+"""Reads of /proc/<pid> that describe one process, checked against its identity.
+
+A pid alone is reused: every read that matters is bracketed by two reads of the start
+time, so what is returned belongs to the process that was asked about, or is None.
+"""
 
 from __future__ import annotations
 
 import os
+import pwd
+from dataclasses import dataclass
+from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_user_names: dict[int, str | None] = {}
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot (stat field 22), or None if gone.
+@dataclass(frozen=True, slots=True)
+class Stat:
+    comm: str
+    ppid: int
+    tty_nr: int
+    start_time: int  # clock ticks after boot
 
-    With the pid, this is the process's identity: a pid alone may be reused.
-    """
+
+def read_stat(pid: int) -> Stat | None:
+    """The fields of /proc/<pid>/stat kport uses, or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            raw = f.read()
     except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    close = raw.rfind(b")")
+    fields = raw[close + 2 :].split()
     try:
-        return int(fields[19])
+        return Stat(
+            comm=raw[raw.find(b"(") + 1 : close].decode(errors="replace"),
+            ppid=int(fields[1]),
+            tty_nr=int(fields[4]),
+            start_time=int(fields[19]),
+        )
     except (IndexError, ValueError):
         return None
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot, or None if gone."""
+    stat = read_stat(pid)
+    return None if stat is None else stat.start_time
 
 
 def ticks_to_seconds(ticks: int) -> float:
@@ -34,3 +59,105 @@ def exe(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
+
+
+def cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def argv(pid: int) -> list[str] | None:
+    """The argument vector; None if gone, [] for kernel threads and zombies."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if not raw:
+        return []
+    return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def ids(pid: int) -> tuple[int, int] | None:
+    """(effective uid, effective gid) from /proc/<pid>/status."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    uid = gid = -1
+    for line in raw.split(b"\n"):
+        if line.startswith(b"Uid:"):
+            uid = int(line.split()[2])
+        elif line.startswith(b"Gid:"):
+            gid = int(line.split()[2])
+            break
+    return (uid, gid) if uid >= 0 and gid >= 0 else None
+
+
+def cgroup(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    for line in raw.split(b"\n"):
+        if line.startswith(b"0::"):
+            return line[3:].decode(errors="replace")
+    return None
+
+
+def tty_name(tty_nr: int) -> str | None:
+    """A controlling terminal number as a device name (None: no terminal)."""
+    if tty_nr == 0:
+        return None
+    major = (tty_nr >> 8) & 0xFFF
+    minor = (tty_nr & 0xFF) | ((tty_nr >> 12) & 0xFFF00)
+    if 136 <= major <= 143:
+        return f"pts/{(major - 136) * 256 + minor}"
+    if major == 4:
+        return f"tty{minor}" if minor < 64 else f"ttyS{minor - 64}"
+    return f"tty({major}:{minor})"
+
+
+def user_name(uid: int) -> str | None:
+    if uid not in _user_names:
+        try:
+            _user_names[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            _user_names[uid] = None
+    return _user_names[uid]
+
+
+def describe(pid: int, expect_start: int | None = None) -> dict[str, Any] | None:
+    """Everything kport reports about a process, or None if it is gone (or is another one).
+
+    ``expect_start``: the start time the caller knows for this pid; a different one means
+    the pid now names another process, whose details must not be reported.
+    """
+    first = read_stat(pid)
+    if first is None or (expect_start is not None and first.start_time != expect_start):
+        return None
+    info: dict[str, Any] = {
+        "exe": exe(pid),
+        "argv": argv(pid),
+        "cwd": cwd(pid),
+        "cgroup": cgroup(pid),
+    }
+    owner = ids(pid)
+    again = read_stat(pid)
+    if again is None or again.start_time != first.start_time:
+        return None  # gone (or replaced) while we read: nothing read can be trusted
+    info["uid"], info["gid"] = owner if owner else (None, None)
+    info["user"] = user_name(info["uid"]) if info["uid"] is not None else None
+    info["ppid"] = first.ppid
+    info["start_time"] = first.start_time
+    info["comm"] = first.comm
+    info["tty"] = tty_name(first.tty_nr)
+    return info
+
+
+def all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]

@@ -1,0 +1,128 @@
+"""The daemon's configuration: TOML in, one validated `Config` out, defaults built in."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """The configuration file is not valid; the message names the file and the key."""
+
+
+@dataclass
+class PortConfig:
+    users: list[str | int] = field(default_factory=lambda: ["root"])
+    groups: list[str | int] = field(default_factory=list)
+    queue_limit: int = 8192
+    max_connections: int = 64
+
+
+@dataclass
+class ProcConfig:
+    enabled: bool = True
+    threads: bool = False
+    #: daemon-side filters: an event is sent when it passes every non-empty one
+    kinds: list[str] = field(default_factory=list)
+    uids: list[int] = field(default_factory=list)
+    exe: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DaemonConfig:
+    runtime_dir: str = ""
+    log_format: str = "text"
+    log_level: str = "info"
+
+
+@dataclass
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    proc: ProcConfig = field(default_factory=ProcConfig)
+    ports: dict[str, PortConfig] = field(
+        default_factory=lambda: {
+            "proc": PortConfig(groups=["kport"]),
+            "control": PortConfig(),
+        }
+    )
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(asdict(self))
+
+
+PROC_KINDS = frozenset(
+    {
+        "snapshot",
+        "fork",
+        "clone",
+        "exec",
+        "exit",
+        "uid",
+        "gid",
+        "sid",
+        "comm",
+        "ptrace",
+        "coredump",
+        "lost",
+    }
+)
+
+
+def _fill(target: Any, data: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(target)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+        current = getattr(target, key)
+        if isinstance(current, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(current, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(current, str):
+            ok = isinstance(value, str)
+        elif isinstance(current, list):
+            ok = isinstance(value, list)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}.{key}: expected {type(current).__name__}, got {value!r}")
+        setattr(target, key, value)
+
+
+def load(path: str | Path | None) -> Config:
+    """The effective configuration: built-in defaults, overridden by the file if given."""
+    config = Config()
+    if path is None:
+        return config
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    for section, value in data.items():
+        if section == "ports":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [ports] must be a table")
+            for name, port in value.items():
+                if not isinstance(port, dict):
+                    raise ConfigError(f"{path}: [ports.{name}] must be a table")
+                target = config.ports.setdefault(name, PortConfig())
+                _fill(target, port, f"{path}: ports.{name}")
+        elif section in ("daemon", "proc"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            _fill(getattr(config, section), value, f"{path}: {section}")
+        else:
+            raise ConfigError(f"{path}: unknown section [{section}] (known: daemon, proc, ports)")
+    bad = set(config.proc.kinds) - PROC_KINDS
+    if bad:
+        raise ConfigError(f"{path}: proc.kinds: unknown kinds {sorted(bad)}")
+    if config.daemon.log_format not in ("text", "json"):
+        raise ConfigError(f"{path}: daemon.log_format must be 'text' or 'json'")
+    return config

@@ -1,0 +1,1 @@
+"""Kernel event sources: one module per kernel mechanism."""

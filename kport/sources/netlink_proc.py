@@ -1,0 +1,192 @@
+"""The netlink proc connector: its socket, its subscription, and its fixed structs.
+
+Nothing else in kport opens ``NETLINK_CONNECTOR``. Parsing is struct-based on purpose:
+the proc connector's messages are a handful of fixed layouts, and ``bench proc`` measures
+this parser against pyroute2's ``ProcEventMarshal`` (see the README for the figures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import struct
+from typing import Any, Final
+
+from kport.errors import AccessDenied, KportError
+
+NETLINK_CONNECTOR: Final = 11
+CN_IDX_PROC: Final = 1
+CN_VAL_PROC: Final = 1
+PROC_CN_MCAST_LISTEN: Final = 1
+PROC_CN_MCAST_IGNORE: Final = 2
+NLMSG_DONE: Final = 3
+SO_RCVBUFFORCE: Final = 33
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_EVENT_HEAD = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
+HEADER_SIZE: Final = _NLMSGHDR.size + _CN_MSG.size + _EVENT_HEAD.size  # 52
+
+EV_NONE: Final = 0
+EV_FORK: Final = 0x00000001
+EV_EXEC: Final = 0x00000002
+EV_UID: Final = 0x00000004
+EV_GID: Final = 0x00000040
+EV_SID: Final = 0x00000080
+EV_PTRACE: Final = 0x00000100
+EV_COMM: Final = 0x00000200
+EV_NONZERO_EXIT: Final = 0x20000000
+EV_COREDUMP: Final = 0x40000000
+EV_EXIT: Final = 0x80000000
+
+_FORK = struct.Struct("=IIII")
+_TWO = struct.Struct("=II")
+_FOUR = struct.Struct("=IIII")
+_COMM = struct.Struct("=II16s")
+_EXIT = struct.Struct("=IIIIII")
+
+#: A parsed event: (kind, cpu, seq, ktime_ns, fields). Plain tuples: the reader thread makes
+#: one per kernel message, so they must be cheap.
+RawEvent = tuple[str, int, int, int, dict[str, Any]]
+
+
+class ProcConnectorUnavailable(KportError):
+    """The kernel has no proc connector, or this process may not listen to it."""
+
+
+def open_socket(rcvbuf: int = 64 * 1024 * 1024) -> socket.socket:
+    """A netlink socket subscribed to process events, with a large receive buffer."""
+    try:
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_CONNECTOR
+        )
+    except OSError as err:
+        raise ProcConnectorUnavailable(
+            f"the kernel has no netlink connector (CONFIG_CONNECTOR): {err.strerror}"
+        ) from err
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, CN_IDX_PROC))
+        _subscribe(sock, PROC_CN_MCAST_LISTEN)
+    except PermissionError as err:
+        sock.close()
+        raise AccessDenied(
+            f"listening to the proc connector needs root (CAP_NET_ADMIN): {err.strerror}"
+        ) from err
+    except OSError as err:
+        sock.close()
+        if err.errno in (errno.ENOENT, errno.EPROTONOSUPPORT, errno.EINVAL):
+            raise ProcConnectorUnavailable(
+                f"the kernel has no proc connector (CONFIG_PROC_EVENTS): {err.strerror}"
+            ) from err
+        raise
+    return sock
+
+
+def _subscribe(sock: socket.socket, op: int) -> None:
+    payload = struct.pack("=I", op)
+    cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload
+    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn
+    sock.send(msg)
+
+
+def unsubscribe(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        _subscribe(sock, PROC_CN_MCAST_IGNORE)
+
+
+def parse(data: bytes | memoryview) -> list[RawEvent]:
+    """Every proc event in one datagram (usually one). Malformed parts are skipped."""
+    out: list[RawEvent] = []
+    offset = 0
+    end = len(data)
+    while end - offset >= HEADER_SIZE:
+        length = _NLMSGHDR.unpack_from(data, offset)[0]
+        if length < HEADER_SIZE or offset + length > end:
+            break
+        event = parse_one(data, offset)
+        if event is not None:
+            out.append(event)
+        offset += (length + 3) & ~3
+    return out
+
+
+def parse_one(data: bytes | memoryview, offset: int = 0) -> RawEvent | None:
+    """One netlink message at ``offset`` → a RawEvent, or None if it is not a proc event."""
+    idx, val, seq, _ack, _len, _flags = _CN_MSG.unpack_from(data, offset + _NLMSGHDR.size)
+    if idx != CN_IDX_PROC or val != CN_VAL_PROC:
+        return None
+    base = offset + _NLMSGHDR.size + _CN_MSG.size
+    what, cpu, ktime = _EVENT_HEAD.unpack_from(data, base)
+    body = base + _EVENT_HEAD.size
+    if len(data) < body + 8:
+        return None
+    what &= ~EV_NONZERO_EXIT
+    try:
+        if what == EV_EXEC:
+            pid, tgid = _TWO.unpack_from(data, body)
+            return ("exec", cpu, seq, ktime, {"pid": pid, "tgid": tgid})
+        if what == EV_FORK:
+            ppid, ptgid, cpid, ctgid = _FORK.unpack_from(data, body)
+            return (
+                "fork",
+                cpu,
+                seq,
+                ktime,
+                {"parent_pid": ppid, "parent_tgid": ptgid, "pid": cpid, "tgid": ctgid},
+            )
+        if what == EV_EXIT:
+            pid, tgid, code, sig, ppid, ptgid = _EXIT.unpack_from(data, body)
+            return (
+                "exit",
+                cpu,
+                seq,
+                ktime,
+                {
+                    "pid": pid,
+                    "tgid": tgid,
+                    "exit_code": code,
+                    "exit_signal": sig,
+                    "parent_pid": ppid,
+                    "parent_tgid": ptgid,
+                },
+            )
+        if what == EV_UID:
+            pid, tgid, real, eff = _FOUR.unpack_from(data, body)
+            return ("uid", cpu, seq, ktime, {"pid": pid, "tgid": tgid, "ruid": real, "euid": eff})
+        if what == EV_GID:
+            pid, tgid, real, eff = _FOUR.unpack_from(data, body)
+            return ("gid", cpu, seq, ktime, {"pid": pid, "tgid": tgid, "rgid": real, "egid": eff})
+        if what == EV_SID:
+            pid, tgid = _TWO.unpack_from(data, body)
+            return ("sid", cpu, seq, ktime, {"pid": pid, "tgid": tgid})
+        if what == EV_COMM:
+            pid, tgid, comm = _COMM.unpack_from(data, body)
+            name = comm.split(b"\0", 1)[0].decode(errors="replace")
+            return ("comm", cpu, seq, ktime, {"pid": pid, "tgid": tgid, "comm": name})
+        if what == EV_PTRACE:
+            pid, tgid, tracer_pid, tracer_tgid = _FOUR.unpack_from(data, body)
+            return (
+                "ptrace",
+                cpu,
+                seq,
+                ktime,
+                {"pid": pid, "tgid": tgid, "tracer_pid": tracer_pid, "tracer_tgid": tracer_tgid},
+            )
+        if what == EV_COREDUMP:
+            pid, tgid, ppid, ptgid = _FOUR.unpack_from(data, body)
+            return (
+                "coredump",
+                cpu,
+                seq,
+                ktime,
+                {"pid": pid, "tgid": tgid, "parent_pid": ppid, "parent_tgid": ptgid},
+            )
+    except struct.error:
+        return None
+    return None  # EV_NONE (the subscription's ack) and kinds this kernel may add later

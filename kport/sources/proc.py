@@ -1,0 +1,375 @@
+"""The proc source: process events from the kernel, enriched and kept in a process table.
+
+Two threads: the reader does nothing but receive and parse datagrams (so the socket's
+buffer drains even while /proc is slow), the processor enriches each event from /proc,
+keeps the table, and hands batches of finished events to ``emit``. Loss is never silent:
+``ENOBUFS``, a per-CPU sequence gap and a full hand-off queue each become a ``lost``
+event, followed by a resync of the table from /proc (synthetic events, flagged).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from kport import procinfo
+from kport.sources import netlink_proc
+
+log = logging.getLogger("kport.proc")
+
+HANDOFF_LIMIT: Final = 200_000
+_ENRICHED: Final = (
+    "exe",
+    "argv",
+    "cwd",
+    "uid",
+    "gid",
+    "user",
+    "ppid",
+    "start_time",
+    "cgroup",
+    "tty",
+)
+Event = dict[str, Any]
+Emit = Callable[[list[Event]], None]
+
+
+class ProcessTable:
+    """Every process kport knows of, by pid, with the identity and details it reports."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, Event] = {}
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def get(self, pid: int) -> Event | None:
+        return self.procs.get(pid)
+
+    def ancestry(self, pid: int, limit: int = 64) -> list[dict[str, Any]]:
+        """The parent chain of ``pid``, nearest first: [{pid, start_time, exe}, ...]."""
+        chain: list[dict[str, Any]] = []
+        seen = {pid}
+        entry = self.procs.get(pid)
+        while entry is not None and len(chain) < limit:
+            ppid = entry.get("ppid")
+            if not ppid or ppid in seen:
+                break
+            seen.add(ppid)
+            entry = self.procs.get(ppid)
+            chain.append(
+                {
+                    "pid": ppid,
+                    "start_time": entry.get("start_time") if entry else None,
+                    "exe": entry.get("exe") if entry else None,
+                }
+            )
+        return chain
+
+
+class ProcSource:
+    """Process events from the proc connector (see the module docstring)."""
+
+    name: Final = "proc"
+
+    def __init__(self, emit: Emit, *, threads: bool = False, rcvbuf: int = 64 << 20) -> None:
+        self.emit = emit
+        self.threads = threads
+        self.table = ProcessTable()
+        self.events = 0
+        self.lost = 0
+        self.resyncs = 0
+        self._rcvbuf = rcvbuf
+        self._sock: socket.socket | None = None
+        self._handoff: queue.Queue[tuple[str, int, int, int, dict[str, Any]] | None] = queue.Queue(
+            HANDOFF_LIMIT
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_seq: dict[int, int] = {}
+        self._pending_lock = threading.Lock()
+        self._pending_lost: int | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "events": self.events,
+            "lost": self.lost,
+            "resyncs": self.resyncs,
+            "table": len(self.table),
+            "backlog": self._handoff.qsize(),
+        }
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe (raises if the kernel or our privileges do not allow it), then run."""
+        self._sock = netlink_proc.open_socket(self._rcvbuf)
+        self._sock.settimeout(0.2)  # so the reader notices stop()
+        # Subscribe before seeding, so nothing falls between the two.
+        self.emit(self._seed())
+        for target, name in (
+            (self._read_loop, "kport-proc-reader"),
+            (self._process_loop, "kport-proc-processor"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+        if self._sock is not None:
+            netlink_proc.unsubscribe(self._sock)
+            self._sock.close()
+
+    # --- the reader thread -------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        parse = netlink_proc.parse
+        put = self._handoff.put_nowait
+        last_seq = self._last_seq
+        while not self._stop.is_set():
+            try:
+                size = sock.recv_into(buf)
+            except TimeoutError:
+                continue
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:
+                    self._hand_off_lost(None, "the kernel dropped events (ENOBUFS)")
+                    continue
+                if self._stop.is_set():
+                    return
+                log.error("proc connector read failed: %s", err)
+                time.sleep(0.1)
+                continue
+            for raw in parse(view[:size]):
+                cpu, seq = raw[1], raw[2]
+                prev = last_seq.get(cpu)
+                last_seq[cpu] = seq
+                if prev is not None and seq > prev + 1:
+                    self._hand_off_lost(seq - prev - 1, f"sequence gap on cpu {cpu}")
+                try:
+                    put(raw)
+                except queue.Full:
+                    self._hand_off_lost(1, "the processor fell behind")
+
+    def _hand_off_lost(self, count: int | None, reason: str) -> None:
+        marker = ("lost", -1, 0, time.monotonic_ns(), {"count": count, "reason": reason})
+        try:
+            self._handoff.put_nowait(marker)
+        except queue.Full:
+            # Even the marker found no room: count it here; the next resync reports it.
+            with self._pending_lock:
+                self._pending_lost = (self._pending_lost or 0) + (count or 1)
+
+    # --- the processor thread ------------------------------------------------------------
+
+    def _process_loop(self) -> None:
+        get = self._handoff.get
+        while not self._stop.is_set():
+            try:
+                raw = get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch: list[Event] = []
+            while raw is not None:
+                try:
+                    batch.extend(self._handle(raw))
+                except Exception:  # one odd event must not stop the source
+                    log.exception("proc event %r could not be handled", raw)
+                if len(batch) >= 512:
+                    break
+                try:
+                    raw = self._handoff.get_nowait()
+                except queue.Empty:
+                    raw = None
+            if self._pending_lost:
+                with self._pending_lock:
+                    count, self._pending_lost = self._pending_lost, None
+                batch.extend(self._lost(count, "the hand-off queue was full"))
+            if batch:
+                self.events += len(batch)
+                self.emit(batch)
+
+    def _handle(self, raw: netlink_proc.RawEvent) -> list[Event]:
+        kind, cpu, _seq, ktime, fields = raw
+        if kind == "lost":
+            return self._lost(fields["count"], fields["reason"])
+        pid, tgid = fields["pid"], fields["tgid"]
+        thread = pid != tgid
+        if thread and not self.threads:
+            return []
+        event: Event = {"source": "proc", "kind": kind, "ktime": ktime, "cpu": cpu}
+        if kind == "fork":
+            return [self._on_fork(event, fields, thread)]
+        if kind == "exec":
+            return [self._on_exec(event, pid)]
+        if kind == "exit":
+            return [self._on_exit(event, fields, thread)]
+        # uid, gid, sid, comm, ptrace, coredump: the process's state changed.
+        event.update(fields)
+        entry = self.table.get(tgid)
+        if entry is not None:
+            if kind == "uid":
+                entry["uid"] = fields["euid"]
+                entry["user"] = procinfo.user_name(fields["euid"])
+            elif kind == "gid":
+                entry["gid"] = fields["egid"]
+            elif kind == "comm":
+                entry["comm"] = fields["comm"]
+        self._identify(event, tgid, entry)
+        event["pid"], event["tid"], event["thread"] = tgid, pid, thread
+        return [event]
+
+    def _identify(self, event: Event, pid: int, entry: Event | None) -> None:
+        """Copy the process's identity and details from the table onto the event."""
+        if entry is None:
+            event.update({k: None for k in _ENRICHED})
+            event["pid"] = pid
+            event["gone"] = True
+            return
+        for key in _ENRICHED:
+            event.setdefault(key, entry.get(key))
+        event["pid"] = pid
+        parent = self.table.get(entry.get("ppid") or 0)
+        event["parent_exe"] = parent.get("exe") if parent else None
+
+    def _on_fork(self, event: Event, fields: dict[str, Any], thread: bool) -> Event:
+        child, parent_pid = fields["tgid"], fields["parent_tgid"]
+        parent = self.table.get(parent_pid)
+        if thread:
+            event.update(kind="clone", thread=True, tid=fields["pid"])
+            self._identify(event, child, parent)
+            return event
+        stat = procinfo.read_stat(child)
+        entry: Event = dict(parent) if parent else {k: None for k in _ENRICHED}
+        entry["ppid"] = parent_pid
+        entry["start_time"] = stat.start_time if stat else None
+        entry["tty"] = procinfo.tty_name(stat.tty_nr) if stat else entry.get("tty")
+        self.table.procs[child] = entry
+        event.update(thread=False, parent_pid=parent_pid)
+        self._identify(event, child, entry)
+        if stat is None:
+            event["gone"] = True
+        return event
+
+    def _on_exec(self, event: Event, pid: int) -> Event:
+        known = self.table.get(pid)
+        expect = known.get("start_time") if known else None
+        # None also when the pid names another process now: nothing of that one is reported.
+        info = procinfo.describe(pid, expect)
+        if info is not None:
+            entry = {**(known or {}), **info}
+            self.table.procs[pid] = entry
+        else:
+            entry = known or {k: None for k in _ENRICHED}
+            entry = {**entry, "exe": None, "argv": None, "cwd": None}
+            event["gone"] = True
+        event["thread"] = False
+        self._identify(event, pid, entry)
+        missing = [k for k in ("exe", "argv") if not event.get(k)]
+        if missing:
+            event["missing"] = missing
+        return event
+
+    def _on_exit(self, event: Event, fields: dict[str, Any], thread: bool) -> Event:
+        pid, tgid = fields["pid"], fields["tgid"]
+        status = fields["exit_code"]
+        event.update(
+            code=(status >> 8) & 0xFF if status & 0x7F == 0 else None,
+            signal=status & 0x7F or None,
+            core=bool(status & 0x80),
+            thread=thread,
+        )
+        if thread:
+            event["tid"] = pid
+            self._identify(event, tgid, self.table.get(tgid))
+            return event
+        entry = self.table.procs.pop(pid, None)
+        self._identify(event, pid, entry)
+        start = event.get("start_time")
+        if start is not None:
+            uptime_ns = event["ktime"]
+            event["run_time_s"] = round(uptime_ns / 1e9 - procinfo.ticks_to_seconds(start), 6)
+        return event
+
+    # --- seeding and resync ------------------------------------------------------------
+
+    def _seed(self) -> list[Event]:
+        out: list[Event] = []
+        for pid in procinfo.all_pids():
+            info = procinfo.describe(pid)
+            if info is None:
+                continue
+            self.table.procs[pid] = info
+            event: Event = {
+                "source": "proc",
+                "kind": "snapshot",
+                "snapshot": True,
+                "thread": False,
+                "ktime": time.monotonic_ns(),
+            }
+            self._identify(event, pid, info)
+            out.append(event)
+        return out
+
+    def _lost(self, count: int | None, reason: str) -> list[Event]:
+        """A lost event, then the table made true again from /proc."""
+        self.lost += count or 0
+        self.resyncs += 1
+        log.warning(
+            "proc: lost %s events (%s); resyncing from /proc",
+            "some" if count is None else count,
+            reason,
+        )
+        out: list[Event] = [
+            {
+                "source": "proc",
+                "kind": "lost",
+                "count": count,
+                "reason": reason,
+                "ktime": time.monotonic_ns(),
+            }
+        ]
+        current = set(procinfo.all_pids())
+        for pid in list(self.table.procs):
+            entry = self.table.procs[pid]
+            if pid not in current or procinfo.start_time(pid) != entry.get("start_time"):
+                del self.table.procs[pid]
+                event: Event = {
+                    "source": "proc",
+                    "kind": "exit",
+                    "synthetic": True,
+                    "thread": False,
+                    "code": None,
+                    "signal": None,
+                    "ktime": time.monotonic_ns(),
+                }
+                self._identify(event, pid, entry)
+                out.append(event)
+        for pid in current - set(self.table.procs):
+            info = procinfo.describe(pid)
+            if info is None:
+                continue
+            self.table.procs[pid] = info
+            event = {
+                "source": "proc",
+                "kind": "snapshot",
+                "synthetic": True,
+                "thread": False,
+                "ktime": time.monotonic_ns(),
+            }
+            self._identify(event, pid, info)
+            out.append(event)
+        return out
