@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,12 @@ def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks after boot, or None if gone."""
     stat = read_stat(pid)
     return None if stat is None else stat.start_time
+
+
+def ticks_from_monotonic_ns(ns: int) -> int:
+    """A CLOCK_MONOTONIC time (a proc connector timestamp) as /proc start-time ticks."""
+    offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    return (ns + offset) * _CLK_TCK // 1_000_000_000
 
 
 def ticks_to_seconds(ticks: int) -> float:

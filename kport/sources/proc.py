@@ -255,7 +255,13 @@ class ProcSource:
         stat = procinfo.read_stat(child)
         entry: Event = dict(parent) if parent else {k: None for k in _ENRICHED}
         entry["ppid"] = parent_pid
-        entry["start_time"] = stat.start_time if stat else None
+        if stat is not None:
+            entry["start_time"] = stat.start_time
+        else:
+            # Gone already: the fork's kernel time is its start, on the boot-time clock
+            # that /proc's start time counts in ticks.
+            entry["start_time"] = procinfo.ticks_from_monotonic_ns(event["ktime"])
+            entry["start_time_derived"] = True
         entry["tty"] = procinfo.tty_name(stat.tty_nr) if stat else entry.get("tty")
         self.table.procs[child] = entry
         event.update(thread=False, parent_pid=parent_pid)
@@ -269,6 +275,11 @@ class ProcSource:
         expect = known.get("start_time") if known else None
         # None also when the pid names another process now: nothing of that one is reported.
         info = procinfo.describe(pid, expect)
+        if info is not None and not info["argv"]:
+            # Exiting already (its memory is gone; the kernel gives every exec an argv):
+            # its identity is still readable, its command line is not.
+            info.update(argv=None)
+            event["gone"] = True
         if info is not None:
             entry = {**(known or {}), **info}
             self.table.procs[pid] = entry

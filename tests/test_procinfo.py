@@ -1,0 +1,41 @@
+"""Reads of /proc for a live process, and the identity check that refuses a reused pid."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from kport import procinfo
+
+
+def test_describe_a_live_process() -> None:
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        info = procinfo.describe(child.pid)
+        assert info is not None
+        assert info["argv"] == ["sleep", "5"]
+        assert info["exe"] == os.path.realpath("/usr/bin/sleep")
+        assert info["ppid"] == os.getpid()
+        assert info["uid"] == os.geteuid()
+        assert info["start_time"] == procinfo.start_time(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_different_start_time_is_another_process() -> None:
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        real = procinfo.start_time(child.pid)
+        assert real is not None
+        assert procinfo.describe(child.pid, expect_start=real + 1) is None
+    finally:
+        child.kill()
+        child.wait()
+    assert procinfo.describe(child.pid) is None
+
+
+def test_tty_names() -> None:
+    assert procinfo.tty_name(0) is None
+    assert procinfo.tty_name((136 << 8) | 3) == "pts/3"
+    assert procinfo.tty_name((4 << 8) | 1) == "tty1"
