@@ -14,7 +14,7 @@ from pathlib import Path
 import kport
 from kport.errors import KportError
 
-BENCHMARKS = ("port",)
+BENCHMARKS = ("port", "proc")
 
 
 def _bench(args: argparse.Namespace) -> int:
