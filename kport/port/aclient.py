@@ -217,7 +217,10 @@ class aconnect:
                     except OSError as err:
                         raise translate_connect_error(err, path) from err
                     try:
-                        await loop.sock_sendall(sock, proto.send(hello_for(name)))
+                        hello = proto.send(hello_for(name))
+                        # Refused at once: the server's reason waits in our receive queue.
+                        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                            await loop.sock_sendall(sock, hello)
                         while (event := proto.next_event()) is protocol.NEED_DATA:
                             proto.receive_data(await loop.sock_recv(sock, 65536))
                     except OSError as err:

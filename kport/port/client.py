@@ -7,6 +7,7 @@ replies may be written from any thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -277,8 +278,12 @@ def connect(
             raise translate_connect_error(err, path) from err
         proto = protocol.Connection(protocol.Role.CLIENT, max_frame=max_frame)
         deadline = time.monotonic() + timeout
+        hello = proto.send(hello_for(name))
         try:
-            sock.sendall(proto.send(hello_for(name)))
+            # A server that refuses us at once (security, limits) has already closed;
+            # its reason is waiting in our receive queue, so read it rather than fail here.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(hello)
             while True:
                 event = proto.next_event()
                 if event is not protocol.NEED_DATA:
