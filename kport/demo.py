@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -72,6 +73,7 @@ async def run(*, runtime_dir: str | None = None, count: int = 0) -> int:
     client = threading.Thread(target=_watch, args=(runtime_dir, count, done), daemon=True)
     client.start()
     known: set[int] = set()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
     try:
         while not done.is_set():
             current = _pids()

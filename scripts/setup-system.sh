@@ -14,3 +14,10 @@ if [ -n "$need" ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need
 fi
+# The groups the daemon's default port security names (members of kport may watch,
+# members of kport-admin may decide).
+if [ "$(id -u)" = 0 ]; then
+    for group in kport kport-admin; do
+        getent group "$group" >/dev/null 2>&1 || groupadd --system "$group"
+    done
+fi
