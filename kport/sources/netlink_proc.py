@@ -47,6 +47,24 @@ _FOUR = struct.Struct("=IIII")
 _COMM = struct.Struct("=II16s")
 _EXIT = struct.Struct("=IIIIII")
 
+#: what → (kind, layout, field names). EV_NONE (the subscription's ack) and kinds a later
+#: kernel may add are not listed, and are skipped.
+_LAYOUTS: Final[dict[int, tuple[str, struct.Struct, tuple[str, ...]]]] = {
+    EV_FORK: ("fork", _FORK, ("parent_pid", "parent_tgid", "pid", "tgid")),
+    EV_EXEC: ("exec", _TWO, ("pid", "tgid")),
+    EV_EXIT: (
+        "exit",
+        _EXIT,
+        ("pid", "tgid", "exit_code", "exit_signal", "parent_pid", "parent_tgid"),
+    ),
+    EV_UID: ("uid", _FOUR, ("pid", "tgid", "ruid", "euid")),
+    EV_GID: ("gid", _FOUR, ("pid", "tgid", "rgid", "egid")),
+    EV_SID: ("sid", _TWO, ("pid", "tgid")),
+    EV_COMM: ("comm", _COMM, ("pid", "tgid", "comm")),
+    EV_PTRACE: ("ptrace", _FOUR, ("pid", "tgid", "tracer_pid", "tracer_tgid")),
+    EV_COREDUMP: ("coredump", _FOUR, ("pid", "tgid", "parent_pid", "parent_tgid")),
+}
+
 #: A parsed event: (kind, cpu, seq, ktime_ns, fields). Plain tuples: the reader thread makes
 #: one per kernel message, so they must be cheap.
 RawEvent = tuple[str, int, int, int, dict[str, Any]]
@@ -127,66 +145,16 @@ def parse_one(data: bytes | memoryview, offset: int = 0) -> RawEvent | None:
     if len(data) < body + 8:
         return None
     what &= ~EV_NONZERO_EXIT
+    layout = _LAYOUTS.get(what)
+    if layout is None:
+        return None
+    kind, layout_struct, names = layout
     try:
-        if what == EV_EXEC:
-            pid, tgid = _TWO.unpack_from(data, body)
-            return ("exec", cpu, seq, ktime, {"pid": pid, "tgid": tgid})
-        if what == EV_FORK:
-            ppid, ptgid, cpid, ctgid = _FORK.unpack_from(data, body)
-            return (
-                "fork",
-                cpu,
-                seq,
-                ktime,
-                {"parent_pid": ppid, "parent_tgid": ptgid, "pid": cpid, "tgid": ctgid},
-            )
-        if what == EV_EXIT:
-            pid, tgid, code, sig, ppid, ptgid = _EXIT.unpack_from(data, body)
-            return (
-                "exit",
-                cpu,
-                seq,
-                ktime,
-                {
-                    "pid": pid,
-                    "tgid": tgid,
-                    "exit_code": code,
-                    "exit_signal": sig,
-                    "parent_pid": ppid,
-                    "parent_tgid": ptgid,
-                },
-            )
-        if what == EV_UID:
-            pid, tgid, real, eff = _FOUR.unpack_from(data, body)
-            return ("uid", cpu, seq, ktime, {"pid": pid, "tgid": tgid, "ruid": real, "euid": eff})
-        if what == EV_GID:
-            pid, tgid, real, eff = _FOUR.unpack_from(data, body)
-            return ("gid", cpu, seq, ktime, {"pid": pid, "tgid": tgid, "rgid": real, "egid": eff})
-        if what == EV_SID:
-            pid, tgid = _TWO.unpack_from(data, body)
-            return ("sid", cpu, seq, ktime, {"pid": pid, "tgid": tgid})
-        if what == EV_COMM:
-            pid, tgid, comm = _COMM.unpack_from(data, body)
-            name = comm.split(b"\0", 1)[0].decode(errors="replace")
-            return ("comm", cpu, seq, ktime, {"pid": pid, "tgid": tgid, "comm": name})
-        if what == EV_PTRACE:
-            pid, tgid, tracer_pid, tracer_tgid = _FOUR.unpack_from(data, body)
-            return (
-                "ptrace",
-                cpu,
-                seq,
-                ktime,
-                {"pid": pid, "tgid": tgid, "tracer_pid": tracer_pid, "tracer_tgid": tracer_tgid},
-            )
-        if what == EV_COREDUMP:
-            pid, tgid, ppid, ptgid = _FOUR.unpack_from(data, body)
-            return (
-                "coredump",
-                cpu,
-                seq,
-                ktime,
-                {"pid": pid, "tgid": tgid, "parent_pid": ppid, "parent_tgid": ptgid},
-            )
+        fields: dict[str, Any] = dict(
+            zip(names, layout_struct.unpack_from(data, body), strict=True)
+        )
     except struct.error:
         return None
-    return None  # EV_NONE (the subscription's ack) and kinds this kernel may add later
+    if kind == "comm":
+        fields["comm"] = fields["comm"].split(b"\0", 1)[0].decode(errors="replace")
+    return (kind, cpu, seq, ktime, fields)

@@ -321,19 +321,22 @@ class ProcSource:
         out: list[Event] = []
         for pid in procinfo.all_pids():
             info = procinfo.describe(pid)
-            if info is None:
-                continue
-            self.table.procs[pid] = info
-            event: Event = {
-                "source": "proc",
-                "kind": "snapshot",
-                "snapshot": True,
-                "thread": False,
-                "ktime": time.monotonic_ns(),
-            }
-            self._identify(event, pid, info)
-            out.append(event)
+            if info is not None:
+                self.table.procs[pid] = info
+                out.append(self._from_proc("snapshot", pid, info, snapshot=True))
         return out
+
+    def _from_proc(self, kind: str, pid: int, entry: Event, **flags: Any) -> Event:
+        """An event kport made from /proc (seed, resync) rather than received from the kernel."""
+        event: Event = {
+            "source": "proc",
+            "kind": kind,
+            "thread": False,
+            "ktime": time.monotonic_ns(),
+            **flags,
+        }
+        self._identify(event, pid, entry)
+        return event
 
     def _lost(self, count: int | None, reason: str) -> list[Event]:
         """A lost event, then the table made true again from /proc."""
@@ -358,29 +361,12 @@ class ProcSource:
             entry = self.table.procs[pid]
             if pid not in current or procinfo.start_time(pid) != entry.get("start_time"):
                 del self.table.procs[pid]
-                event: Event = {
-                    "source": "proc",
-                    "kind": "exit",
-                    "synthetic": True,
-                    "thread": False,
-                    "code": None,
-                    "signal": None,
-                    "ktime": time.monotonic_ns(),
-                }
-                self._identify(event, pid, entry)
-                out.append(event)
+                out.append(
+                    self._from_proc("exit", pid, entry, synthetic=True, code=None, signal=None)
+                )
         for pid in current - set(self.table.procs):
             info = procinfo.describe(pid)
-            if info is None:
-                continue
-            self.table.procs[pid] = info
-            event = {
-                "source": "proc",
-                "kind": "snapshot",
-                "synthetic": True,
-                "thread": False,
-                "ktime": time.monotonic_ns(),
-            }
-            self._identify(event, pid, info)
-            out.append(event)
+            if info is not None:
+                self.table.procs[pid] = info
+                out.append(self._from_proc("snapshot", pid, info, synthetic=True))
         return out

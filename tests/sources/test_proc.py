@@ -1,0 +1,42 @@
+"""The proc source's process table and its resync after loss, against the real /proc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+from kport.sources.proc import ProcSource
+
+
+def test_lost_then_resync_repairs_the_table() -> None:
+    emitted: list[list[dict[str, Any]]] = []
+    source = ProcSource(emitted.append)
+    seeded = source._seed()
+    assert any(e["pid"] == os.getpid() and e["snapshot"] for e in seeded)
+    for pid, entry in source.table.procs.items():  # the seed read each one fully
+        assert entry["start_time"] is not None, pid
+    # The table now misses a live process and holds a dead one.
+    child = subprocess.Popen(["sleep", "5"])
+    ghost = max(source.table.procs) + 1_000_000
+    source.table.procs[ghost] = {"start_time": 1, "exe": "/ghost", "ppid": 1}
+    try:
+        events = source._lost(7, "test")
+    finally:
+        child.kill()
+        child.wait()
+    assert events[0]["kind"] == "lost" and events[0]["count"] == 7
+    exits = [e for e in events if e["kind"] == "exit"]
+    assert [(e["pid"], e["exe"], e["synthetic"]) for e in exits] == [(ghost, "/ghost", True)]
+    snaps = {e["pid"]: e for e in events if e["kind"] == "snapshot"}
+    assert snaps[child.pid]["argv"] == ["sleep", "5"] and snaps[child.pid]["synthetic"]
+    assert ghost not in source.table.procs and child.pid in source.table.procs
+    assert source.lost == 7 and source.resyncs == 1
+
+
+def test_ancestry_walks_the_parent_chain() -> None:
+    source = ProcSource(lambda batch: None)
+    source._seed()
+    chain = source.table.ancestry(os.getpid())
+    assert chain[0]["pid"] == os.getppid()
+    assert chain[-1]["pid"] in (1, 0) or len(chain) == 64
