@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,53 @@ def test_print_config_and_refusals(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert cli.main(["serve", "--runtime-dir", str(rundir)]) == 1
     assert "must run as root" in capsys.readouterr().err
+
+
+def test_tail_and_status_commands(daemon: subprocess.Popen[str], rundir: Path) -> None:
+    marker = f"kport-tail-marker-{os.getpid()}"
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kport.cli",
+            "tail",
+            "proc",
+            "--runtime-dir",
+            str(rundir),
+            "--json",
+            "--filter",
+            "kind=exec",
+            "--filter",
+            f"argv=*{marker}*",
+            "--count",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: len(kport_status(rundir)["ports"]["proc"]["connections"]) == 1)
+    subprocess.run([SH, "-c", "sleep 0.1", marker], check=True)
+    out, err = tail.communicate(timeout=30)
+    assert tail.returncode == 0, err
+    event = json.loads(out)
+    assert event["kind"] == "exec" and event["argv"][-1] == marker
+    assert event["seq"] > 0 and event["ts"] > 0 and event["start_time"] > 0
+    readable = subprocess.run(
+        [sys.executable, "-m", "kport.cli", "status", "--runtime-dir", str(rundir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Sources" in readable.stdout and "proc" in readable.stdout
+
+
+def kport_status(rundir: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "kport.cli", "status", "--json", "--runtime-dir", str(rundir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
