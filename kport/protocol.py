@@ -34,7 +34,6 @@ from typing import Any, Final
 import msgpack
 
 from kport.errors import (
-    ErrorCode,
     LocalProtocolError,
     RemoteProtocolError,
     VersionMismatch,
@@ -42,7 +41,6 @@ from kport.errors import (
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
-MAX_NAME_LEN: Final = 200
 MAX_MESSAGE_LEN: Final = 4096
 _HEADER = struct.Struct(">I")
 HEADER_SIZE: Final = _HEADER.size
@@ -567,7 +565,3 @@ class Connection:
             raise error(
                 f"the {sender.value} may not send {key.value} in state {self.state.value}"
             ) from None
-
-
-def error_event(code: ErrorCode, message: str, request_id: int | None = None) -> Error:
-    return Error(int(code), message, request_id)
