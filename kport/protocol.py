@@ -133,14 +133,14 @@ del S, R, K
 # --- events ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hello:
     version: int
     port: str
     pid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Welcome:
     version: int
     port: str
@@ -148,7 +148,7 @@ class Welcome:
     max_frame: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notify:
     """One or more notifications. ``seqs`` is the first seq of a contiguous run, or a list.
 
@@ -166,7 +166,7 @@ class Notify:
         return self.seqs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     id: int
     deadline_ns: int
@@ -174,44 +174,44 @@ class Request:
     packed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     id: int
     data: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     id: int
     data: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendReply:
     id: int
     data: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lost:
     count: int
     first_seq: int | None
     last_seq: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Error:
     code: int
     message: str
     id: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bye:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionClosed:
     """The peer ended the byte stream at a frame boundary."""
 
@@ -388,10 +388,9 @@ def decode_body(body: bytes | memoryview) -> Event:
         raise RemoteProtocolError(f"frame body is not valid msgpack: {err}") from err
     if type(obj) is not list or not obj or type(obj[0]) is not int:
         raise RemoteProtocolError("frame body must be a msgpack array starting with a frame type")
-    try:
-        ftype = FrameType(obj[0])
-    except ValueError:
-        raise RemoteProtocolError(f"unknown frame type {obj[0]}") from None
+    ftype = _TYPE_BY_INT.get(obj[0])  # a dict: FrameType(n) runs the enum machinery
+    if ftype is None:
+        raise RemoteProtocolError(f"unknown frame type {obj[0]}")
     if ftype is FrameType.HELLO and len(obj) >= 2 and obj[1] != PROTOCOL_VERSION:
         raise VersionMismatch(
             f"client speaks protocol version {obj[1]!r}, this server speaks {PROTOCOL_VERSION}"
@@ -400,7 +399,7 @@ def decode_body(body: bytes | memoryview) -> Event:
         raise VersionMismatch(
             f"server speaks protocol version {obj[1]!r}, this client speaks {PROTOCOL_VERSION}"
         )
-    checks = _FIELD_CHECKS[ftype]
+    checks, build = _DECODERS[ftype]
     fields = obj[1:]
     if len(fields) != len(checks):
         raise RemoteProtocolError(
@@ -411,31 +410,29 @@ def decode_body(body: bytes | memoryview) -> Event:
             raise RemoteProtocolError(
                 f"{ftype.name} frame field {name!r} is invalid: {value!r:.80}"
             )
-    match ftype:
-        case FrameType.NOTIFY:
-            seqs, items = fields
-            if type(seqs) is list and len(seqs) != len(items):
-                raise RemoteProtocolError("NOTIFY frame has a different number of seqs and items")
-            return Notify(seqs, items)
-        case FrameType.HELLO:
-            return Hello(*fields)
-        case FrameType.WELCOME:
-            return Welcome(*fields)
-        case FrameType.REQUEST:
-            return Request(*fields)
-        case FrameType.REPLY:
-            return Reply(*fields)
-        case FrameType.SEND:
-            return Send(*fields)
-        case FrameType.SEND_REPLY:
-            return SendReply(*fields)
-        case FrameType.LOST:
-            return Lost(*fields)
-        case FrameType.ERROR:
-            return Error(*fields)
-        case FrameType.BYE:
-            return Bye(*fields)
-    raise AssertionError(ftype)  # pragma: no cover
+    if ftype is FrameType.NOTIFY:
+        seqs, items = fields
+        if type(seqs) is list and len(seqs) != len(items):
+            raise RemoteProtocolError("NOTIFY frame has a different number of seqs and items")
+    return build(*fields)  # type: ignore[no-any-return]
+
+
+_TYPE_BY_INT: dict[int, FrameType] = {int(t): t for t in FrameType}
+_BUILDERS: dict[FrameType, Callable[..., Any]] = {
+    FrameType.HELLO: Hello,
+    FrameType.WELCOME: Welcome,
+    FrameType.NOTIFY: Notify,
+    FrameType.REQUEST: Request,
+    FrameType.REPLY: Reply,
+    FrameType.SEND: Send,
+    FrameType.SEND_REPLY: SendReply,
+    FrameType.LOST: Lost,
+    FrameType.ERROR: Error,
+    FrameType.BYE: Bye,
+}
+_DECODERS: dict[FrameType, tuple[tuple[tuple[str, Any], ...], Callable[..., Any]]] = {
+    ftype: (_FIELD_CHECKS[ftype], _BUILDERS[ftype]) for ftype in FrameType
+}
 
 
 # --- the connection state machine -----------------------------------------------------
