@@ -406,6 +406,7 @@ def latency(rounds: int) -> dict[str, dict[str, float]]:
 
 def run(count: int = 300_000, rounds: int = 20_000, json_dir: str | None = None) -> dict[str, Any]:
     tput = throughput(count)
+    time.sleep(3)  # let the throughput run's processes finish exiting before timing round trips
     lat = latency(rounds)
     kport_rate = tput["kport notify"]["rate"]
     raw_rate = tput["raw socket (ceiling)"]["rate"]
