@@ -47,8 +47,8 @@ _FOUR = struct.Struct("=IIII")
 _COMM = struct.Struct("=II16s")
 _EXIT = struct.Struct("=IIIIII")
 
-#: what → (kind, layout, field names). EV_NONE (the subscription's ack) and kinds a later
-#: kernel may add are not listed, and are skipped.
+#: what → (kind, layout, field names). EV_NONE (a subscription's ack) and kinds a later
+#: kernel may add are not listed: they parse as "none" / "unknown".
 _LAYOUTS: Final[dict[int, tuple[str, struct.Struct, tuple[str, ...]]]] = {
     EV_FORK: ("fork", _FORK, ("parent_pid", "parent_tgid", "pid", "tgid")),
     EV_EXEC: ("exec", _TWO, ("pid", "tgid")),
@@ -147,7 +147,9 @@ def parse_one(data: bytes | memoryview, offset: int = 0) -> RawEvent | None:
     what &= ~EV_NONZERO_EXIT
     layout = _LAYOUTS.get(what)
     if layout is None:
-        return None
+        # A subscription ack (ours or another listener's) or a kind a later kernel adds:
+        # not an event to report, but it used a per-CPU seq, so the reader must see it.
+        return ("none" if what == EV_NONE else "unknown", cpu, seq, ktime, {"what": what})
     kind, layout_struct, names = layout
     try:
         fields: dict[str, Any] = dict(

@@ -159,6 +159,8 @@ class ProcSource:
                 last_seq[cpu] = seq
                 if prev is not None and seq > prev + 1:
                     self._hand_off_lost(seq - prev - 1, f"sequence gap on cpu {cpu}")
+                if raw[0] in ("none", "unknown"):
+                    continue  # counted in the sequence, not an event to report
                 try:
                     put(raw)
                 except queue.Full:

@@ -35,7 +35,11 @@ def test_comm_and_ids() -> None:
 def test_truncated_and_foreign_messages_are_skipped() -> None:
     good = message(n.EV_EXEC, struct.pack("=II", 1, 1))
     assert n.parse(good[:-9]) == []
-    assert n.parse(message(n.EV_NONE, struct.pack("=I", 0) + b"\0" * 4)) == []
+    # A subscription ack is no event, but it used a per-CPU seq: it must reach the reader,
+    # or the next event looks like a loss.
+    ack = n.parse(message(n.EV_NONE, struct.pack("=I", 0) + b"\0" * 4, seq=8))
+    assert ack == [("none", 1, 8, 99, {"what": 0})]
+    assert n.parse(message(0x1000, b"\0" * 8))[0][0] == "unknown"
     other = bytearray(good)
     struct.pack_into("=I", other, 16, 99)  # another connector index
     assert n.parse(bytes(other)) == []
