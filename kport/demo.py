@@ -4,7 +4,6 @@ that prints them, in one process: the smallest whole use of ServerPort and conne
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import threading
 import time
@@ -16,16 +15,7 @@ from kport.port.client import connect
 from kport.port.server import ServerConnection, ServerPort
 
 
-def _pids() -> set[int]:
-    return {int(name) for name in os.listdir("/proc") if name.isdigit()}
-
-
 def _describe(pid: int) -> dict[str, Any]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        argv = []
     return {
         "ts": time.time_ns(),
         "source": "demo",
@@ -33,7 +23,7 @@ def _describe(pid: int) -> dict[str, Any]:
         "pid": pid,
         "start_time": procinfo.start_time(pid),
         "exe": procinfo.exe(pid),
-        "argv": argv,
+        "argv": procinfo.argv(pid) or [],
     }
 
 
@@ -63,7 +53,7 @@ def _watch(runtime_dir: str | None, count: int, done: threading.Event) -> None:
 async def run(*, runtime_dir: str | None = None, count: int = 0) -> int:
     def greet(conn: ServerConnection) -> None:
         # A new client first gets what is running now, flagged as a snapshot.
-        for pid in sorted(_pids()):
+        for pid in sorted(procinfo.all_pids()):
             port.notify(conn, {**_describe(pid), "kind": "snapshot"})
 
     port = ServerPort("demo", one_way=True, runtime_dir=runtime_dir, on_connect=greet)
@@ -76,7 +66,7 @@ async def run(*, runtime_dir: str | None = None, count: int = 0) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
     try:
         while not done.is_set():
-            current = _pids()
+            current = set(procinfo.all_pids())
             for pid in sorted(current - known):
                 port.broadcast({**_describe(pid), "kind": "new"})
             known = current

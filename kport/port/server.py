@@ -635,7 +635,7 @@ class ServerPort:
                 sock.shutdown(socket.SHUT_RD)
             self._conns[conn.id] = conn
             registered = True
-            await self._loop_sendall(sock, frame)
+            await asyncio.get_running_loop().sock_sendall(sock, frame)
             self._start_connection(conn)
             log.debug(
                 "port %s: connection %d from pid %d uid %d", self.name, conn.id, conn.pid, conn.uid
@@ -677,7 +677,7 @@ class ServerPort:
         try:
             frame = conn._proto.send(protocol.Error(int(code), message))
             async with asyncio.timeout(1.0):
-                await self._loop_sendall(conn._sock, frame)
+                await asyncio.get_running_loop().sock_sendall(conn._sock, frame)
         except (OSError, TimeoutError, ProtocolError):
             pass
         finally:
@@ -707,9 +707,6 @@ class ServerPort:
         except RemoteProtocolError as err:
             await self._refuse(conn, err.code, f"bad handshake: {err}")
         return None
-
-    async def _loop_sendall(self, sock: socket.socket, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(sock, data)
 
     # --- running connections ---------------------------------------------------------
 

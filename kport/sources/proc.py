@@ -87,9 +87,7 @@ class ProcSource:
         self.resyncs = 0
         self._rcvbuf = rcvbuf
         self._sock: socket.socket | None = None
-        self._handoff: queue.Queue[tuple[str, int, int, int, dict[str, Any]] | None] = queue.Queue(
-            HANDOFF_LIMIT
-        )
+        self._handoff: queue.Queue[netlink_proc.RawEvent] = queue.Queue(HANDOFF_LIMIT)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_seq: dict[int, int] = {}
@@ -181,9 +179,10 @@ class ProcSource:
         get = self._handoff.get
         while not self._stop.is_set():
             try:
-                raw = get(timeout=0.2)
+                first = get(timeout=0.2)
             except queue.Empty:
                 continue
+            raw: netlink_proc.RawEvent | None = first
             batch: list[Event] = []
             while raw is not None:
                 try:
