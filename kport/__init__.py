@@ -9,6 +9,7 @@ from kport.errors import (
     LocalProtocolError,
     NameCollision,
     NameNotFound,
+    NoHistory,
     ObjectTypeMismatch,
     OneWayPort,
     PortClosed,
@@ -30,6 +31,7 @@ from kport.port import (
     aconnect,
     connect,
 )
+from kport.query import fetch, history
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,7 @@ __all__ = [
     "Message",
     "NameCollision",
     "NameNotFound",
+    "NoHistory",
     "ObjectTypeMismatch",
     "OneWayPort",
     "PeerCredentials",
@@ -58,4 +61,6 @@ __all__ = [
     "__version__",
     "aconnect",
     "connect",
+    "fetch",
+    "history",
 ]

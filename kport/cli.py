@@ -10,11 +10,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import kport
 from kport.errors import KportError
 
-BENCHMARKS = ("port", "proc")
+BENCHMARKS = ("port", "proc", "journal")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -49,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.runtime_dir:
         cfg.daemon.runtime_dir = args.runtime_dir
+    if args.state_dir:
+        cfg.daemon.state_dir = args.state_dir
     if args.log_format:
         cfg.daemon.log_format = args.log_format
     if args.print_config:
@@ -86,9 +89,41 @@ def _tail(args: argparse.Namespace) -> int:
             terms=args.filter or [],
             runtime_dir=args.runtime_dir,
             count=args.count,
+            since=args.since,
         )
     except ValueError as err:
         print(f"kport tail: {err}", file=sys.stderr)
+        return 2
+
+
+def _query(args: argparse.Namespace) -> int:
+    from kport import query
+
+    try:
+        filters: dict[str, Any] = {
+            "limit": args.limit or 2**62,
+            "newest_first": args.newest_first,
+        }
+        for key, value in (
+            ("sources", args.source),
+            ("kinds", args.kind),
+            ("pids", args.pid),
+            ("exe", args.exe),
+            ("text", args.text),
+            ("first", args.first),
+            ("last", args.last),
+        ):
+            if value:
+                filters[key] = value
+        if args.user:
+            filters["uids"] = [query.uid_of(user) for user in args.user]
+        if args.since:
+            filters["since_ns"] = query.parse_time(args.since)
+        if args.until:
+            filters["until_ns"] = query.parse_time(args.until)
+        return query.run(filters, as_json=args.json, db=args.db, runtime_dir=args.runtime_dir)
+    except ValueError as err:
+        print(f"kport query: {err}", file=sys.stderr)
         return 2
 
 
@@ -205,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the effective configuration and exit"
     )
     serve.add_argument("--runtime-dir", help="where the ports' sockets go")
+    serve.add_argument("--state-dir", help="where the journal goes (default: see README)")
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.set_defaults(func=_serve)
 
@@ -218,8 +254,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="show only events whose KEY matches (repeatable; all must match)",
     )
     tail.add_argument("--count", type=int, default=0, help="stop after this many events")
+    tail.add_argument(
+        "--since",
+        type=int,
+        metavar="SEQ",
+        help="first replay the journal's events after SEQ, then go on live (no gap, no repeat)",
+    )
     tail.add_argument("--runtime-dir", help="where the ports' sockets are")
     tail.set_defaults(func=_tail)
+
+    q = sub.add_parser("query", help="print the journal's history, filtered")
+    q.add_argument("--source", action="append", help="proc, file, net or kport (repeatable)")
+    q.add_argument("--kind", action="append", help="exec, exit, fork, ... (repeatable)")
+    q.add_argument("--pid", action="append", type=int, help="process id (repeatable)")
+    q.add_argument("--user", action="append", help="user name or uid (repeatable)")
+    q.add_argument("--exe", metavar="GLOB", help="executable path, a glob: '/usr/bin/*'")
+    q.add_argument("--text", help="a substring of any field, case-insensitive")
+    q.add_argument("--since", metavar="TIME", help="from TIME: 10m, 2h, 3d ago, ISO, or epoch s")
+    q.add_argument("--until", metavar="TIME", help="before TIME (same forms as --since)")
+    q.add_argument("--first", type=int, metavar="SEQ", help="from this seq (inclusive)")
+    q.add_argument("--last", type=int, metavar="SEQ", help="up to this seq (inclusive)")
+    q.add_argument("--limit", type=int, default=1000, help="at most this many (0: all)")
+    q.add_argument("--newest-first", action="store_true", help="newest events first")
+    q.add_argument("--json", action="store_true", help="one JSON object per line")
+    q.add_argument("--db", help="read this journal file directly instead of asking the daemon")
+    q.add_argument("--runtime-dir", help="where the ports' sockets are")
+    q.set_defaults(func=_query)
 
     status = sub.add_parser("status", help="the daemon's sources, ports and connections")
     status.add_argument("--json", action="store_true")

@@ -33,8 +33,22 @@ class ProcConfig:
 
 
 @dataclass
+class JournalConfig:
+    enabled: bool = True
+    #: the database file; "" is <state dir>/journal.db
+    path: str = ""
+    #: retention: events older than this many days are removed
+    max_age_days: float = 30.0
+    #: retention: the oldest events are removed while the events take more than this
+    max_size_mb: int = 1024
+    #: events waiting to be written, at most; beyond it the journal records a gap
+    queue_limit: int = 200_000
+
+
+@dataclass
 class DaemonConfig:
     runtime_dir: str = ""
+    state_dir: str = ""
     log_format: str = "text"
     log_level: str = "info"
 
@@ -43,9 +57,11 @@ class DaemonConfig:
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     proc: ProcConfig = field(default_factory=ProcConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     ports: dict[str, PortConfig] = field(
         default_factory=lambda: {
             "proc": PortConfig(groups=["kport"]),
+            "journal": PortConfig(groups=["kport"]),
             "control": PortConfig(),
         }
     )
@@ -82,6 +98,8 @@ def _fill(target: Any, data: dict[str, Any], where: str) -> None:
             ok = isinstance(value, bool)
         elif isinstance(current, int):
             ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(current, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
         elif isinstance(current, str):
             ok = isinstance(value, str)
         elif isinstance(current, list):
@@ -90,7 +108,7 @@ def _fill(target: Any, data: dict[str, Any], where: str) -> None:
             ok = True
         if not ok:
             raise ConfigError(f"{where}.{key}: expected {type(current).__name__}, got {value!r}")
-        setattr(target, key, value)
+        setattr(target, key, float(value) if isinstance(current, float) else value)
 
 
 def load(path: str | Path | None) -> Config:
@@ -114,15 +132,21 @@ def load(path: str | Path | None) -> Config:
                     raise ConfigError(f"{path}: [ports.{name}] must be a table")
                 target = config.ports.setdefault(name, PortConfig())
                 _fill(target, port, f"{path}: ports.{name}")
-        elif section in ("daemon", "proc"):
+        elif section in ("daemon", "proc", "journal"):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             _fill(getattr(config, section), value, f"{path}: {section}")
         else:
-            raise ConfigError(f"{path}: unknown section [{section}] (known: daemon, proc, ports)")
+            raise ConfigError(
+                f"{path}: unknown section [{section}] (known: daemon, proc, journal, ports)"
+            )
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
         raise ConfigError(f"{path}: proc.kinds: unknown kinds {sorted(bad)}")
+    if config.journal.max_age_days <= 0 or config.journal.max_size_mb <= 0:
+        raise ConfigError(f"{path}: journal.max_age_days and journal.max_size_mb must be > 0")
+    if config.journal.queue_limit < 1:
+        raise ConfigError(f"{path}: journal.queue_limit must be >= 1")
     if config.daemon.log_format not in ("text", "json"):
         raise ConfigError(f"{path}: daemon.log_format must be 'text' or 'json'")
     return config

@@ -1,5 +1,6 @@
-"""`kport serve`: wires the kernel sources to their ports, with daemon-wide seq and filters,
-a control port for `kport status`, and a clean shutdown on SIGTERM/SIGINT."""
+"""`kport serve`: wires the kernel sources to the journal and their ports, with daemon-wide
+seq and filters, a journal port for history, a control port for `kport status`, and a clean
+shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ import time
 from collections import deque
 from typing import Any
 
-from kport import __version__, paths
+from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
+from kport.journal import Journal, Query, SourceHistory, row_of
 from kport.port.security import Security
 from kport.port.server import ServerConnection, ServerPort
 from kport.sources.proc import ProcSource
 
 log = logging.getLogger("kport.daemon")
+
+#: events in one reply of the journal port, at most (a client pages on with ``first``)
+QUERY_PAGE = 5000
 
 
 class JsonFormatter(logging.Formatter):
@@ -85,6 +90,17 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.runtime_dir = paths.runtime_dir(config.daemon.runtime_dir or None)
+        self.state_dir = paths.state_dir(config.daemon.state_dir or None)
+        self.journal: Journal | None = None
+        if config.journal.enabled:
+            jcfg = config.journal
+            self.journal = Journal(
+                jcfg.path or self.state_dir / "journal.db",
+                max_age_s=jcfg.max_age_days * 86400,
+                max_bytes=jcfg.max_size_mb * 1024 * 1024,
+                queue_limit=jcfg.queue_limit,
+                on_state=self._journal_state,
+            )
         self.seq = 0
         self.started = time.time()
         self.ports: dict[str, ServerPort] = {}
@@ -116,9 +132,15 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self.stop)
+        journal = self.journal
+        if journal is not None:
+            self.seq = await asyncio.to_thread(journal.open)
+            journal.start()
+            self._port("journal", on_message=self._journal_request)
         self._port("control", on_message=self._control)
         if self.config.proc.enabled:
-            self._port("proc", one_way=True)
+            history = SourceHistory(journal, ("proc", "kport")) if journal else None
+            self._port("proc", one_way=True, history=history)
             self.rates["proc"] = Rate()
             self.sources["proc"] = ProcSource(self._from_thread, threads=self.config.proc.threads)
         started: list[ServerPort] = []
@@ -141,6 +163,8 @@ class Daemon:
                 source.stop()
             for port in started:
                 await port.shutdown(reason="kport serve stopped")
+            if journal is not None:
+                await asyncio.to_thread(journal.close)
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,8 +193,14 @@ class Daemon:
         return True
 
     def deliver(self, batch: list[dict[str, Any]]) -> None:
-        """Give each event its daemon-wide seq and wall-clock time, and send it out."""
+        """Give each event its daemon-wide seq and wall-clock time, journal it, send it out.
+
+        Each event is encoded once, for the journal and every client alike; the journal
+        only queues it here, so a slow disk never slows delivery.
+        """
         port = self.ports.get("proc")
+        journal = self.journal
+        pack = protocol.pack
         now = time.time_ns()
         sent = 0
         for event in batch:
@@ -178,12 +208,52 @@ class Daemon:
                 self.filtered += 1
                 continue
             self.seq += 1
-            event["seq"] = self.seq
+            seq = self.seq
+            event["seq"] = seq
             event["ts"] = now
             sent += 1
+            item = pack(event)
+            if journal is not None:
+                journal.append(row_of(seq, event, item))
             if port is not None:
-                port.broadcast(event, seq=self.seq)
+                port.broadcast(item, seq=seq, packed=True)
         self.rates["proc"].add(sent)
+
+    def _journal_state(self, durable: bool, reason: str) -> None:
+        """Called by the journal's writer when durability goes off or comes back."""
+        event = {"source": "kport", "kind": "journal", "durable": durable, "reason": reason}
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._deliver_own, event)
+
+    def _deliver_own(self, event: dict[str, Any]) -> None:
+        """An event of kport's own: to the journal and every event port."""
+        self.seq += 1
+        seq = self.seq
+        event["seq"] = seq
+        event["ts"] = time.time_ns()
+        item = protocol.pack(event)
+        if self.journal is not None:
+            self.journal.append(row_of(seq, event, item))
+        for name, port in self.ports.items():
+            if name not in ("control", "journal"):
+                port.broadcast(item, seq=seq, packed=True)
+
+    # --- the journal port --------------------------------------------------------------
+
+    async def _journal_request(self, conn: ServerConnection, data: Any) -> Any:
+        """``{"op": "query", ...Query fields}`` → ``{"events": [...], "more": bool}``."""
+        op = data.get("op") if isinstance(data, dict) else None
+        if op != "query":
+            raise ValueError(f"unknown journal request {data!r:.60}; known ops: query")
+        journal = self.journal
+        assert journal is not None
+        query = Query.from_mapping({k: v for k, v in data.items() if k != "op"})
+        limit = min(query.limit, QUERY_PAGE)
+        query.limit = limit + 1
+        events = await asyncio.to_thread(lambda: list(journal.query(query)))
+        return {"events": events[:limit], "more": len(events) > limit}
 
     # --- the control port --------------------------------------------------------------
 
@@ -201,6 +271,7 @@ class Daemon:
             "seq": self.seq,
             "filtered": self.filtered,
             "runtime_dir": str(self.runtime_dir),
+            "journal": self.journal.status() if self.journal is not None else None,
             "sources": {
                 name: {**source.status(), "rate": round(self.rates[name].per_second(), 1)}
                 for name, source in self.sources.items()

@@ -28,6 +28,7 @@ class ErrorCode(enum.IntEnum):
     NAME_NOT_FOUND = 12
     NAME_COLLISION = 13
     OBJECT_TYPE_MISMATCH = 14
+    NO_HISTORY = 15
 
 
 class KportError(Exception):
@@ -128,6 +129,12 @@ class ObjectTypeMismatch(KportError, TypeError):
     code = ErrorCode.OBJECT_TYPE_MISMATCH
 
 
+class NoHistory(KportError):
+    """A replay was asked of a port that keeps no history."""
+
+    code = ErrorCode.NO_HISTORY
+
+
 _BY_CODE: dict[int, type[KportError]] = {
     ErrorCode.PROTOCOL: RemoteProtocolError,
     ErrorCode.VERSION: VersionMismatch,
@@ -143,6 +150,7 @@ _BY_CODE: dict[int, type[KportError]] = {
     ErrorCode.NAME_NOT_FOUND: NameNotFound,
     ErrorCode.NAME_COLLISION: NameCollision,
     ErrorCode.OBJECT_TYPE_MISMATCH: ObjectTypeMismatch,
+    ErrorCode.NO_HISTORY: NoHistory,
 }
 
 

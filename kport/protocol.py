@@ -9,7 +9,7 @@ write. Which frame may follow which lives in one table, :data:`TRANSITIONS`.
 Frames (fields after the type):
 
 =============  ======  ================================================================
-HELLO          c → s   version, port name, client pid
+HELLO          c → s   version, port name, client pid, since (replay after this seq, or None)
 WELCOME        s → c   version, port name, one_way, max_frame
 NOTIFY         s → c   seqs (first seq of a contiguous run, or a list), items (list)
 REQUEST        s → c   id, deadline (CLOCK_MONOTONIC ns, system-wide), data
@@ -138,6 +138,8 @@ class Hello:
     version: int
     port: str
     pid: int
+    #: replay the port's history after this seq before live notifications (None: live only)
+    since: int | None = None
 
 
 @dataclass(slots=True)
@@ -300,7 +302,7 @@ def encode_request_packed(request_id: int, deadline_ns: int, packed_data: bytes)
 _FIELDS: dict[type, tuple[int, Callable[[Any], tuple[Any, ...]]]] = {
     Notify: (int(FrameType.NOTIFY), attrgetter("seqs", "items")),
     Request: (int(FrameType.REQUEST), attrgetter("id", "deadline_ns", "data")),
-    Hello: (int(FrameType.HELLO), attrgetter("version", "port", "pid")),
+    Hello: (int(FrameType.HELLO), attrgetter("version", "port", "pid", "since")),
     Welcome: (int(FrameType.WELCOME), attrgetter("version", "port", "one_way", "max_frame")),
     Reply: (int(FrameType.REPLY), attrgetter("id", "data")),
     Send: (int(FrameType.SEND), attrgetter("id", "data")),
@@ -358,7 +360,12 @@ def _any(value: Any) -> bool:
 
 
 _FIELD_CHECKS: dict[FrameType, tuple[tuple[str, Any], ...]] = {
-    FrameType.HELLO: (("version", _is_int), ("port", _is_str), ("pid", _is_int)),
+    FrameType.HELLO: (
+        ("version", _is_int),
+        ("port", _is_str),
+        ("pid", _is_int),
+        ("since", _is_opt_int),
+    ),
     FrameType.WELCOME: (
         ("version", _is_int),
         ("port", _is_str),

@@ -105,13 +105,19 @@ def print_message(msg: Message, *, as_json: bool, out: TextIO, console: Console 
 
 
 def run(
-    source: str, *, as_json: bool, terms: list[str], runtime_dir: str | None, count: int = 0
+    source: str,
+    *,
+    as_json: bool,
+    terms: list[str],
+    runtime_dir: str | None,
+    count: int = 0,
+    since: int | None = None,
 ) -> int:
     event_filter = Filter(terms)
     out = sys.stdout
     console = Console() if not as_json and out.isatty() else None
     shown = 0
-    with connect(source, runtime_dir=runtime_dir) as conn:
+    with connect(source, runtime_dir=runtime_dir, since=since) as conn:
         try:
             for msg in conn:
                 if not msg.is_lost and not (

@@ -55,7 +55,10 @@ class Collector:
 @pytest.fixture
 def daemon(rundir: Path) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)],
+        [
+            *(sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)),
+            *("--state-dir", str(rundir / "state")),
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )

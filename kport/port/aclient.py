@@ -186,8 +186,9 @@ class aconnect:
         timeout: float = 5.0,
         max_inbox: int = DEFAULT_MAX_INBOX,
         max_frame: int = protocol.DEFAULT_MAX_FRAME,
+        since: int | None = None,
     ) -> None:
-        self._args = (name_or_path, runtime_dir, timeout, max_inbox, max_frame)
+        self._args = (name_or_path, runtime_dir, timeout, max_inbox, max_frame, since)
         self._conn: AsyncConnection | None = None
 
     def __await__(self) -> Any:
@@ -202,7 +203,7 @@ class aconnect:
             await self._conn.close()
 
     async def _open(self) -> AsyncConnection:
-        name_or_path, runtime_dir, timeout, max_inbox, max_frame = self._args
+        name_or_path, runtime_dir, timeout, max_inbox, max_frame, since = self._args
         path = paths.port_path(name_or_path, runtime_dir)
         name = paths.port_name_of(path)
         loop = asyncio.get_running_loop()
@@ -217,7 +218,7 @@ class aconnect:
                     except OSError as err:
                         raise translate_connect_error(err, path) from err
                     try:
-                        hello = proto.send(hello_for(name))
+                        hello = proto.send(hello_for(name, since))
                         # Refused at once: the server's reason waits in our receive queue.
                         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                             await loop.sock_sendall(sock, hello)

@@ -58,8 +58,10 @@ def handshake_result(core_port: str, event: protocol.Event | protocol.NeedData) 
     raise PortClosed(f"port {core_port!r}: the server closed the connection during the handshake")
 
 
-def hello_for(name: str) -> protocol.Hello:
-    return protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid())
+def hello_for(name: str, since: int | None = None) -> protocol.Hello:
+    if since is not None and (type(since) is not int or since < 0):
+        raise ValueError(f"since must be a seq >= 0, not {since!r}")
+    return protocol.Hello(protocol.PROTOCOL_VERSION, name, os.getpid(), since)
 
 
 class Connection:
@@ -261,8 +263,13 @@ def connect(
     timeout: float = 5.0,
     max_inbox: int = DEFAULT_MAX_INBOX,
     max_frame: int = protocol.DEFAULT_MAX_FRAME,
+    since: int | None = None,
 ) -> Connection:
     """Connect to a port by name (``<runtime dir>/<name>.sock``) or by socket path.
+
+    With ``since=SEQ`` a port that keeps history first replays every notification after
+    SEQ (gaps in its history arrive as lost messages), then goes on live, with no gap and
+    no duplicate between the two; a port without history refuses with ``NoHistory``.
 
     Raises ``PortNotFound``, ``AccessDenied``, ``TooManyConnections``, ``Timeout`` or
     ``ProtocolError``, each naming the port.
@@ -278,7 +285,7 @@ def connect(
             raise translate_connect_error(err, path) from err
         proto = protocol.Connection(protocol.Role.CLIENT, max_frame=max_frame)
         deadline = time.monotonic() + timeout
-        hello = proto.send(hello_for(name))
+        hello = proto.send(hello_for(name, since))
         try:
             # A server that refuses us at once (security, limits) has already closed;
             # its reason is waiting in our receive queue, so read it rather than fail here.

@@ -10,6 +10,9 @@ single event, and then gets its own bounded queue and writer task:
 * Requests, send-replies and errors are never dropped: they may evict notifications to
   find room, and a request that still finds none fails at once with ``QueueFull``.
 * Every request ends: reply, deadline (``Timeout``), disconnect or shutdown (``PortClosed``).
+* A port given a ``history`` replays it to a client that connects with ``since=SEQ``:
+  every notification after SEQ, gaps as LOST frames, then live ones, with no gap and no
+  duplicate between the two (the client is held out of broadcasts until it has caught up).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from kport.errors import (
     Timeout,
     code_of,
 )
+from kport.port.history import History, Page
 from kport.port.security import PeerCredentials, Security, peer_credentials
 
 log = logging.getLogger("kport.port")
@@ -54,6 +58,8 @@ DEFAULT_MAX_CONNECTIONS: Final = 64
 HANDSHAKE_TIMEOUT_S: Final = 5.0
 MAX_SENDS_IN_FLIGHT: Final = 64
 _BATCH_BYTES: Final = 256 * 1024
+#: history events read per page when replaying
+REPLAY_PAGE: Final = 5000
 _RECV_SIZE: Final = 256 * 1024
 _ACCEPT_RETRY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
@@ -112,6 +118,10 @@ class ServerConnection:
         self._closing = False
         self._reading = False
         self._writing = False
+        #: replaying history: broadcasts skip this connection until it has caught up
+        self._held = False
+        #: history notifications replayed to this connection
+        self.replayed = 0
 
     def __repr__(self) -> str:
         return (
@@ -145,6 +155,8 @@ class ServerConnection:
             "lost": self.lost,
             "sent": self.sent,
             "pending_requests": self.pending_requests,
+            "replayed": self.replayed,
+            "replaying": self._held,
         }
 
     # --- the queue -------------------------------------------------------------------
@@ -271,6 +283,7 @@ class ServerPort:
         on_disconnect: OnDisconnect | None = None,
         on_message: OnMessage | None = None,
         runtime_dir: str | os.PathLike[str] | None = None,
+        history: History | None = None,
     ) -> None:
         paths.validate_port_name(name)
         if max_connections < 1:
@@ -287,6 +300,7 @@ class ServerPort:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.on_message = on_message
+        self.history = history
         self.path = paths.port_path(name, runtime_dir)
         #: notifications dropped over all connections
         self.lost = 0
@@ -526,13 +540,18 @@ class ServerPort:
         *,
         seq: int | None = None,
         where: Callable[[ServerConnection], bool] | None = None,
+        packed: bool = False,
     ) -> int:
-        """Queue one notification for every client (or those ``where`` accepts); encoded once."""
+        """Queue one notification for every client (or those ``where`` accepts); encoded once.
+
+        With ``packed=True``, ``data`` is already msgpack bytes (for a producer that also
+        stores what it sends).
+        """
         seq = self._next_seq(seq)
         if self._conns:
-            item = self._pack_item(data)
+            item = data if packed else self._pack_item(data)
             for conn in self._conns.values():
-                if not conn._closing and (where is None or where(conn)):
+                if not conn._closing and not conn._held and (where is None or where(conn)):
                     conn._enqueue_notify(seq, item)
         return seq
 
@@ -610,6 +629,19 @@ class ServerPort:
             if hello is None:
                 return
             conn.client_pid = hello.pid
+            if hello.since is not None:
+                if self.history is None:
+                    await self._refuse(
+                        conn,
+                        ErrorCode.NO_HISTORY,
+                        f"port {self.name!r} keeps no history: connect without since",
+                    )
+                    return
+                if hello.since < 0:
+                    await self._refuse(
+                        conn, ErrorCode.PROTOCOL, f"since must be a seq >= 0, not {hello.since}"
+                    )
+                    return
             if hello.port not in ("", self.name):
                 await self._refuse(
                     conn,
@@ -633,10 +665,11 @@ class ServerPort:
             if self.one_way:
                 # The kernel now refuses the client's writes (EPIPE): one way, for real.
                 sock.shutdown(socket.SHUT_RD)
+            conn._held = hello.since is not None
             self._conns[conn.id] = conn
             registered = True
             await asyncio.get_running_loop().sock_sendall(sock, frame)
-            self._start_connection(conn)
+            self._start_connection(conn, hello.since)
             log.debug(
                 "port %s: connection %d from pid %d uid %d", self.name, conn.id, conn.pid, conn.uid
             )
@@ -710,9 +743,12 @@ class ServerPort:
 
     # --- running connections ---------------------------------------------------------
 
-    def _start_connection(self, conn: ServerConnection) -> None:
+    def _start_connection(self, conn: ServerConnection, since: int | None) -> None:
         loop = asyncio.get_running_loop()
-        conn._writer_task = loop.create_task(self._writer(conn))
+        if since is None:
+            conn._writer_task = loop.create_task(self._writer(conn))
+        else:
+            conn._writer_task = loop.create_task(self._replay_then_write(conn, since))
         conn._tasks.add(conn._writer_task)
         if self.one_way:
             assert self._hup_poll is not None
@@ -747,6 +783,94 @@ class ServerPort:
         except OSError as err:
             if not conn.closed:
                 self._drop_later(conn, f"write failed: {err.strerror}")
+
+    async def _replay_then_write(self, conn: ServerConnection, since: int) -> None:
+        """Send the history after ``since`` page by page, then go live with no gap.
+
+        Pages from the database are read in a thread and written while broadcasts skip this
+        connection; the last stretch comes from the history's memory in the same loop step
+        that lets broadcasts in again, so nothing falls between the two.
+        """
+        assert self.history is not None
+        history = self.history
+        loop = asyncio.get_running_loop()
+        after = since
+        conn._writing = True  # requests wait behind the replay
+        try:
+            while True:
+                upto = self.seq
+                if after >= upto:
+                    break
+                page = history.tail(after, upto)
+                if page is not None:
+                    for frame in self._page_frames(conn, page):
+                        conn._queue.append((_FRAME, None, frame))
+                        conn._queue_bytes += len(frame)
+                    conn._wake.set()
+                    break
+                page = await asyncio.to_thread(history.read, after, upto, REPLAY_PAGE)
+                if page.through <= after:
+                    raise RuntimeError(f"history read after seq {after} made no progress")
+                frames = self._page_frames(conn, page)
+                if frames:
+                    await loop.sock_sendall(conn._sock, b"".join(frames))
+                    conn.sent += len(page.items)
+                after = page.through
+        except OSError as err:
+            conn._writing = False
+            if not conn.closed:
+                self._drop_later(conn, f"write failed: {err.strerror}")
+            return
+        except Exception as err:  # noqa: BLE001  # a failed history: report the range lost, go live
+            log.error("port %s: replay to connection %d failed: %s", self.name, conn.id, err)
+            if self.seq > after:
+                missing = self.seq - after
+                conn._lost_count += missing
+                conn._lost_first = after + 1
+                conn._lost_last = self.seq
+                conn.lost += missing
+                self.lost += missing
+        finally:
+            conn._held = False
+        conn._writing = False
+        await self._writer(conn)
+
+    def _page_frames(self, conn: ServerConnection, page: Page) -> list[bytes]:
+        """A page as frames in seq order: runs of items as NOTIFY frames, gaps as LOST."""
+        frames: list[bytes] = []
+        gaps = sorted(page.gaps, key=lambda gap: gap.first)
+        limit = min(_BATCH_BYTES, self.max_frame - 64)
+        run: list[tuple[int, bytes]] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal size
+            if run:
+                seqs = [seq for seq, _ in run]
+                contiguous = seqs[-1] - seqs[0] == len(seqs) - 1
+                notify = protocol.Notify(
+                    seqs[0] if contiguous else seqs, [item for _, item in run], packed=True
+                )
+                frames.append(conn._proto.send(notify))
+                conn.replayed += len(run)
+                run.clear()
+                size = 0
+
+        g = 0
+        for seq, item in page.items:
+            while g < len(gaps) and gaps[g].first < seq:
+                flush()
+                gap = gaps[g]
+                frames.append(conn._proto.send(protocol.Lost(gap.count, gap.first, gap.last)))
+                g += 1
+            if run and size + len(item) > limit:
+                flush()
+            run.append((seq, item))
+            size += len(item)
+        flush()
+        for gap in gaps[g:]:
+            frames.append(conn._proto.send(protocol.Lost(gap.count, gap.first, gap.last)))
+        return frames
 
     def _on_readable(self, conn: ServerConnection) -> None:
         """The client's socket is readable: parse and dispatch in place, with no task hop."""

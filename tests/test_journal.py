@@ -1,0 +1,301 @@
+"""The journal with real SQLite files: commits, reads without gaps or repeats, loss, retention."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from kport.journal import Journal, Query, SourceHistory, row_of
+
+OLD_NS = 1_000_000_000 * 3600  # 1970, far past any retention
+
+
+def event(seq: int, **extra: Any) -> dict[str, Any]:
+    base = {
+        "seq": seq,
+        "ts": time.time_ns(),
+        "source": "proc",
+        "kind": "exec",
+        "pid": 1000 + seq % 7,
+        "uid": seq % 3,
+        "exe": f"/usr/bin/tool{seq % 5}",
+        "argv": ["tool", f"arg-{seq}"],
+    }
+    base.update(extra)
+    return base
+
+
+def append(journal: Journal, first: int, last: int, **extra: Any) -> None:
+    for seq in range(first, last + 1):
+        ev = event(seq, **extra)
+        journal.append(row_of(seq, ev, msgpack.packb(ev)))
+
+
+def wait_committed(journal: Journal, seq: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while journal.committed < seq:
+        assert time.monotonic() < deadline, f"not committed: {journal.status()}"
+        time.sleep(0.01)
+
+
+def read_all(journal: Journal, after: int, upto: int, limit: int = 1000) -> tuple[list[int], list]:
+    seqs: list[int] = []
+    gaps = []
+    while after < upto:
+        page = journal.read(after, upto, limit)
+        seqs += [seq for seq, _ in page.items]
+        gaps += page.gaps
+        assert page.through > after
+        after = page.through
+    return seqs, gaps
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(tmp_path / "journal.db", commit_interval_s=0.01)
+    assert j.open() == 0
+    j.start()
+    yield j
+    j.close()
+
+
+def test_reads_while_writing_see_every_event_once(journal: Journal) -> None:
+    total = 30_000
+    done = threading.Event()
+
+    def writer() -> None:
+        for start in range(1, total + 1, 500):
+            append(journal, start, start + 499)
+            time.sleep(0.002)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen: list[int] = []
+    after = 0
+    while not (done.is_set() and after >= total):
+        upto = journal._last_seq
+        page = journal.read(after, upto, 700)
+        seen += [seq for seq, _ in page.items]
+        assert not page.gaps
+        after = max(after, page.through)
+    thread.join()
+    assert seen == list(range(1, total + 1))
+    wait_committed(journal, total)
+    items = journal.read(0, total, total).items
+    assert [seq for seq, _ in items] == seen
+    assert msgpack.unpackb(items[41][1])["argv"] == ["tool", "arg-42"]
+
+
+def test_a_full_queue_records_a_gap_that_reads_report(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", queue_limit=100)
+    j.open()
+    append(j, 1, 250)  # the writer is not running: 150 do not fit
+    assert j.dropped == 150
+    page = j.read(0, 250, 1000)
+    assert [s for s, _ in page.items] == list(range(1, 101))
+    assert [(g.first, g.last, g.count) for g in page.gaps] == [(101, 250, 150)]
+    j.start()
+    wait_committed(j, 100)
+    j.close()
+    j2 = Journal(tmp_path / "j.db")
+    assert j2.open() == 250
+    seqs, gaps = read_all(j2, 0, 250)
+    assert seqs == list(range(1, 101))
+    assert [(g.first, g.last, g.count, g.reason) for g in gaps] == [
+        (101, 250, 150, "the journal's queue was full")
+    ]
+    j2.close()
+
+
+def test_clean_stop_resumes_after_the_last_seq(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    j.open()
+    j.start()
+    append(j, 1, 500)
+    j.close()
+    j2 = Journal(tmp_path / "j.db")
+    assert j2.open() == 500
+    j2.start()
+    append(j2, 501, 600)
+    j2.close()
+    j3 = Journal(tmp_path / "j.db")
+    assert j3.open() == 600
+    assert read_all(j3, 0, 600) == (list(range(1, 601)), [])
+    j3.close()
+
+
+def test_unclean_stop_skips_past_the_reservation_and_says_so(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", commit_interval_s=0.01)
+    j.open()
+    j.start()
+    append(j, 1, 1000)
+    wait_committed(j, 1000)
+    reserved = j._reserved
+    assert reserved >= 1000 + 1  # seqs past the commit are covered
+    # No close(): the process "dies". A second Journal opens the same file.
+    j2 = Journal(tmp_path / "j.db")
+    start = j2.open()
+    assert start == reserved
+    seqs, gaps = read_all(j2, 0, start)
+    assert seqs == list(range(1, 1001))
+    assert [(g.first, g.last) for g in gaps] == [(1001, reserved)]
+    assert "stopped before writing" in gaps[0].reason
+    db = sqlite3.connect(tmp_path / "j.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    j2.close()
+
+
+def test_retention_by_age_while_writes_go_on(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", max_age_s=3600, commit_interval_s=0.01)
+    j.open()
+    j.start()
+    append(j, 1, 2000, ts=OLD_NS)
+    append(j, 2001, 3000)
+    wait_committed(j, 3000)
+    j._last_prune = 0  # the next commit prunes
+    append(j, 3001, 3100)
+    deadline = time.monotonic() + 10
+    while j.pruned < 2000:
+        assert time.monotonic() < deadline, j.status()
+        time.sleep(0.02)
+    wait_committed(j, 3100)
+    seqs, gaps = read_all(j, 0, 3100)
+    assert seqs == list(range(2001, 3101))
+    assert [(g.first, g.last, g.reason) for g in gaps] == [(1, 2000, "removed by retention")]
+    j.close()
+
+
+def test_retention_by_size_keeps_the_newest(tmp_path: Path) -> None:
+    limit = 1 << 20
+    j = Journal(tmp_path / "j.db", max_bytes=limit, commit_interval_s=0.01)
+    j.open()
+    j.start()
+    padding = "x" * 400
+    for first in range(1, 20_001, 1000):
+        append(j, first, first + 999, pad=padding)
+        wait_committed(j, first + 999)
+        j._last_prune = 0
+    append(j, 20_001, 20_001, pad=padding)
+    wait_committed(j, 20_001)
+    deadline = time.monotonic() + 10
+    while j.size_bytes() > limit:
+        assert time.monotonic() < deadline, (j.size_bytes(), j.status())
+        j._last_prune = 0
+        time.sleep(0.05)
+    seqs, gaps = read_all(j, 0, 20_001)
+    assert seqs[-1] == 20_001 and seqs == list(range(seqs[0], 20_002))
+    assert 1000 < len(seqs) < 20_000
+    assert gaps[0].first == 1 and gaps[0].last == seqs[0] - 1
+    j.close()
+    assert os.path.getsize(tmp_path / "j.db") < 2 * limit
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_turns_durability_off_and_back_on(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        states: list[tuple[bool, str]] = []
+        j = Journal(
+            mnt / "j.db",
+            commit_interval_s=0.01,
+            retry_interval_s=0.05,
+            on_state=lambda durable, why: states.append((durable, why)),
+        )
+        j.open()
+        j.start()
+        filler = mnt / "filler"
+        with open(filler, "wb") as f:  # fill the disk to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        append(j, 1, 3000, pad="y" * 300)
+        deadline = time.monotonic() + 10
+        while not states:
+            assert time.monotonic() < deadline, j.status()
+            time.sleep(0.02)
+        assert states[0][0] is False and "full" in states[0][1]
+        assert j.durable is False and j.queued > 0
+        filler.unlink()
+        deadline = time.monotonic() + 10
+        while j.committed < 3000:
+            assert time.monotonic() < deadline, j.status()
+            time.sleep(0.02)
+        assert states[-1][0] is True and j.durable
+        assert read_all(j, 0, 3000) == (list(range(1, 3001)), [])
+        j.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_an_unwritable_journal_reports_durability_off(tmp_path: Path) -> None:
+    states: list[tuple[bool, str]] = []
+    j = Journal(tmp_path / "j.db", on_state=lambda d, why: states.append((d, why)))
+    j.open()
+    j.start()
+    # Another connection holds the write lock past the writer's 5 s busy timeout.
+    other = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    append(j, 1, 10)
+    deadline = time.monotonic() + 20
+    while not states:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert states[0][0] is False and "locked" in states[0][1]
+    other.execute("ROLLBACK")
+    other.close()
+    wait_committed(j, 10)
+    assert states[-1][0] is True
+    j.close()
+
+
+def test_query_filters(journal: Journal) -> None:
+    append(journal, 1, 100)
+    journal.append(row_of(101, event(101, source="kport", kind="journal"), msgpack.packb({})))
+    wait_committed(journal, 101)
+
+    def seqs(**fields: Any) -> list[int]:
+        return [e["seq"] for e in journal.query(Query.from_mapping(fields)) if "seq" in e]
+
+    assert seqs(first=10, last=12) == [10, 11, 12]
+    assert seqs(pids=[1003], limit=3) == [3, 10, 17]
+    assert seqs(uids=[2], last=10) == [2, 5, 8]
+    assert seqs(exe="/usr/bin/tool[12]", last=10) == [1, 2, 6, 7]
+    assert seqs(text="ARG-77") == [77]
+    assert seqs(newest_first=True, limit=2, sources=["proc"]) == [100, 99]
+    assert seqs(kinds=["exit"]) == []
+    assert list(journal.query(Query.from_mapping({"sources": ["kport"]}))) == [{}]
+    now = time.time_ns()
+    assert len(seqs(since_ns=now - 60 * 10**9, until_ns=now + 10**9, limit=5000)) == 100
+    with pytest.raises(ValueError, match="unknown query field 'colour'"):
+        Query.from_mapping({"colour": "red"})
+    with pytest.raises(ValueError, match="'pids' must be list"):
+        Query.from_mapping({"pids": 5})
+
+
+def test_source_history_filters_by_source(journal: Journal) -> None:
+    append(journal, 1, 10)
+    append(journal, 11, 20, source="file")
+    append(journal, 21, 30)
+    history = SourceHistory(journal, ["proc"])
+    tail = history.tail(0, 30)
+    assert tail is not None and [s for s, _ in tail.items] == [*range(1, 11), *range(21, 31)]
+    wait_committed(journal, 30)
+    assert history.tail(0, 30) is None  # committed: memory no longer reaches back
+    page = history.read(0, 30, 100)
+    assert [s for s, _ in page.items] == [*range(1, 11), *range(21, 31)]
