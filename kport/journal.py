@@ -215,6 +215,9 @@ class Journal:
         self._rate = 0.0
         self._reserved = 0
         self._last_prune = 0.0
+        #: rows per commit now: halved after a failed commit (a nearly full disk may take a
+        #: small one), doubled again after each success
+        self._batch_max = BATCH_MAX
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -337,7 +340,7 @@ class Journal:
                     pause = self.commit_interval_s if self.durable else self.retry_interval_s
                     self._wake.wait(pause)
                 stopping = self._stop
-                batch = list(self._pending)[:BATCH_MAX] if self._pending else []
+                batch = list(self._pending)[: self._batch_max] if self._pending else []
                 gap, self._drop_gap = self._drop_gap, None
             ok = self._commit(batch, gap)
             if ok:
@@ -349,7 +352,7 @@ class Journal:
                     return
                 while ok and len(self._pending) >= BATCH_MAX // 2 and not stopping:
                     with self._lock:
-                        batch = list(self._pending)[:BATCH_MAX]
+                        batch = list(self._pending)[: self._batch_max]
                     ok = self._commit(batch, None)
                     if ok:
                         with self._lock:
@@ -403,8 +406,10 @@ class Journal:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as err:
+            self._batch_max = max(64, self._batch_max // 2)
             self._set_durable(False, f"cannot write {self.path}: {err}")
             return False
+        self._batch_max = min(BATCH_MAX, self._batch_max * 2)
         self._reserved = reserved
         self.committed = max(self.committed, upto)
         self.written += len(batch)

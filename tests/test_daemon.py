@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -52,8 +54,8 @@ class Collector:
         self.thread.join(5)
 
 
-@pytest.fixture
-def daemon(rundir: Path) -> Iterator[subprocess.Popen[str]]:
+def start_daemon(rundir: Path) -> subprocess.Popen[str]:
+    """`kport serve` with its sockets and its journal under ``rundir``, once it is serving."""
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)),
@@ -63,15 +65,28 @@ def daemon(rundir: Path) -> Iterator[subprocess.Popen[str]]:
         text=True,
     )
     deadline = time.monotonic() + 20
-    while not (rundir / "proc.sock").exists():
+    while True:  # a socket left by a killed daemon exists, but nobody answers on it
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline, "kport serve did not start"
-        time.sleep(0.05)
-    yield proc
+        try:
+            kport.connect("proc", runtime_dir=rundir).close()
+            return proc
+        except kport.PortNotFound:
+            time.sleep(0.05)
+
+
+def stop_daemon(proc: subprocess.Popen[str], rundir: Path) -> None:
     proc.terminate()
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert not (rundir / "proc.sock").exists(), "the socket must be removed on SIGTERM"
+
+
+@pytest.fixture
+def daemon(rundir: Path) -> Iterator[subprocess.Popen[str]]:
+    proc = start_daemon(rundir)
+    yield proc
+    stop_daemon(proc, rundir)
 
 
 def wait_until(predicate: Any, timeout: float = 30) -> None:
@@ -206,3 +221,190 @@ def kport_status(rundir: Path) -> dict[str, Any]:
     )
     status: dict[str, Any] = json.loads(result.stdout)
     return status
+
+
+# --- the journal -----------------------------------------------------------------------
+
+
+class Storm:
+    """Processes spawned back to back in a thread until stopped: a steady stream of events."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.spawned = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            pid = os.posix_spawn("/bin/true", ["true"], os.environ)
+            os.waitpid(pid, 0)
+            self.spawned += 1
+
+    def __enter__(self) -> Storm:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+
+def journal_seqs(rundir: Path, where: str = "1") -> list[int]:
+    db = sqlite3.connect(f"file:{rundir / 'state' / 'journal.db'}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in db.execute(f"SELECT seq FROM events WHERE {where} ORDER BY seq")]
+    finally:
+        db.close()
+
+
+def read_from(rundir: Path, since: int, count: int) -> list[int]:
+    """Connect with ``since``, take ``count`` notifications (a lost one fails), disconnect."""
+    seqs: list[int] = []
+    with kport.connect("proc", runtime_dir=rundir, since=since) as conn:
+        for msg in conn:
+            assert not msg.is_lost, msg
+            seqs.append(msg.seq)
+            if len(seqs) >= count:
+                break
+    return seqs
+
+
+def test_replay_has_no_gap_and_no_repeat_across_reconnects_and_a_restart(rundir: Path) -> None:
+    proc = start_daemon(rundir)
+    got: list[int] = []
+    try:
+        with Storm():
+            got += read_from(rundir, 0, 400)
+            time.sleep(0.5)  # events go on while this client is away
+            got += read_from(rundir, got[-1], 400)
+            time.sleep(0.3)
+            stop_daemon(proc, rundir)  # a clean restart in the middle of the storm
+            proc = start_daemon(rundir)
+            time.sleep(0.3)
+            got += read_from(rundir, got[-1], 400)
+            time.sleep(0.3)
+        # The storm is over: catch up to the very end of the journal.
+        end = kport_status(rundir)["seq"]
+        got += read_from(rundir, got[-1], end - got[-1]) if end > got[-1] else []
+    finally:
+        stop_daemon(proc, rundir)
+    assert got == sorted(set(got)), "a repeat or a reordering"
+    expected = journal_seqs(rundir, f"source IN ('proc', 'kport') AND seq <= {got[-1]}")
+    assert got == expected
+    assert len(got) > 1500
+
+
+def test_sigkill_in_a_storm_keeps_what_was_durable(rundir: Path) -> None:
+    proc = start_daemon(rundir)
+    try:
+        with Storm():
+            wait_until(lambda: len(journal_seqs(rundir)) >= 1500)
+            durable = journal_seqs(rundir)
+            proc.kill()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+        db = sqlite3.connect(rundir / "state" / "journal.db")
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        db.close()
+        after_kill = journal_seqs(rundir)
+        assert after_kill[: len(durable)] == durable, "a durable event was lost"
+        last_durable = after_kill[-1]
+        proc = start_daemon(rundir)
+        marker = f"kport-crash-marker-{os.getpid()}"
+        subprocess.run([SH, "-c", "sleep 0.05", marker], check=True)
+        with kport.connect("proc", runtime_dir=rundir, since=last_durable) as conn:
+            first = conn.get_message(timeout=10)
+            assert first.is_lost, first
+            assert first.data["first_seq"] == last_durable + 1
+            assert first.data["last_seq"] > last_durable
+            skipped_to = first.data["last_seq"]
+            for msg in conn:
+                assert not msg.is_lost and msg.seq > skipped_to
+                if msg.data.get("kind") == "exec" and marker in (msg.data.get("argv") or []):
+                    break
+        assert journal_seqs(rundir)[: len(after_kill)] == after_kill
+    finally:
+        stop_daemon(proc, rundir)
+
+
+def test_query_command(daemon: subprocess.Popen[str], rundir: Path) -> None:
+    marker = f"kport-query-marker-{os.getpid()}"
+    subprocess.run([SH, "-c", "sleep 0.05", marker], check=True)
+
+    def query(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "kport.cli", "query", "--runtime-dir", str(rundir), *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def found() -> list[dict[str, Any]]:
+        out = query("--text", marker, "--kind", "exec", "--json", "--since", "5m")
+        events = [json.loads(line) for line in out.splitlines()]
+        # `kport query --text MARKER` itself matches too: keep the marked shell alone.
+        return [e for e in events if (e.get("argv") or [None])[-1] == marker]
+
+    wait_until(lambda: bool(found()))
+    (event,) = found()
+    assert event["argv"][-1] == marker and event["user"] == "root"
+    lines = query("--pid", str(event["pid"]), "--user", "root", "--exe", "/*")
+    assert marker in lines and str(event["seq"]) in lines
+    assert kport.fetch(event["seq"], event["seq"], runtime_dir=rundir) == [event]
+    bad = subprocess.run(
+        [sys.executable, "-m", "kport.cli", "query", "--since", "yesterday-ish"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "is not a duration ago" in bad.stderr
+
+
+def test_durability_off_and_back_on_reaches_clients(rundir: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    config = tmp_path / "kport.toml"
+    config.write_text(f'[journal]\npath = "{small}/journal.db"\n')
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)),
+            *("--config", str(config)),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until((rundir / "proc.sock").exists)
+        with kport.connect("proc", runtime_dir=rundir) as conn:
+            filler = small / "filler"
+            with contextlib.suppress(OSError), open(filler, "wb") as f:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            with Storm():
+                off = next_journal_event(conn)
+            assert off["durable"] is False and "full" in off["reason"], off
+            assert kport_status(rundir)["journal"]["durable"] is False
+            filler.unlink()
+            on = next_journal_event(conn)
+            assert on["durable"] is True and on["seq"] > off["seq"]
+            assert kport_status(rundir)["journal"]["durable"] is True
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert "durability is off" in err and "durability is back on" in err
+
+
+def next_journal_event(conn: kport.Connection) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        msg = conn.get_message(timeout=max(deadline - time.monotonic(), 0.01))
+        if not msg.is_lost and msg.data.get("source") == "kport":
+            data: dict[str, Any] = msg.data
+            return data
