@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark against its baselines and peers")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--count", type=int, help="messages in the throughput run")
-    bench.add_argument("--rounds", type=int, help="round trips in the latency run")
+    bench.add_argument(
+        "--rounds", type=int, help="round trips (port) or interleaved rounds (journal)"
+    )
     bench.add_argument("--json-dir", help="where to save the JSON results (default bench/results)")
     bench.set_defaults(func=_bench)
     return parser

@@ -19,7 +19,7 @@ from typing import Any
 
 from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
-from kport.journal import Journal, Query, SourceHistory, row_of
+from kport.journal import Journal, Query, Row, SourceHistory, row_of
 from kport.port.security import Security
 from kport.port.server import ServerConnection, ServerPort
 from kport.sources.proc import ProcSource
@@ -99,6 +99,7 @@ class Daemon:
                 max_age_s=jcfg.max_age_days * 86400,
                 max_bytes=jcfg.max_size_mb * 1024 * 1024,
                 queue_limit=jcfg.queue_limit,
+                commit_interval_s=jcfg.commit_interval_ms / 1000,
                 on_state=self._journal_state,
             )
         self.seq = 0
@@ -202,7 +203,7 @@ class Daemon:
         journal = self.journal
         pack = protocol.pack
         now = time.time_ns()
-        sent = 0
+        rows: list[Row] = []
         for event in batch:
             if not self._passes(event):
                 self.filtered += 1
@@ -211,13 +212,13 @@ class Daemon:
             seq = self.seq
             event["seq"] = seq
             event["ts"] = now
-            sent += 1
             item = pack(event)
-            if journal is not None:
-                journal.append(row_of(seq, event, item))
+            rows.append((seq, now, event.get("source", "proc"), item))
             if port is not None:
                 port.broadcast(item, seq=seq, packed=True)
-        self.rates["proc"].add(sent)
+        if journal is not None and rows:
+            journal.append_many(rows)
+        self.rates["proc"].add(len(rows))
 
     def _journal_state(self, durable: bool, reason: str) -> None:
         """Called by the journal's writer when durability goes off or comes back."""

@@ -6,6 +6,13 @@ queue in batches (WAL, ``synchronous=NORMAL``: a commit survives the process bei
 killed). Events stay in memory until committed, so a reader that looks at memory first
 and the database second sees every event exactly once (:meth:`Journal.read`).
 
+Events are stored in *chunks*: one row holds up to ``CHUNK_EVENTS`` consecutive events
+back to back, with their seqs, offsets and sources as packed arrays, indexed by seq and
+time. One row per event cost 6 µs of CPU per event, a third of the daemon's whole
+delivery path, and a GIL hand-off per row; a chunk costs a fraction of a microsecond
+per event, and a replay slices it without decoding. Queries decode the chunks their
+seq and time bounds select, and filter the events in Python.
+
 Nothing is lost silently. A full queue drops the event from the journal (it was still
 delivered live) and records a *gap*, a seq range with a count, which replay reports as a
 ``lost`` frame. A database that cannot be written (disk full, read-only) turns
@@ -18,17 +25,21 @@ journal records the unwritten range as a gap, so no seq is ever reused.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import sqlite3
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate, repeat
 from pathlib import Path
 from typing import Any, Final
 
 import msgpack
+import zstandard
 
 from kport.port.history import Gap, Page
 
@@ -36,17 +47,18 @@ log = logging.getLogger("kport.journal")
 
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    ts INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    pid INTEGER,
-    uid INTEGER,
-    exe TEXT,
-    data BLOB NOT NULL
+CREATE TABLE IF NOT EXISTS chunks (
+    first INTEGER PRIMARY KEY,  -- the first seq in the chunk
+    last INTEGER NOT NULL,
+    ts_first INTEGER NOT NULL,
+    ts_last INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    seqs BLOB NOT NULL,  -- int64 array, native order
+    offsets BLOB NOT NULL,  -- uint32 array, count + 1 entries into data
+    sources BLOB NOT NULL,  -- one byte per event: its index in SOURCES
+    data BLOB NOT NULL  -- the events, msgpack, back to back, zstd-compressed
 );
-CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE INDEX IF NOT EXISTS chunks_ts ON chunks(ts_last);
 CREATE TABLE IF NOT EXISTS gaps (
     first INTEGER NOT NULL,
     last INTEGER NOT NULL,
@@ -56,16 +68,21 @@ CREATE TABLE IF NOT EXISTS gaps (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-_INSERT: Final = "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-#: rows committed in one transaction at most
+_INSERT: Final = "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: the sources a chunk can name; anything else is stored as index 0
+SOURCES: Final = ("", "proc", "file", "net", "kport")
+_SOURCE_CODE: Final = {name: code for code, name in enumerate(SOURCES)}
+#: events in one chunk row at most
+CHUNK_EVENTS: Final = 512
+#: events committed in one transaction at most
 BATCH_MAX: Final = 20_000
 #: events :meth:`Journal.tail` serves from memory at most
 TAIL_MAX: Final = 4096
 #: seqs reserved past the last commit at least (more when events come faster)
 RESERVE_MIN: Final = 4096
 
-#: (seq, ts, source, kind, pid, uid, exe, packed event)
-Row = tuple[int, int, str, str, int | None, int | None, str | None, bytes]
+#: (seq, ts, source, packed event)
+Row = tuple[int, int, str, bytes]
 
 
 @dataclass
@@ -109,37 +126,47 @@ class Query:
             raise ValueError(f"query limit must be positive, not {query.limit}")
         return query
 
-    def sql(self) -> tuple[str, list[Any]]:
-        """The WHERE clause (or "") and its parameters, for everything SQL can filter."""
-        terms: list[str] = []
+    def chunk_sql(self) -> tuple[str, list[Any]]:
+        """A WHERE condition on ``chunks`` selecting every chunk that may hold a match."""
+        terms = ["1"]
         args: list[Any] = []
-        for column, op, value in (
-            ("seq", ">=", self.first),
-            ("seq", "<=", self.last),
-            ("ts", ">=", self.since_ns),
-            ("ts", "<", self.until_ns),
+        for term, value in (
+            ("last >= ?", self.first),
+            ("first <= ?", self.last),
+            ("ts_last >= ?", self.since_ns),
+            ("ts_first < ?", self.until_ns),
         ):
             if value is not None:
-                terms.append(f"{column} {op} ?")
+                terms.append(term)
                 args.append(value)
-        for column, values in (
+        return " AND ".join(terms), args
+
+    def matches(self, event: Any) -> bool:
+        """Whether a decoded event passes every filter."""
+        if not isinstance(event, dict):
+            return False
+        get = event.get
+        seq = get("seq")
+        ts = get("ts")
+        if self.first is not None and not (type(seq) is int and seq >= self.first):
+            return False
+        if self.last is not None and not (type(seq) is int and seq <= self.last):
+            return False
+        if self.since_ns is not None and not (type(ts) is int and ts >= self.since_ns):
+            return False
+        if self.until_ns is not None and not (type(ts) is int and ts < self.until_ns):
+            return False
+        for key, values in (
             ("source", self.sources),
             ("kind", self.kinds),
             ("pid", self.pids),
             ("uid", self.uids),
         ):
-            if values:
-                terms.append(f"{column} IN ({', '.join('?' * len(values))})")
-                args.extend(values)
-        if self.exe:
-            terms.append("exe GLOB ?")
-            args.append(self.exe)
-        return (" WHERE " + " AND ".join(terms) if terms else ""), args
-
-    def matches_text(self, event: Any) -> bool:
-        if not self.text:
-            return True
-        return self.text.casefold() in _flatten(event).casefold()
+            if values and get(key) not in values:
+                return False
+        if self.exe and not fnmatch.fnmatchcase(str(get("exe") or ""), self.exe):
+            return False
+        return not self.text or self.text.casefold() in _flatten(event).casefold()
 
 
 def _flatten(value: Any) -> str:
@@ -151,19 +178,60 @@ def _flatten(value: Any) -> str:
 
 
 def row_of(seq: int, event: dict[str, Any], packed: bytes) -> Row:
-    exe = event.get("exe")
-    pid = event.get("pid")
-    uid = event.get("uid")
+    """What the journal keeps of an event: its seq, time, source and encoded bytes."""
+    return (seq, event.get("ts") or time.time_ns(), str(event.get("source", "")), packed)
+
+
+_codecs = threading.local()  # zstd contexts are not thread-safe: one pair per thread
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    codec: zstandard.ZstdCompressor | None = getattr(_codecs, "compressor", None)
+    if codec is None:
+        codec = _codecs.compressor = zstandard.ZstdCompressor(level=1)
+    return codec
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    codec: zstandard.ZstdDecompressor | None = getattr(_codecs, "decompressor", None)
+    if codec is None:
+        codec = _codecs.decompressor = zstandard.ZstdDecompressor()
+    return codec
+
+
+def chunk_of(rows: list[Row]) -> tuple[Any, ...]:
+    """Consecutive rows as one ``chunks`` row; the events are compressed together.
+
+    Events of one source look alike: zstd at level 1 shrinks a chunk of exec events
+    about 23 times for 0.4 µs per event (zlib at level 1: 16 times for 1.0 µs, lz4:
+    11 times for 0.2 µs, measured on the same chunks). Less to write, and 20 times the
+    history in the same disk space.
+    """
+    seqs, stamps, sources, items = zip(*rows, strict=True)
     return (
-        seq,
-        event.get("ts") or time.time_ns(),
-        str(event.get("source", "")),
-        str(event.get("kind", "")),
-        pid if type(pid) is int else None,
-        uid if type(uid) is int else None,
-        exe if type(exe) is str else None,
-        packed,
+        seqs[0],
+        seqs[-1],
+        stamps[0],
+        stamps[-1],
+        len(rows),
+        array("q", seqs).tobytes(),
+        array("I", accumulate(map(len, items), initial=0)).tobytes(),
+        bytes(map(_SOURCE_CODE.get, sources, repeat(0))),
+        _compressor().compress(b"".join(items)),
     )
+
+
+def chunk_items(
+    seqs: bytes, offsets: bytes, sources: bytes, data: bytes
+) -> Iterator[tuple[int, int, bytes]]:
+    """(seq, source code, packed event) for each event in a chunk."""
+    seq_list = array("q")
+    seq_list.frombytes(seqs)
+    bounds = array("I")
+    bounds.frombytes(offsets)
+    raw = _decompressor().decompress(data)
+    for i, seq in enumerate(seq_list):
+        yield seq, sources[i], raw[bounds[i] : bounds[i + 1]]
 
 
 StateCallback = Callable[[bool, str], None]
@@ -179,7 +247,7 @@ class Journal:
         max_age_s: float = 30 * 86400,
         max_bytes: int = 1 << 30,
         queue_limit: int = 200_000,
-        commit_interval_s: float = 0.05,
+        commit_interval_s: float = 0.2,
         retry_interval_s: float = 1.0,
         on_state: StateCallback | None = None,
     ) -> None:
@@ -201,7 +269,12 @@ class Journal:
         self.dropped = 0
         self.written = 0
         self.pruned = 0
-        self._pending: deque[Row] = deque()  # appended, not yet committed; seq order
+        #: CPU time the writer thread has used
+        self.writer_cpu_s = 0.0
+        # Appended, not yet committed, in seq order: the lists the producer handed over,
+        # kept whole so that neither side spends Python work per event.
+        self._pending: deque[list[Row]] = deque()
+        self._queued = 0
         self._drop_gap: Gap | None = None  # dropped since the last commit
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -239,7 +312,7 @@ class Journal:
                 f"journal {self.path} has schema version {version}; this kport reads "
                 f"version {SCHEMA_VERSION}"
             )
-        last = db.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+        last = db.execute("SELECT max(last) FROM chunks").fetchone()[0] or 0
         gap_last = db.execute("SELECT max(last) FROM gaps").fetchone()[0] or 0
         reserved = meta.get("reserved", 0)
         start = max(last, gap_last, reserved, meta.get("pruned_through", 0))
@@ -296,7 +369,7 @@ class Journal:
         db = self._db
         if db is None:
             return
-        if not self._pending and self.durable:
+        if not self._queued and self.durable:
             with contextlib.suppress(sqlite3.Error), db:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (self._last_seq,))
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 1)")
@@ -309,12 +382,27 @@ class Journal:
 
     def append(self, row: Row) -> None:
         """Queue one event; never blocks on the database. A full queue records a gap."""
-        seq = row[0]
-        self._last_seq = seq
+        self.append_many([row])
+
+    def append_many(self, rows: list[Row]) -> None:
+        """Queue events in seq order, under one lock; see :meth:`append`.
+
+        The list is kept as it is, not copied: the caller must not change it afterwards.
+        """
+        if not rows:
+            return
         with self._lock:
-            if len(self._pending) < self.queue_limit:
-                self._pending.append(row)
-            else:
+            room = self.queue_limit - self._queued
+            self._last_seq = rows[-1][0]
+            if len(rows) <= room:
+                self._pending.append(rows)
+                self._queued += len(rows)
+                return
+            if room > 0:
+                self._pending.append(rows[:room])
+                self._queued += room
+            for row in rows[max(room, 0) :]:
+                seq = row[0]
                 self.dropped += 1
                 gap = self._drop_gap
                 if gap is None:
@@ -323,41 +411,74 @@ class Journal:
                     gap.last = seq
                     gap.count += 1
 
-    def append_many(self, rows: Iterable[Row]) -> None:
-        for row in rows:
-            self.append(row)
-
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        return self._queued
+
+    def _queued_rows(self, after: int, upto: int) -> list[Row]:
+        """Queued rows with ``after < seq <= upto``; call with the lock held."""
+        out: list[Row] = []
+        for rows in self._pending:
+            if rows[-1][0] <= after:
+                continue
+            if rows[0][0] > upto:
+                break
+            out.extend(r for r in rows if after < r[0] <= upto)
+        return out
+
+    def _take(self) -> list[Row]:
+        """The oldest queued rows, up to the batch size; call with the lock held."""
+        batch: list[Row] = []
+        for rows in self._pending:
+            batch.extend(rows)
+            if len(batch) >= self._batch_max:
+                break
+        return batch[: self._batch_max]
+
+    def _release(self, count: int) -> None:
+        """Forget the oldest ``count`` queued rows: they are committed."""
+        with self._lock:
+            pending = self._pending
+            self._queued -= count
+            while count:
+                rows = pending[0]
+                if len(rows) <= count:
+                    pending.popleft()
+                    count -= len(rows)
+                else:
+                    pending[0] = rows[count:]
+                    count = 0
 
     # --- the writer thread -------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._write_until_stopped()
+        finally:
+            self.writer_cpu_s = time.thread_time()
+
+    def _write_until_stopped(self) -> None:
         while True:
+            self.writer_cpu_s = time.thread_time()
             with self._wake:
                 if not self._stop:
                     pause = self.commit_interval_s if self.durable else self.retry_interval_s
                     self._wake.wait(pause)
                 stopping = self._stop
-                batch = list(self._pending)[: self._batch_max] if self._pending else []
+                batch = self._take()
                 gap, self._drop_gap = self._drop_gap, None
             ok = self._commit(batch, gap)
             if ok:
-                with self._lock:
-                    for _ in range(len(batch)):
-                        self._pending.popleft()
+                self._release(len(batch))
                 self._maybe_prune()
-                if stopping and not self._pending:
+                if stopping and not self._queued:
                     return
-                while ok and len(self._pending) >= BATCH_MAX // 2 and not stopping:
+                while ok and self._queued >= BATCH_MAX // 2 and not stopping:
                     with self._lock:
-                        batch = list(self._pending)[: self._batch_max]
+                        batch = self._take()
                     ok = self._commit(batch, None)
                     if ok:
-                        with self._lock:
-                            for _ in range(len(batch)):
-                                self._pending.popleft()
+                        self._release(len(batch))
             else:
                 if gap is not None:  # keep it for the next try
                     with self._lock:
@@ -392,7 +513,13 @@ class Journal:
             db.execute("BEGIN")
             try:
                 if batch:
-                    db.executemany(_INSERT, batch)
+                    db.executemany(
+                        _INSERT,
+                        [
+                            chunk_of(batch[i : i + CHUNK_EVENTS])
+                            for i in range(0, len(batch), CHUNK_EVENTS)
+                        ],
+                    )
                 if gap is not None:
                     db.execute(
                         "INSERT INTO gaps VALUES (?, ?, ?, ?, ?)",
@@ -429,7 +556,7 @@ class Journal:
                 "journal: %s; durability is off until it can write again "
                 "(events are still delivered; %d queued, at most %d)",
                 reason,
-                len(self._pending),
+                self._queued,
                 self.queue_limit,
             )
         if self.on_state is not None:
@@ -451,7 +578,7 @@ class Journal:
             log.error("journal %s: retention failed: %s", self.path, err)
 
     def size_bytes(self) -> int:
-        """Bytes the events and gaps take in the database (free pages not counted)."""
+        """Bytes the chunks and gaps take in the database (free pages not counted)."""
         db = self._db
         assert db is not None
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
@@ -460,28 +587,32 @@ class Journal:
         return int((pages - free) * page_size)
 
     def prune(self) -> int:
-        """Delete events older than ``max_age_s`` and the oldest beyond ``max_bytes``."""
+        """Delete events older than ``max_age_s`` and the oldest beyond ``max_bytes``.
+
+        Whole chunks go: a chunk is removed once its newest event is too old.
+        """
         db = self._db
         assert db is not None
         cutoff = time.time_ns() - int(self.max_age_s * 1e9)
-        through = 0
         row = db.execute(
-            "SELECT max(seq) FROM events WHERE ts < ? AND seq <= ?", (cutoff, self.committed)
+            "SELECT max(last) FROM chunks WHERE ts_last < ? AND last <= ?",
+            (cutoff, self.committed),
         ).fetchone()
-        if row[0]:
-            through = row[0]
-        deleted = self._delete_through(through) if through else 0
-        # Size: delete the oldest fifth of what is over, until under the limit.
+        deleted = self._delete_through(row[0]) if row[0] else 0
+        # Size: delete the oldest share of what is over, until under the limit.
         for _ in range(50):
             size = self.size_bytes()
             if size <= self.max_bytes:
                 break
-            lo, hi, count = db.execute("SELECT min(seq), max(seq), count(*) FROM events").fetchone()
-            if not count:
+            chunks = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            if chunks <= 1:
                 break
             share = min(1.0, (size - self.max_bytes) / size + 0.05)
-            through = lo + max(1, int((hi - lo + 1) * share))
-            deleted += self._delete_through(min(through, hi))
+            drop = max(1, min(chunks - 1, int(chunks * share)))
+            through = db.execute(
+                "SELECT last FROM chunks ORDER BY first LIMIT 1 OFFSET ?", (drop - 1,)
+            ).fetchone()[0]
+            deleted += self._delete_through(through)
         if deleted:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA incremental_vacuum")
@@ -492,15 +623,18 @@ class Journal:
         db = self._db
         assert db is not None
         with db:
-            cursor = db.execute("DELETE FROM events WHERE seq <= ?", (seq,))
+            count = db.execute(
+                "SELECT coalesce(sum(count), 0) FROM chunks WHERE last <= ?", (seq,)
+            ).fetchone()[0]
+            db.execute("DELETE FROM chunks WHERE last <= ?", (seq,))
             db.execute("DELETE FROM gaps WHERE last <= ?", (seq,))
             old = db.execute("SELECT value FROM meta WHERE key = 'pruned_through'").fetchone()
             db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('pruned_through', ?)",
                 (max(seq, old[0] if old else 0),),
             )
-        self.pruned += cursor.rowcount
-        return cursor.rowcount
+        self.pruned += count
+        return int(count)
 
     # --- reading (any thread) ----------------------------------------------------------
 
@@ -517,19 +651,41 @@ class Journal:
     def read(self, after: int, upto: int, limit: int, sources: Iterable[str] = ()) -> Page:
         """Events with ``after < seq <= upto`` (of ``sources``, if given) and the gaps there.
 
-        Looks at the queue before the database: whatever leaves the queue between the two
-        looks was committed first, so every event is seen once.
+        At most ``limit`` events are looked at (before the source filter): the page says
+        how far it got. Looks at the queue before the database: whatever leaves the queue
+        between the two looks was committed first, so every event is seen once.
         """
-        wanted = frozenset(sources)
+        codes = {_SOURCE_CODE.get(name, 0) for name in sources}
+        names = frozenset(sources)
         with self._lock:
-            queued = [r for r in self._pending if after < r[0] <= upto] if self._pending else []
+            queued = self._queued_rows(after, upto)
             gap = self._drop_gap
             dropped = Gap(gap.first, gap.last, gap.count, gap.reason) if gap else None
         db = self._reader()
-        with db:  # one read transaction: a consistent snapshot of events and gaps
+        items: list[tuple[int, bytes]] = []
+        looked = 0
+        through = after
+        full = False
+        with db:  # one read transaction: a consistent snapshot of chunks and gaps
             db.execute("BEGIN")
-            sql = "SELECT seq, data, source FROM events WHERE seq > ? AND seq <= ?"
-            rows = db.execute(sql + " ORDER BY seq LIMIT ?", (after, upto, limit)).fetchall()
+            chunks = db.execute(
+                "SELECT seqs, offsets, sources, data FROM chunks WHERE last > ? AND first <= ?"
+                " ORDER BY first",
+                (after, upto),
+            )
+            for chunk in chunks:
+                for seq, code, item in chunk_items(*chunk):
+                    if seq <= after or seq > upto:
+                        continue
+                    if looked >= limit:
+                        full = True
+                        break
+                    looked += 1
+                    through = seq
+                    if not codes or code in codes:
+                        items.append((seq, item))
+                if full:
+                    break
             gaps = [
                 Gap(*g)
                 for g in db.execute(
@@ -543,17 +699,20 @@ class Journal:
             gaps.insert(0, Gap(after + 1, pruned[0], pruned[0] - after, "removed by retention"))
         if dropped is not None and dropped.last > after and dropped.first <= upto:
             gaps.append(dropped)
-        items = [(seq, data) for seq, data, source in rows if not wanted or source in wanted]
-        if len(rows) >= limit:
-            through = rows[-1][0]
-        else:
-            last_row = rows[-1][0] if rows else after
-            extra = [r for r in queued if r[0] > last_row]
+        if not full:
+            last_seen = through  # the last seq the database gave; what is queued comes after
+            in_database = through
             through = upto
-            if len(extra) > limit - len(rows):
-                extra = extra[: limit - len(rows)]
-                through = extra[-1][0]
-            items.extend((r[0], r[7]) for r in extra if not wanted or r[2] in wanted)
+            for row in queued:
+                if row[0] <= in_database:
+                    continue  # committed before our snapshot: read from the database already
+                if looked >= limit:
+                    through = last_seen
+                    break
+                looked += 1
+                last_seen = row[0]
+                if not names or row[2] in names:
+                    items.append((row[0], row[3]))
         return Page(items, [g for g in gaps if g.first <= through], through)
 
     def tail(self, after: int, upto: int, sources: Iterable[str] = ()) -> Page | None:
@@ -563,41 +722,46 @@ class Journal:
             if after < self.committed or self._drop_gap is not None:
                 return None
             items = [
-                (r[0], r[7])
-                for r in self._pending
-                if after < r[0] <= upto and (not wanted or r[2] in wanted)
+                (r[0], r[3]) for r in self._queued_rows(after, upto) if not wanted or r[2] in wanted
             ]
         if len(items) > TAIL_MAX:
             return None
         return Page(items, [], upto)
 
     def query(self, query: Query) -> Iterator[dict[str, Any]]:
-        """Events matching ``query``, oldest first (or newest first), at most ``query.limit``."""
-        where, args = query.sql()
+        """Events matching ``query``, oldest first (or newest first), at most ``query.limit``.
+
+        Committed events only: what is still queued shows up within a commit interval.
+        """
+        where, args = query.chunk_sql()
         order = "DESC" if query.newest_first else "ASC"
         db = self._reader()
         found = 0
-        offset_seq: int | None = None
-        while found < query.limit:
+        bound: int | None = None
+        while True:
             page_where, page_args = where, list(args)
-            if offset_seq is not None:
-                op = "<" if query.newest_first else ">"
-                page_where += (" AND " if page_where else " WHERE ") + f"seq {op} ?"
-                page_args.append(offset_seq)
+            if bound is not None:
+                page_where += " AND first < ?" if query.newest_first else " AND first > ?"
+                page_args.append(bound)
             rows = db.execute(
-                f"SELECT seq, data FROM events{page_where} ORDER BY seq {order} LIMIT 2000",
+                f"SELECT first, seqs, offsets, sources, data FROM chunks WHERE {page_where}"
+                f" ORDER BY first {order} LIMIT 64",
                 page_args,
             ).fetchall()
             if not rows:
                 return
-            for _, data in rows:
-                event = msgpack.unpackb(data, raw=False, strict_map_key=False)
-                if query.matches_text(event):
-                    found += 1
-                    yield event
-                    if found >= query.limit:
-                        return
-            offset_seq = rows[-1][0]
+            for first, *chunk in rows:
+                events = list(chunk_items(*chunk))
+                if query.newest_first:
+                    events.reverse()
+                for _, _, item in events:
+                    event = msgpack.unpackb(item, raw=False, strict_map_key=False)
+                    if query.matches(event):
+                        found += 1
+                        yield event
+                        if found >= query.limit:
+                            return
+                bound = first
 
     def status(self) -> dict[str, Any]:
         return {
@@ -605,11 +769,12 @@ class Journal:
             "durable": self.durable,
             "error": self.error,
             "committed": self.committed,
-            "queued": len(self._pending),
+            "queued": self._queued,
             "queue_limit": self.queue_limit,
             "written": self.written,
             "dropped": self.dropped,
             "pruned": self.pruned,
+            "writer_cpu_s": round(self.writer_cpu_s, 3),
         }
 
 
