@@ -165,6 +165,16 @@ def _status(args: argparse.Namespace) -> int:
             str(s["backlog"]),
         )
     console.print(sources)
+    journal = status.get("journal")
+    if journal:
+        state = "durable" if journal["durable"] else f"NOT DURABLE: {journal['error']}"
+        console.print(
+            f"journal {journal['path']}: {state}; committed through seq {journal['committed']}, "
+            f"{journal['queued']} queued, {journal['dropped']} dropped, "
+            f"{journal['pruned']} removed by retention"
+        )
+    else:
+        console.print("journal: off")
     ports = Table(
         "port", "one-way", "clients", "queued", "lost", title="Ports", title_justify="left"
     )

@@ -24,6 +24,15 @@ def test_overrides(tmp_path: Path) -> None:
     assert cfg.ports["proc"].groups == ["kport"]  # untouched defaults stay
 
 
+def test_journal_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[journal]\nmax_age_days = 7\npath = "/srv/j.db"\ncommit_interval_ms = 50\n')
+    cfg = config.load(path)
+    assert cfg.journal.max_age_days == 7.0 and isinstance(cfg.journal.max_age_days, float)
+    assert cfg.journal.path == "/srv/j.db" and cfg.journal.commit_interval_ms == 50
+    assert cfg.journal.enabled and cfg.ports["journal"].groups == ["kport"]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -32,6 +41,9 @@ def test_overrides(tmp_path: Path) -> None:
         ("[nope]\n", "unknown section"),
         ("[proc]\nkinds = ['bogus']\n", "unknown kinds"),
         ("[proc\n", "c.toml"),
+        ("[journal]\nmax_age_days = 'week'\n", "journal.max_age_days: expected float"),
+        ("[journal]\nmax_size_mb = 0\n", "must be > 0"),
+        ("[journal]\ncommit_interval_ms = 0\n", "commit_interval_ms must be 1 to 60000"),
     ],
 )
 def test_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:

@@ -211,6 +211,7 @@ def test_tail_and_status_commands(daemon: subprocess.Popen[str], rundir: Path) -
         check=True,
     )
     assert "Sources" in readable.stdout and "proc" in readable.stdout
+    assert "journal" in readable.stdout and "durable" in readable.stdout
 
 
 def kport_status(rundir: Path) -> dict[str, Any]:
