@@ -166,7 +166,9 @@ def _status(args: argparse.Namespace) -> int:
         )
     console.print(sources)
     journal = status.get("journal")
-    if journal:
+    if journal and "path" not in journal:
+        console.print(f"journal: NOT DURABLE: {journal['error']}")
+    elif journal:
         state = "durable" if journal["durable"] else f"NOT DURABLE: {journal['error']}"
         console.print(
             f"journal {journal['path']}: {state}; committed through seq {journal['committed']}, "

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections import deque
@@ -102,6 +103,7 @@ class Daemon:
                 commit_interval_s=jcfg.commit_interval_ms / 1000,
                 on_state=self._journal_state,
             )
+        self.journal_error: str | None = None
         self.seq = 0
         self.started = time.time()
         self.ports: dict[str, ServerPort] = {}
@@ -135,7 +137,14 @@ class Daemon:
             self._loop.add_signal_handler(sig, self.stop)
         journal = self.journal
         if journal is not None:
-            self.seq = await asyncio.to_thread(journal.open)
+            try:
+                self.seq = await asyncio.to_thread(journal.open)
+            except (sqlite3.Error, OSError) as err:
+                # Delivery matters more than history: serve without a journal, loudly.
+                self.journal_error = f"cannot open the journal {journal.path}: {err}"
+                log.error("%s; serving without history (durability is off)", self.journal_error)
+                journal = self.journal = None
+        if journal is not None:
             journal.start()
             self._port("journal", on_message=self._journal_request)
         self._port("control", on_message=self._control)
@@ -144,6 +153,8 @@ class Daemon:
             self._port("proc", one_way=True, history=history)
             self.rates["proc"] = Rate()
             self.sources["proc"] = ProcSource(self._from_thread, threads=self.config.proc.threads)
+        for port in self.ports.values():
+            port.seq = self.seq  # a replay asked for before the first new event covers it all
         started: list[ServerPort] = []
         try:
             for port in self.ports.values():
@@ -272,7 +283,13 @@ class Daemon:
             "seq": self.seq,
             "filtered": self.filtered,
             "runtime_dir": str(self.runtime_dir),
-            "journal": self.journal.status() if self.journal is not None else None,
+            "journal": (
+                self.journal.status()
+                if self.journal is not None
+                else {"durable": False, "error": self.journal_error}
+                if self.journal_error
+                else None
+            ),
             "sources": {
                 name: {**source.status(), "rate": round(self.rates[name].per_second(), 1)}
                 for name, source in self.sources.items()

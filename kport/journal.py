@@ -25,8 +25,10 @@ journal records the unwritten range as a gap, so no seq is ever reused.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -41,6 +43,7 @@ from typing import Any, Final
 import msgpack
 import zstandard
 
+from kport.errors import NameCollision
 from kport.port.history import Gap, Page
 
 log = logging.getLogger("kport.journal")
@@ -281,6 +284,7 @@ class Journal:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
         self._readers = threading.local()
         self._last_seq = 0
         self._rate_seq = 0
@@ -301,7 +305,13 @@ class Journal:
         range between them is recorded as a gap: those seqs may have been delivered.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = self._connect()
+        self._take_lock()
+        try:
+            db = self._connect()
+        except BaseException:
+            self._release_lock()
+            raise
+        os.chmod(self.path, 0o600)  # it holds every command line: owner only
         self._db = db
         with db:
             db.executescript(_SCHEMA)
@@ -342,6 +352,24 @@ class Journal:
         log.info("journal %s: opened, next seq %d", self.path, start + 1)
         return int(start)
 
+    def _take_lock(self) -> None:
+        """One writer per journal: a second daemon on the same file is refused, not mixed in."""
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NameCollision(
+                f"journal {self.path} is in use by another process (lock {lock_path})"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
@@ -377,6 +405,7 @@ class Journal:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.close()
         self._db = None
+        self._release_lock()
 
     # --- appending (the delivery path) -------------------------------------------------
 

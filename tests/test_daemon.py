@@ -418,3 +418,32 @@ def next_journal_event(conn: kport.Connection) -> dict[str, Any]:
         if not msg.is_lost and msg.data.get("source") == "kport":
             data: dict[str, Any] = msg.data
             return data
+
+
+def test_an_unusable_journal_leaves_delivery_running(rundir: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)),
+            *("--state-dir", "/proc/kport-cannot-be-here"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until((rundir / "proc.sock").exists)
+        status = kport_status(rundir)["journal"]
+        assert status["durable"] is False and "/proc/kport-cannot-be-here" in status["error"]
+        marker = f"kport-nojournal-marker-{os.getpid()}"
+        with kport.connect("proc", runtime_dir=rundir) as conn:
+            subprocess.run([SH, "-c", "sleep 0.05", marker], check=True)
+            while True:
+                msg = conn.get_message(timeout=10)
+                if marker in (msg.data.get("argv") or []):
+                    break
+        with pytest.raises(kport.NoHistory):
+            kport.connect("proc", runtime_dir=rundir, since=0)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "serving without history" in err

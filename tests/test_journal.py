@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kport.errors import NameCollision
 from kport.journal import SOURCES, Journal, Query, SourceHistory, chunk_items, chunk_of, row_of
 
 OLD_NS = 1_000_000_000 * 3600  # 1970, far past any retention
@@ -147,7 +148,15 @@ def test_unclean_stop_skips_past_the_reservation_and_says_so(tmp_path: Path) -> 
     wait_committed(j, 1000)
     reserved = j._reserved
     assert reserved >= 1000 + 1  # seqs past the commit are covered
-    # No close(): the process "dies". A second Journal opens the same file.
+    with pytest.raises(NameCollision, match="in use by another process"):
+        Journal(tmp_path / "j.db").open()  # one writer per journal
+    # The process "dies": its writer stops and its lock goes, with no close().
+    with j._wake:
+        j._stop = True
+        j._wake.notify()
+    assert j._thread is not None
+    j._thread.join(10)
+    j._release_lock()
     j2 = Journal(tmp_path / "j.db")
     start = j2.open()
     assert start == reserved
