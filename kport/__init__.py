@@ -20,6 +20,7 @@ from kport.errors import (
     Timeout,
     TooManyConnections,
 )
+from kport.event import Event, wait_all, wait_any
 from kport.port import (
     AsyncConnection,
     Connection,
@@ -39,6 +40,7 @@ __all__ = [
     "AccessDenied",
     "AsyncConnection",
     "Connection",
+    "Event",
     "KportError",
     "LocalProtocolError",
     "Message",
@@ -63,4 +65,6 @@ __all__ = [
     "connect",
     "fetch",
     "history",
+    "wait_all",
+    "wait_any",
 ]

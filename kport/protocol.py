@@ -19,7 +19,14 @@ SEND_REPLY     s → c   id, data
 LOST           s → c   count, first seq or None, last seq or None
 ERROR          both    code, message, id (None: the connection ends)
 BYE            both    reason
+OBJECT         both    id, type, meta, fd count, reply_to (a SEND id, or None)
+OBJECT_ACK     both    id, handle (None: refused), error code, message
+RELEASE        c → s   handle (the server drops the reference this client gave it)
 =============  ======  ================================================================
+
+An OBJECT frame's fds travel beside its bytes as ``SCM_RIGHTS`` ancillary data; the
+receiver takes ``fd count`` of them, in order, from the fds it has received. Objects
+need both directions, so a one-way port carries none.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from kport.errors import (
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 MAX_MESSAGE_LEN: Final = 4096
+#: fds one OBJECT frame may carry
+MAX_OBJECT_FDS: Final = 8
 _HEADER = struct.Struct(">I")
 HEADER_SIZE: Final = _HEADER.size
 
@@ -57,6 +66,9 @@ class FrameType(enum.IntEnum):
     LOST = 8
     ERROR = 9
     BYE = 10
+    OBJECT = 11
+    OBJECT_ACK = 12
+    RELEASE = 13
 
 
 class Role(enum.Enum):
@@ -91,6 +103,9 @@ class Key(enum.Enum):
     ERROR_REPLY = "error-reply"  # answers one SEND; the connection goes on
     ERROR_FATAL = "error-fatal"  # ends the connection
     BYE = "bye"
+    OBJECT = "object"
+    OBJECT_ACK = "object-ack"
+    RELEASE = "release"
 
     __hash__ = object.__hash__
 
@@ -106,9 +121,18 @@ TRANSITIONS: Final[dict[tuple[State, Role], dict[Key, State]]] = {
         K.WELCOME_ONE_WAY: S.OPEN_ONE_WAY,
         K.ERROR_FATAL: S.CLOSED,
     },
-    (S.OPEN, R.CLIENT): {K.REPLY: S.OPEN, K.SEND: S.OPEN, K.BYE: S.CLOSED},
+    (S.OPEN, R.CLIENT): {
+        K.REPLY: S.OPEN,
+        K.SEND: S.OPEN,
+        K.OBJECT: S.OPEN,
+        K.OBJECT_ACK: S.OPEN,
+        K.RELEASE: S.OPEN,
+        K.BYE: S.CLOSED,
+    },
     (S.OPEN, R.SERVER): {
         K.NOTIFY: S.OPEN,
+        K.OBJECT: S.OPEN,
+        K.OBJECT_ACK: S.OPEN,
         K.REQUEST: S.OPEN,
         K.SEND_REPLY: S.OPEN,
         K.LOST: S.OPEN,
@@ -214,6 +238,32 @@ class Bye:
 
 
 @dataclass(slots=True)
+class Object:
+    """An object passed by handle: ``fds`` fds travel beside this frame (``SCM_RIGHTS``)."""
+
+    id: int
+    type: str
+    meta: dict[str, Any]
+    fds: int
+    reply_to: int | None = None
+
+
+@dataclass(slots=True)
+class ObjectAck:
+    """The receiver's answer to an OBJECT: its handle for it, or why it refused it."""
+
+    id: int
+    handle: int | None
+    code: int | None = None
+    message: str = ""
+
+
+@dataclass(slots=True)
+class Release:
+    handle: int
+
+
+@dataclass(slots=True)
 class ConnectionClosed:
     """The peer ended the byte stream at a frame boundary."""
 
@@ -229,6 +279,9 @@ Event = (
     | Lost
     | Error
     | Bye
+    | Object
+    | ObjectAck
+    | Release
     | ConnectionClosed
 )
 
@@ -261,6 +314,9 @@ _KEY_BY_CLASS: dict[type, Key] = {
     SendReply: Key.SEND_REPLY,
     Lost: Key.LOST,
     Bye: Key.BYE,
+    Object: Key.OBJECT,
+    ObjectAck: Key.OBJECT_ACK,
+    Release: Key.RELEASE,
 }
 
 
@@ -310,6 +366,12 @@ _FIELDS: dict[type, tuple[int, Callable[[Any], tuple[Any, ...]]]] = {
     Lost: (int(FrameType.LOST), attrgetter("count", "first_seq", "last_seq")),
     Error: (int(FrameType.ERROR), lambda e: (int(e.code), e.message[:MAX_MESSAGE_LEN], e.id)),
     Bye: (int(FrameType.BYE), lambda e: (e.reason[:MAX_MESSAGE_LEN],)),
+    Object: (int(FrameType.OBJECT), attrgetter("id", "type", "meta", "fds", "reply_to")),
+    ObjectAck: (
+        int(FrameType.OBJECT_ACK),
+        lambda e: (e.id, e.handle, e.code, e.message[:MAX_MESSAGE_LEN]),
+    ),
+    Release: (int(FrameType.RELEASE), lambda e: (e.handle,)),
 }
 
 
@@ -380,6 +442,20 @@ _FIELD_CHECKS: dict[FrameType, tuple[tuple[str, Any], ...]] = {
     FrameType.LOST: (("count", _is_int), ("first_seq", _is_opt_int), ("last_seq", _is_opt_int)),
     FrameType.ERROR: (("code", _is_int), ("message", _is_str), ("id", _is_opt_int)),
     FrameType.BYE: (("reason", _is_str),),
+    FrameType.OBJECT: (
+        ("id", _is_int),
+        ("type", _is_str),
+        ("meta", lambda v: type(v) is dict),
+        ("fds", lambda v: type(v) is int and 0 <= v <= MAX_OBJECT_FDS),
+        ("reply_to", _is_opt_int),
+    ),
+    FrameType.OBJECT_ACK: (
+        ("id", _is_int),
+        ("handle", _is_opt_int),
+        ("code", _is_opt_int),
+        ("message", _is_str),
+    ),
+    FrameType.RELEASE: (("handle", _is_int),),
 }
 
 
@@ -436,6 +512,9 @@ _BUILDERS: dict[FrameType, Callable[..., Any]] = {
     FrameType.LOST: Lost,
     FrameType.ERROR: Error,
     FrameType.BYE: Bye,
+    FrameType.OBJECT: Object,
+    FrameType.OBJECT_ACK: ObjectAck,
+    FrameType.RELEASE: Release,
 }
 _DECODERS: dict[FrameType, tuple[tuple[tuple[str, Any], ...], Callable[..., Any]]] = {
     ftype: (_FIELD_CHECKS[ftype], _BUILDERS[ftype]) for ftype in FrameType

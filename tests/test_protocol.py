@@ -162,6 +162,8 @@ def test_error_sticks_once_raised() -> None:
         ([protocol.FrameType.NOTIFY, [1, 2], [1]], "different number"),
         ([protocol.FrameType.NOTIFY, 1, []], "items"),
         ([protocol.FrameType.ERROR, 1, 2, None], "message"),
+        ([protocol.FrameType.OBJECT, 1, "event", {}, 9, None], "'fds' is invalid"),
+        ([protocol.FrameType.OBJECT, 1, "event", [], 1, None], "'meta' is invalid"),
     ],
 )
 def test_malformed_frames_name_what_is_wrong(body: Any, match: str) -> None:
@@ -185,6 +187,9 @@ _SAMPLE: dict[Key, Any] = {
     Key.ERROR_REPLY: Error(1, "e", 1),
     Key.ERROR_FATAL: Error(1, "e", None),
     Key.BYE: Bye("b"),
+    Key.OBJECT: protocol.Object(1, "event", {"manual_reset": True}, 1, None),
+    Key.OBJECT_ACK: protocol.ObjectAck(1, 7, None, ""),
+    Key.RELEASE: protocol.Release(7),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from typing import Any
 
 from kport import paths, protocol
 from kport.errors import KportError, PortClosed, Timeout
+from kport.event import Event
+from kport.port import handles
 from kport.port.client import handshake_result, hello_for, translate_connect_error
 from kport.port.message import DEFAULT_MAX_INBOX, ClientCore, Message
 
@@ -36,6 +39,7 @@ class AsyncConnection:
         self._space = asyncio.Event()
         self._space.set()
         self._closed = False
+        self._write_lock = asyncio.Lock()  # frames from several tasks never interleave
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     def __repr__(self) -> str:
@@ -65,14 +69,18 @@ class AsyncConnection:
                     await self._space.wait()
                     continue
                 try:
-                    size = await loop.sock_recv_into(self._sock, rbuf)
+                    size, fds = await self._recv(loop, rbuf)
                 except OSError as err:
                     core.finish(
                         PortClosed(f"port {self.port!r}: read failed: {err.strerror}"),
                         graceful=self._closed,
                     )
                     return
-                core.feed(rview[:size])
+                core.feed(rview[:size], fds)
+                if core.outbox:
+                    owed, core.outbox = core.outbox, []
+                    with contextlib.suppress(PortClosed):
+                        await self._write(b"".join(owed))
                 self._arrived.set()
         finally:
             if core.end is None:
@@ -80,6 +88,31 @@ class AsyncConnection:
                     PortClosed(f"port {self.port!r}: this connection was closed"), graceful=True
                 )
             self._arrived.set()
+
+    async def _recv(
+        self, loop: asyncio.AbstractEventLoop, rbuf: bytearray
+    ) -> tuple[int, list[int] | None]:
+        """Read bytes and the fds beside them, waiting for the socket on the loop."""
+        sock = self._sock
+        while True:
+            try:
+                size, ancdata, flags, _ = sock.recvmsg_into(
+                    [rbuf], handles.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                readable = loop.create_future()
+                loop.add_reader(sock.fileno(), readable.set_result, None)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(sock.fileno())
+                continue
+            fds = handles.fds_from_ancillary(ancdata) if ancdata else None
+            if fds is not None and flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise OSError(errno.EMSGSIZE, "more fds came at once than fit")
+            return size, fds
 
     async def _wait_until(self, ready: Any, timeout: float | None, what: str) -> None:
         try:
@@ -131,21 +164,72 @@ class AsyncConnection:
 
     async def send(self, data: Any, timeout: float = 5.0) -> Any:
         """Send ``data`` to the server's ``on_message`` and return what it returns."""
+        return (await self.send_for_objects(data, timeout))[0]
+
+    async def send_for_objects(self, data: Any, timeout: float = 5.0) -> tuple[Any, list[Any]]:
+        """:meth:`send`, and the objects the server handed over with its answer."""
         core = self._core
         core.check_can_send("send")
         send_id = core.next_send_id()
         try:
-            self._space.set()  # the reply may sit behind unread messages: keep reading
-            await self._write(core.proto.send(protocol.Send(send_id, data)))
-            await self._wait_until(lambda: send_id in core.results, timeout, "no reply came")
-            return core.take_result(send_id)
-        finally:
-            core.waiting.discard(send_id)
-            core.results.pop(send_id, None)
+            result = await self._call(
+                send_id, core.proto.send(protocol.Send(send_id, data)), [], timeout
+            )
+        except BaseException:
+            for obj in core.take_attached(send_id):
+                handles.close_object(obj)
+            raise
+        return result, core.take_attached(send_id)
 
-    async def _write(self, frame: bytes) -> None:
+    async def reference_event(self, event: Event, timeout: float = 5.0) -> int:
+        """Hand ``event`` to the server (see :meth:`kport.Connection.reference_event`)."""
+        if not isinstance(event, Event):
+            raise TypeError(f"reference_event takes a kport.Event, not {type(event).__name__}")
+        return await self.reference(event, timeout)
+
+    async def reference(self, obj: Any, timeout: float = 5.0) -> int:
+        """Hand any passable object (``kport.Event``, ``kport.Ring``) to the server."""
+        object_id, frame, fds = self._core.object_frame(obj)
+        handle: int = await self._call(object_id, frame, fds, timeout)
+        return handle
+
+    async def dereference(self, handle: int) -> None:
+        """Make the server drop the reference it holds from :meth:`reference_event`."""
+        await self._write(self._core.release_frame(handle))
+
+    async def _call(self, call_id: int, frame: bytes, fds: list[int], timeout: float) -> Any:
+        core = self._core
         try:
-            await asyncio.get_running_loop().sock_sendall(self._sock, frame)
+            self._space.set()  # the answer may sit behind unread messages: keep reading
+            await self._write(frame, fds)
+            await self._wait_until(lambda: call_id in core.results, timeout, "no answer came")
+            return core.take_result(call_id)
+        finally:
+            core.waiting.discard(call_id)
+            core.results.pop(call_id, None)
+
+    async def _write(self, frame: bytes, fds: list[int] | None = None) -> None:
+        async with self._write_lock:
+            await self._write_locked(frame, fds)
+
+    async def _write_locked(self, frame: bytes, fds: list[int] | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if fds:
+                while True:
+                    try:
+                        sent = self._sock.sendmsg([frame], handles.rights(fds))
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        writable = loop.create_future()
+                        loop.add_writer(self._sock.fileno(), writable.set_result, None)
+                        try:
+                            await writable
+                        finally:
+                            loop.remove_writer(self._sock.fileno())
+                frame = frame[sent:]
+            if frame:
+                await loop.sock_sendall(self._sock, frame)
         except OSError as err:
             raise PortClosed(f"port {self.port!r}: write failed: {err.strerror}") from err
 

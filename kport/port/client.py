@@ -26,6 +26,8 @@ from kport.errors import (
     Timeout,
     error_from_code,
 )
+from kport.event import Event
+from kport.port import handles
 from kport.port.message import DEFAULT_MAX_INBOX, ClientCore, Message
 
 _RECV_SIZE = 256 * 1024
@@ -171,11 +173,15 @@ class Connection:
         try:
             # recv_into a buffer kept for the connection: a fresh 256 KiB bytes per read
             # costs an mmap, page faults and a copy, which dominated a round trip.
-            size = self._sock.recv_into(self._rbuf)
+            size, ancdata, flags, _ = self._sock.recvmsg_into(
+                [self._rbuf], handles.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
             data = self._rview[:size]
+            fds = handles.fds_from_ancillary(ancdata) if ancdata else None
         except TimeoutError:
             return
         except OSError as err:
+            fds = None
             if self._closed:
                 data = memoryview(b"")
             else:
@@ -184,7 +190,19 @@ class Connection:
                 )
                 return
         with self._cond:
-            self._core.feed(data)
+            if fds is not None and flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                self._core.finish(
+                    PortClosed(f"port {self.port!r}: more fds came at once than fit"),
+                    graceful=False,
+                )
+                return
+            self._core.feed(data, fds)
+            owed, self._core.outbox = self._core.outbox, []
+        if owed:
+            with contextlib.suppress(PortClosed):
+                self._write(b"".join(owed))
 
     def _set_timeout(self, timeout: float | None) -> None:
         # settimeout() is a syscall when it flips blocking mode: skip it when unchanged.
@@ -202,29 +220,90 @@ class Connection:
 
     def send(self, data: Any, timeout: float = 5.0) -> Any:
         """Send ``data`` to the server's ``on_message`` and return what it returns."""
+        return self.send_for_objects(data, timeout)[0]
+
+    def send_for_objects(self, data: Any, timeout: float = 5.0) -> tuple[Any, list[Any]]:
+        """:meth:`send`, and the objects the server handed over with its answer."""
         with self._cond:
             self._core.check_can_send("send")
             send_id = self._core.next_send_id()
             frame = self._core.proto.send(protocol.Send(send_id, data))
         try:
-            self._write(frame)
+            result = self._call(send_id, frame, [], timeout)
+        except BaseException:
+            with self._cond:
+                for obj in self._core.take_attached(send_id):
+                    handles.close_object(obj)
+            raise
+        with self._cond:
+            return result, self._core.take_attached(send_id)
+
+    def reference_event(self, event: Event, timeout: float = 5.0) -> int:
+        """Hand ``event`` to the server, which keeps its own reference to it.
+
+        The server may then set it (or wait on it) whenever it likes, after this process
+        closed its copy or even exited: the ``DeviceIoControl(IO_REFERENCE_EVENT)`` of the
+        seeds, by ``SCM_RIGHTS``. Returns the server's handle for it, for
+        :meth:`dereference`. Raises ``ObjectTypeMismatch`` if the server finds the fd is
+        not what was announced.
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"reference_event takes a kport.Event, not {type(event).__name__}")
+        return self.reference(event, timeout)
+
+    def reference(self, obj: Any, timeout: float = 5.0) -> int:
+        """Hand any passable object (``kport.Event``, ``kport.Ring``) to the server."""
+        with self._cond:
+            object_id, frame, fds = self._core.object_frame(obj)
+        handle: int = self._call(object_id, frame, fds, timeout)
+        return handle
+
+    def reference_fds(
+        self, type_name: str, fds: list[int], meta: dict[str, Any], timeout: float = 5.0
+    ) -> int:
+        """The general form: announce ``type_name`` and pass ``fds`` as its parts."""
+        with self._cond:
+            self._core.check_can_send("pass objects")
+            object_id = self._core.next_send_id()
+            frame = self._core.proto.send(
+                protocol.Object(object_id, type_name, meta, len(fds), None)
+            )
+        handle: int = self._call(object_id, frame, fds, timeout)
+        return handle
+
+    def dereference(self, handle: int) -> None:
+        """Make the server drop the reference it holds from :meth:`reference_event`."""
+        with self._cond:
+            frame = self._core.release_frame(handle)
+        self._write(frame)
+
+    def _call(self, call_id: int, frame: bytes, fds: list[int], timeout: float) -> Any:
+        """Write a frame (with fds), wait for the answer with ``call_id``, return it."""
+        try:
+            self._write(frame, fds)
             results = self._core.results
 
             def ready() -> tuple[int] | None:
-                return (send_id,) if send_id in results else None
+                return (call_id,) if call_id in results else None
 
             self._wait(ready, timeout)
-            return self._core.take_result(send_id)
+            with self._cond:
+                return self._core.take_result(call_id)
         finally:
             with self._cond:
-                self._core.waiting.discard(send_id)
-                self._core.results.pop(send_id, None)
+                self._core.waiting.discard(call_id)
+                self._core.results.pop(call_id, None)
 
-    def _write(self, frame: bytes) -> None:
+    def _write(self, frame: bytes, fds: list[int] | None = None) -> None:
         with self._write_lock:
             try:
                 self._set_timeout(None)
-                self._sock.sendall(frame)
+                if fds:
+                    sent = self._sock.sendmsg([frame], handles.rights(fds))
+                    if sent < len(frame):
+                        self._sock.sendall(frame[sent:])
+                else:
+                    self._sock.sendall(frame)
             except OSError as err:
                 raise PortClosed(f"port {self.port!r}: write failed: {err.strerror}") from err
 

@@ -8,6 +8,7 @@ notifications are dropped, counted, and a ``lost`` message stands where they wer
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from typing import Any, Final
@@ -19,20 +20,26 @@ from kport.errors import (
     PortClosed,
     error_from_code,
 )
+from kport.port import handles
 
 DEFAULT_MAX_INBOX: Final = 65536
 
 NOTIFY: Final = "notify"
 REQUEST: Final = "request"
 LOST: Final = "lost"
+OBJECT: Final = "object"
+#: fds received and not yet claimed by an OBJECT frame, at most
+MAX_PENDING_FDS: Final = 256
 
 
 class Message:
     """One message from a port.
 
-    ``kind`` is ``"notify"``, ``"request"`` (answer it with ``reply``) or ``"lost"``
+    ``kind`` is ``"notify"``, ``"request"`` (answer it with ``reply``), ``"lost"``
     (``data`` is ``{"count", "first_seq", "last_seq", "where"}``: notifications that were
-    dropped, by the server's queue or this client's inbox). ``deadline`` is on the
+    dropped, by the server's queue or this client's inbox) or ``"object"`` (``data`` is
+    an object the server handed over, a ``kport.Event`` or ``kport.Ring``, now this
+    process's own: close it when done). ``deadline`` is on the
     ``time.monotonic()`` clock (system-wide on Linux), for requests only.
     """
 
@@ -95,6 +102,12 @@ class ClientCore:
         self.send_ids = 0
         self.end: KportError | None = None
         self.graceful = False
+        #: fds received beside frames, waiting for the OBJECT frame that claims them
+        self.fds_in: deque[int] = deque()
+        #: frames this side owes the server (object acks), written after each read
+        self.outbox: list[bytes] = []
+        #: objects that came with the answer to a send, by send id
+        self.attached: dict[int, list[Any]] = {}
 
     def check_can_send(self, what: str) -> None:
         if self.one_way:
@@ -102,10 +115,48 @@ class ClientCore:
         if self.end is not None:
             raise self.end
 
-    def feed(self, data: bytes | memoryview) -> None:
-        """Bytes from the socket (``b""`` at EOF) → messages, replies, or the end."""
+    def feed(self, data: bytes | memoryview, fds: list[int] | None = None) -> None:
+        """Bytes from the socket (``b""`` at EOF) and the fds beside them → messages."""
+        if fds:
+            self.fds_in.extend(fds)
+            if len(self.fds_in) > MAX_PENDING_FDS:
+                self.finish(
+                    PortClosed(f"port {self.port!r} sent more fds than objects to carry them"),
+                    graceful=False,
+                )
+                self._close_fds()
+                return
         self.proto.receive_data(data)
         self.process()
+
+    def _close_fds(self) -> None:
+        while self.fds_in:
+            os.close(self.fds_in.popleft())
+
+    def _on_object(self, event: protocol.Object) -> None:
+        if len(self.fds_in) < event.fds:
+            self.finish(
+                PortClosed(f"port {self.port!r} announced {event.fds} fds that did not come"),
+                graceful=False,
+            )
+            return
+        fds = [self.fds_in.popleft() for _ in range(event.fds)]
+        try:
+            obj = handles.receive(event.type, fds, event.meta)
+        except KportError as err:
+            self.outbox.append(
+                self.proto.send(protocol.ObjectAck(event.id, None, int(err.code), str(err)))
+            )
+            return
+        self.outbox.append(self.proto.send(protocol.ObjectAck(event.id, 0)))
+        if event.reply_to is not None and event.reply_to in self.waiting:
+            self.attached.setdefault(event.reply_to, []).append(obj)
+        else:
+            self.inbox.append(Message(OBJECT, obj, id=event.id))
+
+    def take_attached(self, send_id: int) -> list[Any]:
+        """The objects that came with the answer to send ``send_id``."""
+        return self.attached.pop(send_id, [])
 
     def process(self) -> None:
         """Turn every complete frame buffered so far into messages, replies, or the end."""
@@ -145,6 +196,17 @@ class ClientCore:
                     self.finish(error, graceful=False)
                 elif event.id in self.waiting:
                     self.results[event.id] = (False, error)
+            elif isinstance(event, protocol.Object):
+                self._on_object(event)
+            elif isinstance(event, protocol.ObjectAck):
+                if event.id in self.waiting:
+                    if event.handle is None:
+                        error = error_from_code(
+                            event.code or 0, f"port {self.port!r}: {event.message}"
+                        )
+                        self.results[event.id] = (False, error)
+                    else:
+                        self.results[event.id] = (True, event.handle)
             elif isinstance(event, protocol.Bye):
                 self.finish(
                     PortClosed(f"port {self.port!r} closed the connection: {event.reason}"),
@@ -183,6 +245,19 @@ class ClientCore:
         if self.end is None:
             self.end = err
             self.graceful = graceful
+        self._close_fds()
+
+    def object_frame(self, obj: Any) -> tuple[int, bytes, list[int]]:
+        """(id, frame, fds) to pass ``obj`` to the server; the id awaits an OBJECT_ACK."""
+        self.check_can_send("pass objects")
+        type_name, fds, meta = handles.parts_of(obj)
+        object_id = self.next_send_id()
+        frame = self.proto.send(protocol.Object(object_id, type_name, meta, len(fds), None))
+        return object_id, frame, fds
+
+    def release_frame(self, handle: int) -> bytes:
+        self.check_can_send("release objects")
+        return self.proto.send(protocol.Release(handle))
 
     def next_send_id(self) -> int:
         self.send_ids += 1

@@ -39,6 +39,7 @@ from kport.errors import (
     ErrorCode,
     KportError,
     NameCollision,
+    NameNotFound,
     OneWayPort,
     PortClosed,
     ProtocolError,
@@ -46,7 +47,10 @@ from kport.errors import (
     RemoteProtocolError,
     Timeout,
     code_of,
+    error_from_code,
 )
+from kport.event import Event
+from kport.port import handles
 from kport.port.history import History, Page
 from kport.port.security import PeerCredentials, Security, peer_credentials
 
@@ -58,6 +62,8 @@ DEFAULT_MAX_CONNECTIONS: Final = 64
 HANDSHAKE_TIMEOUT_S: Final = 5.0
 MAX_SENDS_IN_FLIGHT: Final = 64
 _BATCH_BYTES: Final = 256 * 1024
+#: fds received and not yet claimed by an OBJECT frame, per connection, at most
+MAX_PENDING_FDS: Final = 256
 #: history events read per page when replaying
 REPLAY_PAGE: Final = 5000
 _RECV_SIZE: Final = 256 * 1024
@@ -73,6 +79,7 @@ _Entry = tuple[int, Any, bytes]
 OnConnect = Callable[["ServerConnection"], Any]
 OnDisconnect = Callable[["ServerConnection"], Any]
 OnMessage = Callable[["ServerConnection", Any], Any]
+OnObject = Callable[["ServerConnection", int, Any], Any]
 
 
 class ServerConnection:
@@ -122,6 +129,11 @@ class ServerConnection:
         self._held = False
         #: history notifications replayed to this connection
         self.replayed = 0
+        #: objects this client handed over (``reference_event``), by handle: this
+        #: process's own references, released when the client releases them or goes
+        self.objects: dict[int, Any] = {}
+        self._handles = itertools.count(1)
+        self._fds_in: deque[int] = deque()
 
     def __repr__(self) -> str:
         return (
@@ -156,8 +168,36 @@ class ServerConnection:
             "sent": self.sent,
             "pending_requests": self.pending_requests,
             "replayed": self.replayed,
+            "objects": len(self.objects),
             "replaying": self._held,
         }
+
+    def take(self, handle: int) -> Any:
+        """Keep an object the client handed over beyond this connection: it is now yours.
+
+        It leaves :attr:`objects`, so it is not released when the client goes; close it
+        when done.
+        """
+        try:
+            return self.objects.pop(handle)
+        except KeyError:
+            raise NameNotFound(
+                f"connection {self.id} (pid {self.pid}) gave no object {handle}"
+            ) from None
+
+    def dereference(self, handle: int) -> None:
+        """Drop this process's reference to an object the client handed over."""
+        obj = self.objects.pop(handle, None)
+        if obj is None:
+            raise NameNotFound(f"connection {self.id} (pid {self.pid}) gave no object {handle}")
+        handles.close_object(obj)
+
+    def _release_all(self) -> None:
+        for obj in self.objects.values():
+            handles.close_object(obj)
+        self.objects.clear()
+        while self._fds_in:
+            os.close(self._fds_in.popleft())
 
     # --- the queue -------------------------------------------------------------------
 
@@ -282,6 +322,7 @@ class ServerPort:
         on_connect: OnConnect | None = None,
         on_disconnect: OnDisconnect | None = None,
         on_message: OnMessage | None = None,
+        on_object: OnObject | None = None,
         runtime_dir: str | os.PathLike[str] | None = None,
         history: History | None = None,
     ) -> None:
@@ -300,6 +341,7 @@ class ServerPort:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.on_message = on_message
+        self.on_object = on_object
         self.history = history
         self.path = paths.port_path(name, runtime_dir)
         #: notifications dropped over all connections
@@ -875,7 +917,9 @@ class ServerPort:
     def _on_readable(self, conn: ServerConnection) -> None:
         """The client's socket is readable: parse and dispatch in place, with no task hop."""
         try:
-            size = conn._sock.recv_into(self._rbuf)
+            size, ancdata, flags, _ = conn._sock.recvmsg_into(
+                [self._rbuf], handles.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
@@ -884,12 +928,23 @@ class ServerPort:
             return
         proto = conn._proto
         try:
+            if ancdata:
+                conn._fds_in.extend(handles.fds_from_ancillary(ancdata))
+                if flags & socket.MSG_CTRUNC or len(conn._fds_in) > MAX_PENDING_FDS:
+                    raise RemoteProtocolError("the client sent more fds than objects to carry them")
             proto.receive_data(self._rview[:size])
             for event in proto.events():
                 if isinstance(event, protocol.Reply):
                     self._on_reply(conn, event)
                 elif isinstance(event, protocol.Send):
                     self._on_send(conn, event)
+                elif isinstance(event, protocol.Object):
+                    self._on_object(conn, event)
+                elif isinstance(event, protocol.ObjectAck):
+                    self._on_object_ack(conn, event)
+                elif isinstance(event, protocol.Release):
+                    with contextlib.suppress(NameNotFound):
+                        conn.dereference(event.handle)
                 else:  # Bye or end of stream
                     self._stop_reading(conn)
                     self._drop_later(conn, "client closed")
@@ -931,6 +986,126 @@ class ServerPort:
             conn._queue.appendleft((_FRAME, None if sent else request_id, rest))
             conn._queue_bytes += len(rest)
             conn._wake.set()
+
+    def _on_object(self, conn: ServerConnection, event: protocol.Object) -> None:
+        """A client hands over an object: check it, keep a reference, answer with a handle."""
+        if len(conn._fds_in) < event.fds:
+            raise RemoteProtocolError(f"an object announced {event.fds} fds that did not come")
+        fds = [conn._fds_in.popleft() for _ in range(event.fds)]
+        try:
+            obj = handles.receive(event.type, fds, event.meta)
+        except KportError as err:
+            log.info("port %s: pid %d passed a bad object: %s", self.name, conn.pid, err)
+            ack = protocol.ObjectAck(event.id, None, int(err.code), str(err))
+            self._send_frame(conn, conn._proto.send(ack), None)
+            return
+        handle = next(conn._handles)
+        conn.objects[handle] = obj
+        self._send_frame(conn, conn._proto.send(protocol.ObjectAck(event.id, handle)), None)
+        if self.on_object is not None:
+            task = asyncio.get_running_loop().create_task(self._call_on_object(conn, handle, obj))
+            conn._tasks.add(task)
+            task.add_done_callback(conn._tasks.discard)
+
+    async def _call_on_object(self, conn: ServerConnection, handle: int, obj: Any) -> None:
+        assert self.on_object is not None
+        try:
+            await _maybe_await(self.on_object(conn, handle, obj))
+        except Exception:
+            log.exception("port %s: on_object failed", self.name)
+
+    def _on_object_ack(self, conn: ServerConnection, event: protocol.ObjectAck) -> None:
+        future = conn._pending.get(event.id)
+        if future is None or future.done():
+            return
+        if event.handle is None:
+            future.set_exception(
+                error_from_code(
+                    event.code or 0, f"connection {conn.id} (pid {conn.pid}): {event.message}"
+                )
+            )
+        else:
+            future.set_result(event.handle)
+
+    async def hand_event(
+        self, conn: ServerConnection, event: Event, *, timeout: float = 5.0
+    ) -> None:
+        """Hand ``event`` to one client, which gets its own reference (an "object" message).
+
+        Raises ``ObjectTypeMismatch`` if the client finds it is not what was announced,
+        ``Timeout`` or ``PortClosed`` as a request would.
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"hand_event takes a kport.Event, not {type(event).__name__}")
+        await self.hand_object(conn, event, timeout=timeout)
+
+    async def hand_object(
+        self,
+        conn: ServerConnection,
+        obj: Any,
+        *,
+        timeout: float = 5.0,
+        reply_to: int | None = None,
+    ) -> None:
+        """Hand any passable object (``kport.Event``, ``kport.Ring``) to one client."""
+        type_name, fds, meta = handles.parts_of(obj)
+        await self.hand_fds(conn, type_name, fds, meta, timeout=timeout, reply_to=reply_to)
+
+    async def hand_fds(
+        self,
+        conn: ServerConnection,
+        type_name: str,
+        fds: list[int],
+        meta: dict[str, Any],
+        *,
+        timeout: float = 5.0,
+        reply_to: int | None = None,
+    ) -> None:
+        """The general form: announce ``type_name`` and pass ``fds`` as its parts."""
+        if self.one_way:
+            raise OneWayPort(f"port {self.name!r} is one-way: it cannot pass objects")
+        if conn.closed or conn._closing:
+            raise PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed")
+        loop = asyncio.get_running_loop()
+        object_id = next(self._request_ids)
+        future: asyncio.Future[Any] = loop.create_future()
+        conn._pending[object_id] = future
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            # fds ride on the first byte of their frame: wait until the writer is idle,
+            # so that the frame goes out whole and in order.
+            while conn._queue or conn._writing or conn._lost_count:
+                conn._wake.set()
+                await asyncio.sleep(0.001)
+                if future.done():
+                    break
+            if future.done():  # the deadline passed, or the client went, while we waited
+                await future
+            frame = conn._proto.send(
+                protocol.Object(object_id, type_name, meta, len(fds), reply_to)
+            )
+            conn._writing = True
+            try:
+                sent = conn._sock.sendmsg([frame], handles.rights(fds))
+                if sent < len(frame):
+                    await loop.sock_sendall(conn._sock, frame[sent:])
+            except OSError as err:
+                self._drop_later(conn, f"write failed: {err.strerror}")
+                raise PortClosed(
+                    f"connection {conn.id} (pid {conn.pid}): write failed: {err.strerror}"
+                ) from err
+            finally:
+                conn._writing = False
+                conn._wake.set()
+            await future
+        except _Expired:
+            raise Timeout(
+                f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not take the "
+                f"{type_name} within {timeout:g} s"
+            ) from None
+        finally:
+            timer.cancel()
+            conn._pending.pop(object_id, None)
 
     def _on_reply(self, conn: ServerConnection, event: protocol.Reply) -> None:
         future = conn._pending.get(event.id)
@@ -1048,6 +1223,7 @@ class ServerPort:
                 await _maybe_await(self.on_disconnect(conn))
             except Exception:
                 log.exception("port %s: on_disconnect failed", self.name)
+        conn._release_all()  # every reference the client gave goes with it
 
 
 class _Expired(Exception):

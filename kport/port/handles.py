@@ -1,0 +1,161 @@
+"""Objects passed by handle over a port: the types there are, and how each is checked.
+
+An object travels as a type name, a small ``meta`` mapping and its fds (``SCM_RIGHTS``).
+The receiver checks every fd against what the type announces before it builds anything:
+a pipe, a file, a socket or a memfd where an eventfd was announced is refused with
+``ObjectTypeMismatch``, and the sender's call raises it too. The receiver then holds its
+own reference (its own fds), valid after the sender closes its copy or exits.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kport.errors import ObjectTypeMismatch
+from kport.event import Event
+
+
+def fd_kind(fd: int) -> str:
+    """What an fd is: eventfd, memfd, pipe, socket, file, other (or closed)."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "closed"
+    if link == "anon_inode:[eventfd]":
+        return "eventfd"
+    if link.startswith("/memfd:"):
+        return "memfd"
+    if link.startswith("pipe:"):
+        return "pipe"
+    if link.startswith("socket:"):
+        return "socket"
+    if link.startswith("/"):
+        return "file"
+    return "other"
+
+
+@dataclass(frozen=True)
+class ObjectType:
+    """A kind of object that can be passed: the fd kinds it is made of, in order."""
+
+    name: str
+    fd_kinds: tuple[str, ...]
+    build: Callable[[list[int], dict[str, Any]], Any]
+    parts: Callable[[Any], tuple[list[int], dict[str, Any]]]
+    cls: type
+
+
+def _build_event(fds: list[int], meta: dict[str, Any]) -> Event:
+    return Event.from_fd(fds[0], manual_reset=bool(meta.get("manual_reset")))
+
+
+def _event_parts(event: Event) -> tuple[list[int], dict[str, Any]]:
+    return [event.fileno()], {"manual_reset": event.manual_reset}
+
+
+def _build_ring(fds: list[int], meta: dict[str, Any]) -> Any:
+    from kport.ring import Ring
+
+    return Ring.from_fds(fds, meta)
+
+
+def _ring_parts(ring: Any) -> tuple[list[int], dict[str, Any]]:
+    return list(ring.fds()), dict(ring.meta())
+
+
+def _ring_class() -> type:
+    from kport.ring import Ring
+
+    return Ring
+
+
+TYPES: dict[str, ObjectType] = {
+    "event": ObjectType("event", ("eventfd",), _build_event, _event_parts, Event),
+}
+
+
+def register(kind: ObjectType) -> None:
+    """Make a new kind of object passable (the mechanism is general)."""
+    TYPES[kind.name] = kind
+
+
+def _ensure_ring() -> None:
+    if "ring" not in TYPES:
+        register(
+            ObjectType(
+                "ring", ("memfd", "eventfd", "eventfd"), _build_ring, _ring_parts, _ring_class()
+            )
+        )
+
+
+def parts_of(obj: Any) -> tuple[str, list[int], dict[str, Any]]:
+    """(type, fds, meta) to send ``obj``; the fds stay the sender's."""
+    _ensure_ring()
+    for kind in TYPES.values():
+        if isinstance(obj, kind.cls):
+            fds, meta = kind.parts(obj)
+            return kind.name, fds, meta
+    known = ", ".join(TYPES)
+    raise TypeError(f"a {type(obj).__name__} cannot be passed by handle (known types: {known})")
+
+
+def check(type_name: str, fds: Sequence[int]) -> None:
+    """Raise ObjectTypeMismatch unless ``fds`` are what ``type_name`` announces."""
+    _ensure_ring()
+    kind = TYPES.get(type_name)
+    if kind is None:
+        raise ObjectTypeMismatch(f"unknown object type {type_name!r} (known: {', '.join(TYPES)})")
+    found = tuple(fd_kind(fd) for fd in fds)
+    if found != kind.fd_kinds:
+        raise ObjectTypeMismatch(
+            f"a {type_name} is made of {', '.join(kind.fd_kinds)}, but the fds passed are "
+            f"{', '.join(found) or 'none'}"
+        )
+
+
+def receive(type_name: str, fds: list[int], meta: dict[str, Any]) -> Any:
+    """Check and build a received object; on any failure its fds are closed."""
+    try:
+        check(type_name, fds)
+        return TYPES[type_name].build(fds, meta)
+    except BaseException as err:
+        for fd in fds:
+            os.close(fd)
+        if isinstance(err, ObjectTypeMismatch):
+            raise
+        if isinstance(err, ValueError | TypeError | OSError):
+            raise ObjectTypeMismatch(f"the {type_name} passed is not valid: {err}") from err
+        raise
+
+
+def close_object(obj: Any) -> None:
+    close = getattr(obj, "close", None)
+    if close is not None:
+        close()
+
+
+# --- fds on a socket ---------------------------------------------------------------------
+
+#: ancillary space for one recvmsg: room for many OBJECT frames' fds at once
+ANCILLARY_SIZE = socket.CMSG_SPACE(64 * array.array("i").itemsize)
+
+
+def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds carried by recvmsg ancillary data (SCM_RIGHTS), in order."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            values = array.array("i")
+            values.frombytes(data[: len(data) - (len(data) % values.itemsize)])
+            fds.extend(values)
+    return fds
+
+
+def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data that sends ``fds`` with sendmsg."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]

@@ -1,0 +1,231 @@
+"""Objects passed by handle over a port, between real processes, with SCM_RIGHTS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import kport
+from kport.port import handles
+from tests.conftest import spawn_client
+
+T = TypeVar("T")
+pytestmark = pytest.mark.timeout(120)
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def finish(child: Any) -> str:
+    out, err = await asyncio.to_thread(child.communicate, timeout=30)
+    assert child.returncode == 0, err
+    return str(out)
+
+
+def test_a_reference_outlives_its_sender(rundir: Path) -> None:
+    """A hands an event to the server and exits; B gets it from the server; it still works."""
+
+    async def main() -> None:
+        got: list[tuple[int, kport.Event]] = []
+
+        def keep(conn: kport.ServerConnection, handle: int, obj: Any) -> None:
+            got.append((handle, conn.take(handle)))  # ours beyond the connection
+
+        port = kport.ServerPort("h", runtime_dir=rundir, on_object=keep)
+        async with port:
+            sender = spawn_client(
+                """
+                import sys, kport
+                ev = kport.Event(manual_reset=False)
+                with kport.connect("h", runtime_dir=sys.argv[1]) as conn:
+                    print(conn.reference_event(ev))
+                ev.close()
+                """,
+                str(rundir),
+            )
+            handle = int(await finish(sender))
+            await wait_for(lambda: bool(got))
+            assert got[0][0] == handle
+            event = got[0][1]
+            assert isinstance(event, kport.Event) and not event.manual_reset
+            receiver = spawn_client(
+                """
+                import sys, kport
+                with kport.connect("h", runtime_dir=sys.argv[1]) as conn:
+                    msg = conn.get_message(timeout=10)
+                    assert msg.kind == "object", msg
+                    print("ready", flush=True)
+                    print(msg.data.wait(timeout=10))
+                """,
+                str(rundir),
+            )
+            await wait_for(lambda: len(port.connections) == 1)
+            await port.hand_event(port.connections[0], event)
+            assert receiver.stdout is not None
+            assert (await asyncio.to_thread(receiver.stdout.readline)).strip() == "ready"
+            event.set()
+            assert (await finish(receiver)).strip() == "True"
+            event.close()
+
+    run(main())
+
+
+def wrong_fds() -> list[tuple[str, Callable[[], list[int]]]]:
+    def pipe() -> list[int]:
+        r, w = os.pipe()
+        os.close(w)
+        return [r]
+
+    def file() -> list[int]:
+        fd, path = tempfile.mkstemp()
+        os.unlink(path)
+        return [fd]
+
+    def sock() -> list[int]:
+        a, b = socket.socketpair()
+        b.close()
+        return [a.detach()]
+
+    def memfd() -> list[int]:
+        return [os.memfd_create("not-an-event")]
+
+    return [("pipe", pipe), ("file", file), ("socket", sock), ("memfd", memfd)]
+
+
+@pytest.mark.parametrize(("kind", "make"), wrong_fds())
+def test_a_wrong_fd_is_refused_on_both_sides(
+    rundir: Path, kind: str, make: Callable[[], list[int]]
+) -> None:
+    async def main() -> None:
+        got: list[Any] = []
+        port = kport.ServerPort(
+            "h",
+            runtime_dir=rundir,
+            on_object=lambda c, h, obj: got.append(obj),
+            on_message=lambda c, d: d,
+        )
+        async with port:
+            # client → server: the client's call raises, the server keeps nothing
+            conn = await asyncio.to_thread(kport.connect, "h", runtime_dir=rundir)
+            with conn:
+                fds = make()
+                with pytest.raises(kport.ObjectTypeMismatch, match=f"passed are {kind}"):
+                    await asyncio.to_thread(conn.reference_fds, "event", fds, {})
+                for fd in fds:
+                    os.close(fd)
+                assert await asyncio.to_thread(conn.send, "still here") == "still here"
+                assert not got and not port.connections[0].objects
+            # server → client: the server's call raises, the client's inbox stays empty
+            child = spawn_client(
+                """
+                import sys, kport
+                with kport.connect("h", runtime_dir=sys.argv[1]) as conn:
+                    print(conn.send("hi"), flush=True)
+                    try:
+                        conn.get_message(timeout=1.5)
+                        print("got something")
+                    except kport.Timeout:
+                        print("nothing")
+                """,
+                str(rundir),
+            )
+            await wait_for(lambda: len(port.connections) == 1 and port.connections[0].id > 1)
+            fds = make()
+            with pytest.raises(kport.ObjectTypeMismatch, match=f"passed are {kind}"):
+                await port.hand_fds(port.connections[0], "event", fds, {})
+            for fd in fds:
+                os.close(fd)
+            assert (await finish(child)).split() == ["hi", "nothing"]
+
+    run(main())
+
+
+def test_references_go_with_their_connection_and_on_dereference(rundir: Path) -> None:
+    async def main() -> None:
+        async with kport.ServerPort("h", runtime_dir=rundir) as port:
+            with kport.Event() as ev, kport.Event(manual_reset=True) as ev2:
+                conn = await asyncio.to_thread(kport.connect, "h", runtime_dir=rundir)
+                h1 = await asyncio.to_thread(conn.reference_event, ev)
+                h2 = await asyncio.to_thread(conn.reference_event, ev2)
+                server_conn = port.connections[0]
+                kept = dict(server_conn.objects)
+                assert set(kept) == {h1, h2} and kept[h2].manual_reset
+                conn.dereference(h1)
+                await wait_for(lambda: h1 not in server_conn.objects)
+                assert "closed" in repr(kept[h1])
+                conn.close()
+                await wait_for(lambda: not port.connections)
+                assert "closed" in repr(kept[h2]) and not server_conn.objects
+                # the kernel objects live on in this process
+                ev2.set()
+                assert ev2.is_set()
+            with pytest.raises(TypeError, match="cannot be passed by handle"):
+                handles.parts_of(object())
+
+    run(main())
+
+
+def test_objects_with_a_send_reply_and_async_clients(rundir: Path) -> None:
+    async def main() -> None:
+        made: list[kport.Event] = []
+
+        async def on_message(conn: kport.ServerConnection, data: Any) -> Any:
+            ev = kport.Event(manual_reset=True, initial=True)
+            made.append(ev)
+            await port.hand_object(conn, ev, reply_to=data["id"])
+            return "here it is"
+
+        port = kport.ServerPort("h", runtime_dir=rundir, on_message=on_message)
+        async with port:
+            async with kport.aconnect("h", runtime_dir=rundir) as conn:
+                ev = kport.Event()
+                handle = await conn.reference_event(ev)
+                assert port.connections[0].objects[handle].manual_reset is False
+                await conn.dereference(handle)
+                ev.close()
+                child = spawn_client(
+                    """
+                    import json, sys, kport
+                    with kport.connect("h", runtime_dir=sys.argv[1]) as conn:
+                        reply, objects = conn.send_for_objects({"id": 1})
+                        (ev,) = objects
+                        print(json.dumps([reply, ev.manual_reset, ev.is_set()]))
+                    """,
+                    str(rundir),
+                )
+                assert json.loads(await finish(child)) == ["here it is", True, True]
+        for ev in made:
+            ev.close()
+
+    run(main())
+
+
+def test_one_way_ports_carry_no_objects(rundir: Path) -> None:
+    async def main() -> None:
+        async with kport.ServerPort("h", runtime_dir=rundir, one_way=True) as port:
+            conn = await asyncio.to_thread(kport.connect, "h", runtime_dir=rundir)
+            with conn, kport.Event() as ev:
+                with pytest.raises(kport.OneWayPort):
+                    conn.reference_event(ev)
+                await wait_for(lambda: bool(port.connections))
+                with pytest.raises(kport.OneWayPort):
+                    await port.hand_event(port.connections[0], ev)
+
+    run(main())
