@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import grp
 import json
@@ -16,6 +17,7 @@ import sqlite3
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kport import __version__, paths, protocol
@@ -27,8 +29,11 @@ from kport.sources.proc import ProcSource
 
 log = logging.getLogger("kport.daemon")
 
-#: events in one reply of the journal port, at most (a client pages on with ``first``)
+#: one reply of the journal port holds at most this many events, this many bytes of them,
+#: and this much scanning: a client pages on with the ``next`` query it gets back
 QUERY_PAGE = 5000
+QUERY_BYTES = 4 * 1024 * 1024
+QUERY_BUDGET_S = 1.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -111,6 +116,7 @@ class Daemon:
         self.rates: dict[str, Rate] = {}
         self.filtered = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._queries = ThreadPoolExecutor(2, thread_name_prefix="kport-query")
         self._stop = asyncio.Event()
 
     def _port(self, name: str, **kwargs: Any) -> ServerPort:
@@ -175,6 +181,7 @@ class Daemon:
                 source.stop()
             for port in started:
                 await port.shutdown(reason="kport serve stopped")
+            self._queries.shutdown(wait=False, cancel_futures=True)
             if journal is not None:
                 await asyncio.to_thread(journal.close)
 
@@ -255,17 +262,29 @@ class Daemon:
     # --- the journal port --------------------------------------------------------------
 
     async def _journal_request(self, conn: ServerConnection, data: Any) -> Any:
-        """``{"op": "query", ...Query fields}`` → ``{"events": [...], "more": bool}``."""
+        """``{"op": "query", ...Query fields}`` → ``{"events": [...], "next": {...} | None}``.
+
+        One bounded page: at most QUERY_PAGE events, QUERY_BYTES of them, QUERY_BUDGET_S
+        of scanning, on a small pool of its own, so that no query holds up replays or
+        runs on after its client gave up. ``next`` is the query that goes on from there.
+        """
         op = data.get("op") if isinstance(data, dict) else None
         if op != "query":
             raise ValueError(f"unknown journal request {data!r:.60}; known ops: query")
         journal = self.journal
         assert journal is not None
         query = Query.from_mapping({k: v for k, v in data.items() if k != "op"})
-        limit = min(query.limit, QUERY_PAGE)
-        query.limit = limit + 1
-        events = await asyncio.to_thread(lambda: list(journal.query(query)))
-        return {"events": events[:limit], "more": len(events) > limit}
+        wanted = query.limit
+        page = dataclasses.replace(query, limit=min(wanted, QUERY_PAGE))
+        events, rest = await asyncio.get_running_loop().run_in_executor(
+            self._queries,
+            lambda: journal.scan(page, max_bytes=QUERY_BYTES, budget_s=QUERY_BUDGET_S),
+        )
+        if rest is not None:
+            rest.limit = wanted - len(events)
+        if rest is None or rest.limit <= 0:
+            return {"events": events, "next": None}
+        return {"events": events, "next": dataclasses.asdict(rest)}
 
     # --- the control port --------------------------------------------------------------
 

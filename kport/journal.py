@@ -25,16 +25,18 @@ journal records the unwritten range as a gap, so no seq is ever reused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import fnmatch
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate, repeat
 from pathlib import Path
@@ -81,8 +83,9 @@ CHUNK_EVENTS: Final = 512
 BATCH_MAX: Final = 20_000
 #: events :meth:`Journal.tail` serves from memory at most
 TAIL_MAX: Final = 4096
-#: seqs reserved past the last commit at least (more when events come faster)
-RESERVE_MIN: Final = 4096
+#: seqs reserved ahead of the last one handed out (see Journal._reserve)
+RESERVE: Final = 4096
+_SEQ: Final = struct.Struct("<Q")
 
 #: (seq, ts, source, packed event)
 Row = tuple[int, int, str, bytes]
@@ -266,7 +269,7 @@ class Journal:
         #: whether commits succeed; False while the database cannot be written
         self.durable = True
         self.error: str | None = None
-        #: the highest committed seq
+        #: every seq up to this one is committed: as an event, or inside a gap
         self.committed = 0
         #: events dropped from the journal because its queue was full (still delivered)
         self.dropped = 0
@@ -274,22 +277,22 @@ class Journal:
         self.pruned = 0
         #: CPU time the writer thread has used
         self.writer_cpu_s = 0.0
-        # Appended, not yet committed, in seq order: the lists the producer handed over,
-        # kept whole so that neither side spends Python work per event.
-        self._pending: deque[list[Row]] = deque()
-        self._queued = 0
-        self._drop_gap: Gap | None = None  # dropped since the last commit
+        # Appended, not yet committed, in seq order: the lists of rows the producer handed
+        # over (kept whole, so neither side spends Python work per event), and a Gap for
+        # each contiguous run of events the full queue turned away. Entries leave only
+        # once committed, so a reader that looks here first and then at the database sees
+        # every event and every gap.
+        self._pending: deque[list[Row] | Gap] = deque()
+        self._queued = 0  # rows in _pending
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._seq_fd: int | None = None
         self._readers = threading.local()
         self._last_seq = 0
-        self._rate_seq = 0
-        self._rate_at = time.monotonic()
-        self._rate = 0.0
         self._reserved = 0
         self._last_prune = 0.0
         #: rows per commit now: halved after a failed commit (a nearly full disk may take a
@@ -308,13 +311,19 @@ class Journal:
         self._take_lock()
         try:
             db = self._connect()
+            os.chmod(self.path, 0o600)  # it holds every command line: owner only
+            self._db = db
+            start = self._recover(db)
         except BaseException:
-            self._release_lock()
+            self._close_files()
             raise
-        os.chmod(self.path, 0o600)  # it holds every command line: owner only
-        self._db = db
-        with db:
-            db.executescript(_SCHEMA)
+        self.committed = self._last_seq = start
+        self._reserve(start)  # before the first event: a crash from now on skips past it
+        log.info("journal %s: opened, next seq %d", self.path, start + 1)
+        return start
+
+    def _recover(self, db: sqlite3.Connection) -> int:
+        db.executescript(_SCHEMA)
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         version = meta.get("schema", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
@@ -324,33 +333,53 @@ class Journal:
             )
         last = db.execute("SELECT max(last) FROM chunks").fetchone()[0] or 0
         gap_last = db.execute("SELECT max(last) FROM gaps").fetchone()[0] or 0
-        reserved = meta.get("reserved", 0)
-        start = max(last, gap_last, reserved, meta.get("pruned_through", 0))
-        with db:
-            if not meta.get("clean", 1) and start > max(last, gap_last):
-                first = max(last, gap_last) + 1
-                db.execute(
-                    "INSERT INTO gaps VALUES (?, ?, ?, ?, ?)",
-                    (
-                        first,
-                        start,
-                        start - first + 1,
-                        "kport stopped before writing these to the journal",
-                        time.time_ns(),
-                    ),
-                )
-                log.warning(
-                    "journal %s: kport did not stop cleanly; seqs %d..%d were not written",
-                    self.path,
-                    first,
+        written = max(last, gap_last, meta.get("pruned_through", 0))
+        start = max(written, self._read_reservation())
+        db.execute("BEGIN")
+        if not meta.get("clean", 1) and start > written:
+            db.execute(
+                "INSERT INTO gaps VALUES (?, ?, ?, ?, ?)",
+                (
+                    written + 1,
                     start,
-                )
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 0)")
-        self.committed = self._last_seq = self._rate_seq = start
-        self._reserved = start
-        log.info("journal %s: opened, next seq %d", self.path, start + 1)
+                    start - written,
+                    "kport stopped before writing these to the journal (at most this many)",
+                    time.time_ns(),
+                ),
+            )
+            log.warning(
+                "journal %s: kport did not stop cleanly; seqs %d..%d were not written",
+                self.path,
+                written + 1,
+                start,
+            )
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 0)")
+        db.execute("COMMIT")
         return int(start)
+
+    # The seq reservation lives in a small file beside the database, written by the
+    # delivery path itself every RESERVE seqs: 8 bytes overwritten in place, which needs
+    # no new disk block (a full disk takes it) and no commit (a stalled writer does not
+    # hold it back). It survives the process being killed: after a crash the next seq
+    # starts past it, so no seq the dead daemon may have handed out is used again.
+
+    def _seq_path(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.seq")
+
+    def _read_reservation(self) -> int:
+        fd = os.open(self._seq_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._seq_fd = fd
+        data = os.pread(fd, 8, 0)
+        if len(data) < 8:
+            os.pwrite(fd, bytes(8), 0)  # the block exists from now on
+            return 0
+        return int(_SEQ.unpack(data)[0])
+
+    def _reserve(self, upto: int) -> None:
+        assert self._seq_fd is not None
+        os.pwrite(self._seq_fd, _SEQ.pack(upto), 0)
+        self._reserved = upto
 
     def _take_lock(self) -> None:
         """One writer per journal: a second daemon on the same file is refused, not mixed in."""
@@ -365,10 +394,15 @@ class Journal:
             ) from None
         self._lock_fd = fd
 
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+    def _close_files(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        for name in ("_seq_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
@@ -397,15 +431,15 @@ class Journal:
         db = self._db
         if db is None:
             return
-        if not self._queued and self.durable:
-            with contextlib.suppress(sqlite3.Error), db:
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (self._last_seq,))
+        if not self._pending and self.durable:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("BEGIN")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 1)")
+                db.execute("COMMIT")
+                self._reserve(self._last_seq)  # nothing handed out beyond it
         with contextlib.suppress(sqlite3.Error):
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.close()
-        self._db = None
-        self._release_lock()
+        self._close_files()
 
     # --- appending (the delivery path) -------------------------------------------------
 
@@ -420,142 +454,139 @@ class Journal:
         """
         if not rows:
             return
+        last = rows[-1][0]
+        if last >= self._reserved - RESERVE // 2 and self._seq_fd is not None:
+            self._reserve(last + RESERVE)
         with self._lock:
+            self._last_seq = last
             room = self.queue_limit - self._queued
-            self._last_seq = rows[-1][0]
+            pending = self._pending
             if len(rows) <= room:
-                self._pending.append(rows)
+                pending.append(rows)
                 self._queued += len(rows)
                 return
             if room > 0:
-                self._pending.append(rows[:room])
+                pending.append(rows[:room])
                 self._queued += room
-            for row in rows[max(room, 0) :]:
-                seq = row[0]
-                self.dropped += 1
-                gap = self._drop_gap
-                if gap is None:
-                    self._drop_gap = Gap(seq, seq, 1, "the journal's queue was full")
-                else:
-                    gap.last = seq
-                    gap.count += 1
+            dropped = rows[max(room, 0) :]
+            self.dropped += len(dropped)
+            first = dropped[0][0]
+            tail = pending[-1] if pending else None
+            if isinstance(tail, Gap) and tail.last + 1 == first:
+                tail.last = last
+                tail.count += len(dropped)
+            else:
+                pending.append(Gap(first, last, len(dropped), "the journal's queue was full"))
 
     @property
     def queued(self) -> int:
         return self._queued
 
-    def _queued_rows(self, after: int, upto: int) -> list[Row]:
-        """Queued rows with ``after < seq <= upto``; call with the lock held."""
-        out: list[Row] = []
-        for rows in self._pending:
-            if rows[-1][0] <= after:
+    def _pending_in(
+        self, after: int, upto: int, max_rows: int
+    ) -> tuple[list[Row], list[Gap], bool]:
+        """Queued rows (at most ``max_rows``) and gaps in ``(after, upto]``; lock held.
+
+        The bool says whether rows were left out for ``max_rows``.
+        """
+        rows: list[Row] = []
+        gaps: list[Gap] = []
+        for entry in self._pending:
+            if isinstance(entry, Gap):
+                if entry.last > after and entry.first <= upto:
+                    gaps.append(Gap(entry.first, entry.last, entry.count, entry.reason))
                 continue
-            if rows[0][0] > upto:
+            if entry[-1][0] <= after:
+                continue
+            if entry[0][0] > upto:
                 break
-            out.extend(r for r in rows if after < r[0] <= upto)
-        return out
-
-    def _take(self) -> list[Row]:
-        """The oldest queued rows, up to the batch size; call with the lock held."""
-        batch: list[Row] = []
-        for rows in self._pending:
-            batch.extend(rows)
-            if len(batch) >= self._batch_max:
-                break
-        return batch[: self._batch_max]
-
-    def _release(self, count: int) -> None:
-        """Forget the oldest ``count`` queued rows: they are committed."""
-        with self._lock:
-            pending = self._pending
-            self._queued -= count
-            while count:
-                rows = pending[0]
-                if len(rows) <= count:
-                    pending.popleft()
-                    count -= len(rows)
-                else:
-                    pending[0] = rows[count:]
-                    count = 0
+            for row in entry:
+                if after < row[0] <= upto:
+                    if len(rows) >= max_rows:
+                        return rows, gaps, True
+                    rows.append(row)
+        return rows, gaps, False
 
     # --- the writer thread -------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._write_until_stopped()
+            while not self._write_some():
+                pass
         finally:
             self.writer_cpu_s = time.thread_time()
 
-    def _write_until_stopped(self) -> None:
-        while True:
-            self.writer_cpu_s = time.thread_time()
-            with self._wake:
-                if not self._stop:
-                    pause = self.commit_interval_s if self.durable else self.retry_interval_s
-                    self._wake.wait(pause)
-                stopping = self._stop
-                batch = self._take()
-                gap, self._drop_gap = self._drop_gap, None
-            ok = self._commit(batch, gap)
-            if ok:
-                self._release(len(batch))
-                self._maybe_prune()
-                if stopping and not self._queued:
-                    return
-                while ok and self._queued >= BATCH_MAX // 2 and not stopping:
-                    with self._lock:
-                        batch = self._take()
-                    ok = self._commit(batch, None)
-                    if ok:
-                        self._release(len(batch))
-            else:
-                if gap is not None:  # keep it for the next try
-                    with self._lock:
-                        self._merge_gap(gap)
-                if stopping:
-                    return
+    def _write_some(self) -> bool:
+        """One round of the writer: wait, commit what is queued; True when it is to stop."""
+        self.writer_cpu_s = time.thread_time()
+        with self._wake:
+            if not self._stop:
+                pause = self.commit_interval_s if self.durable else self.retry_interval_s
+                self._wake.wait(pause)
+            stopping = self._stop
+        try:
+            while True:
+                with self._lock:
+                    taken = self._take()
+                if not taken:
+                    break
+                if not self._commit(taken):
+                    return stopping
+                self._release(taken)
+                if self._queued < BATCH_MAX // 2 and not stopping:
+                    break
+            self._maybe_prune()
+        except Exception as err:  # never die quietly: durability is off, and said to be
+            log.exception("journal %s: the writer failed", self.path)
+            self._set_durable(False, f"the journal writer failed: {err!r}")
+            return stopping
+        return stopping and not self._pending
 
-    def _merge_gap(self, gap: Gap) -> None:
-        current = self._drop_gap
-        if current is None:
-            self._drop_gap = gap
-        else:
-            current.first = min(current.first, gap.first)
-            current.last = max(current.last, gap.last)
-            current.count += gap.count
+    def _take(self) -> list[list[Row] | Gap]:
+        """The oldest queued entries, about a batch of rows; call with the lock held."""
+        taken: list[list[Row] | Gap] = []
+        rows = 0
+        for entry in self._pending:
+            if not isinstance(entry, Gap):
+                if rows and rows + len(entry) > self._batch_max:
+                    break
+                rows += len(entry)
+            taken.append(entry)
+        return taken
 
-    def _reservation(self, upto: int) -> int:
-        now = time.monotonic()
-        if now - self._rate_at >= 1.0:
-            self._rate = (self._last_seq - self._rate_seq) / (now - self._rate_at)
-            self._rate_seq, self._rate_at = self._last_seq, now
-        return max(self._last_seq, upto) + max(RESERVE_MIN, int(self._rate * 2))
+    def _release(self, taken: list[list[Row] | Gap]) -> None:
+        """Forget committed entries (the oldest ones, in order)."""
+        with self._lock:
+            for entry in taken:
+                head = self._pending.popleft()
+                assert head is entry
+                if not isinstance(entry, Gap):
+                    self._queued -= len(entry)
 
-    def _commit(self, batch: list[Row], gap: Gap | None) -> bool:
+    def _commit(self, taken: list[list[Row] | Gap]) -> bool:
         db = self._db
         assert db is not None
-        upto = batch[-1][0] if batch else self.committed
-        need_reserve = self._last_seq + RESERVE_MIN // 2 > self._reserved
-        if not batch and gap is None and not need_reserve and self.durable:
-            return True
+        rows = [row for entry in taken if not isinstance(entry, Gap) for row in entry]
+        gaps = [entry for entry in taken if isinstance(entry, Gap)]
+        through = max(
+            rows[-1][0] if rows else 0, max((g.last for g in gaps), default=0), self.committed
+        )
         try:
             db.execute("BEGIN")
             try:
-                if batch:
+                if rows:
                     db.executemany(
                         _INSERT,
                         [
-                            chunk_of(batch[i : i + CHUNK_EVENTS])
-                            for i in range(0, len(batch), CHUNK_EVENTS)
+                            chunk_of(rows[i : i + CHUNK_EVENTS])
+                            for i in range(0, len(rows), CHUNK_EVENTS)
                         ],
                     )
-                if gap is not None:
+                for gap in gaps:
                     db.execute(
                         "INSERT INTO gaps VALUES (?, ?, ?, ?, ?)",
                         (gap.first, gap.last, gap.count, gap.reason, time.time_ns()),
                     )
-                reserved = self._reservation(upto)
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('reserved', ?)", (reserved,))
                 db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -566,9 +597,8 @@ class Journal:
             self._set_durable(False, f"cannot write {self.path}: {err}")
             return False
         self._batch_max = min(BATCH_MAX, self._batch_max * 2)
-        self._reserved = reserved
-        self.committed = max(self.committed, upto)
-        self.written += len(batch)
+        self.committed = through
+        self.written += len(rows)
         if not self.durable:
             self._set_durable(True, f"writing {self.path} again")
         return True
@@ -576,6 +606,7 @@ class Journal:
     def _set_durable(self, durable: bool, reason: str) -> None:
         if durable == self.durable and (durable or reason == self.error):
             return
+        was = self.durable
         self.durable = durable
         self.error = None if durable else reason
         if durable:
@@ -588,7 +619,7 @@ class Journal:
                 self._queued,
                 self.queue_limit,
             )
-        if self.on_state is not None:
+        if self.on_state is not None and was != durable:
             try:
                 self.on_state(durable, reason)
             except Exception:
@@ -651,7 +682,8 @@ class Journal:
     def _delete_through(self, seq: int) -> int:
         db = self._db
         assert db is not None
-        with db:
+        db.execute("BEGIN")  # one transaction: no reader sees events gone and no gap said
+        try:
             count = db.execute(
                 "SELECT coalesce(sum(count), 0) FROM chunks WHERE last <= ?", (seq,)
             ).fetchone()[0]
@@ -662,6 +694,11 @@ class Journal:
                 "INSERT OR REPLACE INTO meta VALUES ('pruned_through', ?)",
                 (max(seq, old[0] if old else 0),),
             )
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
         self.pruned += count
         return int(count)
 
@@ -681,22 +718,22 @@ class Journal:
         """Events with ``after < seq <= upto`` (of ``sources``, if given) and the gaps there.
 
         At most ``limit`` events are looked at (before the source filter): the page says
-        how far it got. Looks at the queue before the database: whatever leaves the queue
-        between the two looks was committed first, so every event is seen once.
+        how far it got, and its gaps are clipped to the range it covers, so paging on
+        reports each missing seq once. Looks at the queue before the database: whatever
+        leaves the queue between the two looks was committed first, so every event and
+        every gap is seen, and what is seen twice is counted once.
         """
         codes = {_SOURCE_CODE.get(name, 0) for name in sources}
         names = frozenset(sources)
         with self._lock:
-            queued = self._queued_rows(after, upto)
-            gap = self._drop_gap
-            dropped = Gap(gap.first, gap.last, gap.count, gap.reason) if gap else None
+            queued, queued_gaps, cut = self._pending_in(after, upto, limit)
         db = self._reader()
         items: list[tuple[int, bytes]] = []
         looked = 0
         through = after
         full = False
-        with db:  # one read transaction: a consistent snapshot of chunks and gaps
-            db.execute("BEGIN")
+        db.execute("BEGIN")  # one read transaction: a consistent snapshot
+        try:
             chunks = db.execute(
                 "SELECT seqs, offsets, sources, data FROM chunks WHERE last > ? AND first <= ?"
                 " ORDER BY first",
@@ -718,44 +755,47 @@ class Journal:
             gaps = [
                 Gap(*g)
                 for g in db.execute(
-                    "SELECT first, last, count, reason FROM gaps WHERE last > ? AND first <= ?"
-                    " ORDER BY first",
+                    "SELECT first, last, count, reason FROM gaps WHERE last > ? AND first <= ?",
                     (after, upto),
                 )
             ]
             pruned = db.execute("SELECT value FROM meta WHERE key = 'pruned_through'").fetchone()
+        finally:
+            db.execute("COMMIT")
         if pruned and pruned[0] > after:
-            gaps.insert(0, Gap(after + 1, pruned[0], pruned[0] - after, "removed by retention"))
-        if dropped is not None and dropped.last > after and dropped.first <= upto:
-            gaps.append(dropped)
+            gaps.append(Gap(after + 1, pruned[0], pruned[0] - after, "removed by retention"))
         if not full:
-            last_seen = through  # the last seq the database gave; what is queued comes after
             in_database = through
-            through = upto
+            # The queue was copied only so far: the page covers no further than that.
+            through = max(queued[-1][0], in_database) if cut else upto
             for row in queued:
                 if row[0] <= in_database:
                     continue  # committed before our snapshot: read from the database already
                 if looked >= limit:
-                    through = last_seen
+                    through = row[0] - 1
                     break
                 looked += 1
-                last_seen = row[0]
                 if not names or row[2] in names:
                     items.append((row[0], row[3]))
-        return Page(items, [g for g in gaps if g.first <= through], through)
+        return Page(items, _clip(gaps + queued_gaps, after, through), through)
 
     def tail(self, after: int, upto: int, sources: Iterable[str] = ()) -> Page | None:
-        """Like :meth:`read`, from memory alone, or None if memory does not reach back."""
+        """Like :meth:`read`, from memory alone, or None if memory does not reach back
+        (something after ``after`` is committed) or holds more than ``TAIL_MAX`` events.
+
+        Runs on the delivery thread: it gives up before copying anything large.
+        """
+        if upto - after > TAIL_MAX * 4 or after < self.committed:
+            return None
         wanted = frozenset(sources)
         with self._lock:
-            if after < self.committed or self._drop_gap is not None:
+            if after < self.committed:
                 return None
-            items = [
-                (r[0], r[3]) for r in self._queued_rows(after, upto) if not wanted or r[2] in wanted
-            ]
-        if len(items) > TAIL_MAX:
+            rows, gaps, more = self._pending_in(after, upto, TAIL_MAX)
+        if more:
             return None
-        return Page(items, [], upto)
+        items = [(r[0], r[3]) for r in rows if not wanted or r[2] in wanted]
+        return Page(items, _clip(gaps, after, upto), upto)
 
     def query(self, query: Query) -> Iterator[dict[str, Any]]:
         """Events matching ``query``, oldest first (or newest first), at most ``query.limit``.
@@ -792,6 +832,65 @@ class Journal:
                             return
                 bound = first
 
+    def scan(
+        self, query: Query, *, max_bytes: int, budget_s: float
+    ) -> tuple[list[dict[str, Any]], Query | None]:
+        """One bounded page of :meth:`query`: at most ``query.limit`` events, about
+        ``max_bytes`` of them encoded, ``budget_s`` seconds of scanning. Returns the events
+        and the query that goes on from where this page stopped (same limit; None when
+        the journal has nothing further in its bounds).
+        """
+        deadline = time.monotonic() + budget_s
+        out: list[dict[str, Any]] = []
+        size = 0
+        # Walk one event at a time so that the page can stop anywhere and say where.
+        walker = self._walk(query)
+        for seq, event in walker:
+            if event is not None:
+                out.append(event)
+                size += len(msgpack.packb(event))
+            full = len(out) >= query.limit or size >= max_bytes
+            if full or time.monotonic() >= deadline:
+                walker.close()
+                rest = dataclasses.replace(query)
+                if query.newest_first:
+                    rest.last = seq - 1
+                else:
+                    rest.first = seq + 1
+                return out, rest
+        return out, None
+
+    def _walk(self, query: Query) -> Generator[tuple[int, dict[str, Any] | None]]:
+        """(seq, event if it matches else None) for every event in the query's bounds."""
+        where, args = query.chunk_sql()
+        order = "DESC" if query.newest_first else "ASC"
+        db = self._reader()
+        bound: int | None = None
+        while True:
+            page_where, page_args = where, list(args)
+            if bound is not None:
+                page_where += " AND first < ?" if query.newest_first else " AND first > ?"
+                page_args.append(bound)
+            rows = db.execute(
+                f"SELECT first, seqs, offsets, sources, data FROM chunks WHERE {page_where}"
+                f" ORDER BY first {order} LIMIT 16",
+                page_args,
+            ).fetchall()
+            if not rows:
+                return
+            for first, *chunk in rows:
+                events = list(chunk_items(*chunk))
+                if query.newest_first:
+                    events.reverse()
+                for seq, _, item in events:
+                    if query.first is not None and seq < query.first:
+                        continue
+                    if query.last is not None and seq > query.last:
+                        continue
+                    event = msgpack.unpackb(item, raw=False, strict_map_key=False)
+                    yield seq, (event if query.matches(event) else None)
+                bound = first
+
     def status(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
@@ -805,6 +904,29 @@ class Journal:
             "pruned": self.pruned,
             "writer_cpu_s": round(self.writer_cpu_s, 3),
         }
+
+
+def _clip(gaps: list[Gap], after: int, through: int) -> list[Gap]:
+    """Gaps cut to ``(after, through]``, each seq once, in order; a count is at most the
+    width that is left (every gap is a contiguous range of seqs)."""
+    out: list[Gap] = []
+    covered = after
+    for gap in sorted(gaps, key=lambda g: (g.first, -g.last)):
+        first = max(gap.first, covered + 1)
+        last = min(gap.last, through)
+        if first > last:
+            continue
+        width = last - first + 1
+        out.append(
+            Gap(
+                first,
+                last,
+                min(gap.count, width) if first == gap.first and last == gap.last else width,
+                gap.reason,
+            )
+        )
+        covered = last
+    return out
 
 
 class SourceHistory:

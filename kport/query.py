@@ -66,29 +66,20 @@ def history(
     ``kinds``, ``pids``, ``uids``, ``exe`` (a glob), ``text``, ``limit``, ``newest_first``.
     A bad filter raises ``ValueError`` before anything is sent.
     """
-    wanted = Query.from_mapping(filters)
-    remaining = wanted.limit if "limit" in filters else None
-    request = {k: v for k, v in filters.items() if k != "limit"}
+    Query.from_mapping(filters)  # a bad filter fails here, before anything is sent
+    request: dict[str, Any] | None = dict(filters)
     with connect("journal", runtime_dir=runtime_dir) as conn:
-        while True:
-            page_limit = 5000 if remaining is None else min(remaining, 5000)
-            reply = conn.send({"op": "query", **request, "limit": page_limit}, timeout=timeout)
-            events: list[dict[str, Any]] = reply["events"]
-            yield from events
-            if remaining is not None:
-                remaining -= len(events)
-                if remaining <= 0:
-                    return
-            if not reply["more"] or not events:
-                return
-            key = "last" if wanted.newest_first else "first"
-            request[key] = events[-1]["seq"] + (-1 if wanted.newest_first else 1)
+        while request is not None:
+            reply = conn.send({"op": "query", **request}, timeout=timeout)
+            yield from reply["events"]
+            request = reply["next"]
 
 
 def fetch(
     first: int, last: int, *, runtime_dir: str | os.PathLike[str] | None = None, **filters: Any
 ) -> list[dict[str, Any]]:
     """The events with ``first <= seq <= last`` still in the journal (after a ``lost``)."""
+    filters.setdefault("limit", max(1, last - first + 1))
     return list(history(first=first, last=last, runtime_dir=runtime_dir, **filters))
 
 

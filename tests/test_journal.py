@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kport import journal as journal_module
 from kport.errors import NameCollision
 from kport.journal import SOURCES, Journal, Query, SourceHistory, chunk_items, chunk_of, row_of
 
@@ -156,7 +157,7 @@ def test_unclean_stop_skips_past_the_reservation_and_says_so(tmp_path: Path) -> 
         j._wake.notify()
     assert j._thread is not None
     j._thread.join(10)
-    j._release_lock()
+    j._close_files()  # what the kernel does for a process that dies
     j2 = Journal(tmp_path / "j.db")
     start = j2.open()
     assert start == reserved
@@ -335,3 +336,108 @@ def test_a_chunk_gives_back_its_events(events: list[tuple[str, bytes]], first: i
     assert [(seq, SOURCES[code] or "other", data) for seq, code, data in items] == [
         (seq, source, data) for seq, _, source, data in rows
     ]
+
+
+def test_a_committed_drop_gap_is_reported_by_tail_and_read_once(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", queue_limit=100, commit_interval_s=0.01)
+    j.open()
+    append(j, 1, 150)  # 101..150 turned away by the full queue
+    j.start()
+    wait_committed(j, 150)  # the gap is committed too
+    append(j, 151, 160)
+    assert j.tail(100, 160) is None  # memory no longer holds 101..150's story
+    first = j.read(100, 160, 5)
+    second = j.read(first.through, 160, 5)
+    assert first.through == 155 and second.through == 160
+    gaps = [(g.first, g.last, g.count) for p in (first, second) for g in p.gaps]
+    assert gaps == [(101, 150, 50)]  # once, on the page that reaches it
+    assert [s for s, _ in first.items + second.items] == list(range(151, 161))
+    j.close()
+
+
+def test_a_gap_still_in_memory_is_reported_once_across_pages(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", queue_limit=10)
+    j.open()  # no writer: everything stays in memory
+    append(j, 1, 60)
+    seqs, gaps = read_all(j, 0, 60, limit=4)
+    assert seqs == list(range(1, 11))
+    assert [(g.first, g.last, g.count) for g in gaps] == [(11, 60, 50)]
+    tail = j.tail(0, 60)
+    assert tail is not None and [(g.first, g.last, g.count) for g in tail.gaps] == [(11, 60, 50)]
+    j._close_files()
+
+
+def test_a_crash_before_the_first_commit_reuses_no_seq(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db")
+    assert j.open() == 0  # the writer has not committed anything yet
+    append(j, 1, 100)
+    j._close_files()  # the process dies
+    j2 = Journal(tmp_path / "j.db")
+    start = j2.open()
+    assert start >= 100
+    page = j2.read(0, start, 1000)
+    assert page.items == [] and [(g.first, g.last) for g in page.gaps] == [(1, start)]
+    j2._close_files()
+
+
+def test_a_burst_moves_the_reservation_with_it(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", queue_limit=1000)
+    j.open()  # the writer is stalled (not started): a burst well past the reservation
+    append(j, 1, 10_000)
+    j._close_files()  # the process dies
+    j2 = Journal(tmp_path / "j.db")
+    assert j2.open() >= 10_000
+    j2._close_files()
+
+
+def test_the_writer_survives_a_failure_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    states: list[bool] = []
+    j = Journal(
+        tmp_path / "j.db",
+        commit_interval_s=0.01,
+        retry_interval_s=0.05,
+        on_state=lambda d, why: states.append(d),
+    )
+    j.open()
+    real = journal_module.chunk_of
+
+    def broken(rows: Any) -> Any:
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(journal_module, "chunk_of", broken)
+    j.start()
+    append(j, 1, 10)
+    deadline = time.monotonic() + 10
+    while not states:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert states == [False] and not j.durable and "injected" in (j.error or "")
+    monkeypatch.setattr(journal_module, "chunk_of", real)
+    wait_committed(j, 10)
+    assert states == [False, True] and j._thread is not None and j._thread.is_alive()
+    j.close()
+
+
+def test_scan_pages_by_bytes_and_time_and_says_where_to_go_on(journal: Journal) -> None:
+    append(journal, 1, 300)
+    wait_committed(journal, 300)
+    for newest_first in (False, True):
+        query: Query | None = Query(limit=250, newest_first=newest_first, pids=[1003])
+        got: list[int] = []
+        pages = 0
+        while query is not None:
+            events, query = journal.scan(query, max_bytes=1, budget_s=10)  # one per page
+            got += [e["seq"] for e in events]
+            pages += 1
+            if query is not None:
+                query.limit -= len(events)
+                if query.limit <= 0:
+                    break
+        expected = [s for s in range(1, 301) if 1000 + s % 7 == 1003]
+        assert got == (expected[::-1] if newest_first else expected)
+        assert pages >= len(expected)
+    # No time to scan: a page may come back empty, but it always moves on.
+    events, rest = journal.scan(Query(kinds=["exit"]), max_bytes=1 << 20, budget_s=0)
+    assert events == [] and rest is not None and rest.first == 2

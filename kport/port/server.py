@@ -51,7 +51,7 @@ from kport.errors import (
 )
 from kport.event import Event
 from kport.port import handles
-from kport.port.history import History, Page
+from kport.port.history import Gap, History, Page
 from kport.port.security import PeerCredentials, Security, peer_credentials
 
 log = logging.getLogger("kport.port")
@@ -845,9 +845,19 @@ class ServerPort:
                     break
                 page = history.tail(after, upto)
                 if page is not None:
-                    for frame in self._page_frames(conn, page):
-                        conn._queue.append((_FRAME, None, frame))
-                        conn._queue_bytes += len(frame)
+                    # Queued like live ones (bounded, oldest dropped and reported), with
+                    # each gap's LOST frame in its place.
+                    gaps = iter(sorted(page.gaps, key=lambda g: g.first))
+                    gap = next(gaps, None)
+                    for seq, item in page.items:
+                        while gap is not None and gap.first < seq:
+                            self._queue_lost_frame(conn, gap)
+                            gap = next(gaps, None)
+                        conn._enqueue_notify(seq, item)
+                        conn.replayed += 1
+                    while gap is not None:
+                        self._queue_lost_frame(conn, gap)
+                        gap = next(gaps, None)
                     conn._wake.set()
                     break
                 page = await asyncio.to_thread(history.read, after, upto, REPLAY_PAGE)
@@ -876,6 +886,12 @@ class ServerPort:
             conn._held = False
         conn._writing = False
         await self._writer(conn)
+
+    def _queue_lost_frame(self, conn: ServerConnection, gap: Gap) -> None:
+        frame = conn._proto.send(protocol.Lost(gap.count, gap.first, gap.last))
+        conn._queue.append((_FRAME, None, frame))
+        conn._queue_bytes += len(frame)
+        conn.lost += gap.count
 
     def _page_frames(self, conn: ServerConnection, page: Page) -> list[bytes]:
         """A page as frames in seq order: runs of items as NOTIFY frames, gaps as LOST."""
@@ -912,6 +928,7 @@ class ServerPort:
         flush()
         for gap in gaps[g:]:
             frames.append(conn._proto.send(protocol.Lost(gap.count, gap.first, gap.last)))
+        conn.lost += sum(gap.count for gap in gaps)
         return frames
 
     def _on_readable(self, conn: ServerConnection) -> None:
