@@ -33,6 +33,7 @@ from kport.port import (
     connect,
 )
 from kport.query import fetch, history
+from kport.ring import Ring
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "RemoteProtocolError",
+    "Ring",
     "Security",
     "ServerConnection",
     "ServerPort",

@@ -18,6 +18,7 @@ from typing import Any
 
 from kport.errors import ObjectTypeMismatch
 from kport.event import Event
+from kport.ring import Ring
 
 
 def fd_kind(fd: int) -> str:
@@ -58,24 +59,17 @@ def _event_parts(event: Event) -> tuple[list[int], dict[str, Any]]:
     return [event.fileno()], {"manual_reset": event.manual_reset}
 
 
-def _build_ring(fds: list[int], meta: dict[str, Any]) -> Any:
-    from kport.ring import Ring
-
+def _build_ring(fds: list[int], meta: dict[str, Any]) -> Ring:
     return Ring.from_fds(fds, meta)
 
 
-def _ring_parts(ring: Any) -> tuple[list[int], dict[str, Any]]:
+def _ring_parts(ring: Ring) -> tuple[list[int], dict[str, Any]]:
     return list(ring.fds()), dict(ring.meta())
-
-
-def _ring_class() -> type:
-    from kport.ring import Ring
-
-    return Ring
 
 
 TYPES: dict[str, ObjectType] = {
     "event": ObjectType("event", ("eventfd",), _build_event, _event_parts, Event),
+    "ring": ObjectType("ring", ("memfd", "eventfd", "eventfd"), _build_ring, _ring_parts, Ring),
 }
 
 
@@ -84,18 +78,8 @@ def register(kind: ObjectType) -> None:
     TYPES[kind.name] = kind
 
 
-def _ensure_ring() -> None:
-    if "ring" not in TYPES:
-        register(
-            ObjectType(
-                "ring", ("memfd", "eventfd", "eventfd"), _build_ring, _ring_parts, _ring_class()
-            )
-        )
-
-
 def parts_of(obj: Any) -> tuple[str, list[int], dict[str, Any]]:
     """(type, fds, meta) to send ``obj``; the fds stay the sender's."""
-    _ensure_ring()
     for kind in TYPES.values():
         if isinstance(obj, kind.cls):
             fds, meta = kind.parts(obj)
@@ -106,7 +90,6 @@ def parts_of(obj: Any) -> tuple[str, list[int], dict[str, Any]]:
 
 def check(type_name: str, fds: Sequence[int]) -> None:
     """Raise ObjectTypeMismatch unless ``fds`` are what ``type_name`` announces."""
-    _ensure_ring()
     kind = TYPES.get(type_name)
     if kind is None:
         raise ObjectTypeMismatch(f"unknown object type {type_name!r} (known: {', '.join(TYPES)})")
