@@ -15,7 +15,7 @@ from typing import Any
 import kport
 from kport.errors import KportError
 
-BENCHMARKS = ("port", "proc", "journal")
+BENCHMARKS = ("port", "proc", "journal", "objects")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -205,6 +205,36 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _objects(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    with kport.connect(args.namespace, runtime_dir=args.runtime_dir) as conn:
+        entries = conn.send({"op": "list"}, timeout=5)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    table = Table("name", "type", "state", "refs", "permanent", "creator", "admits", box=None)
+    for e in entries:
+        mode = "manual" if e["manual_reset"] else "auto"
+        admits = ", ".join([f"uid {u}" for u in e["uids"]] + [f"gid {g}" for g in e["gids"]])
+        table.add_row(
+            e["name"],
+            f"{e['type']} ({mode})",
+            "set" if e["set"] else "clear",
+            str(e["references"]),
+            "yes" if e["permanent"] else "no",
+            f"pid {e['creator_pid']} uid {e['creator_uid']}",
+            admits or "creator and root",
+        )
+    Console().print(table)
+    if not entries:
+        print("no named objects", file=sys.stderr)
+    return 0
+
+
 def _install_service(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
@@ -297,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--runtime-dir", help="where the ports' sockets are")
     status.set_defaults(func=_status)
+
+    objects = sub.add_parser("objects", help="the named objects of a namespace (root)")
+    objects.add_argument("--namespace", default="objects", help="the namespace's port")
+    objects.add_argument("--json", action="store_true")
+    objects.add_argument("--runtime-dir", help="where the ports' sockets are")
+    objects.set_defaults(func=_objects)
 
     install = sub.add_parser("install-service", help="install the systemd unit and groups")
     install.add_argument("--unit-dir", default="/etc/systemd/system")

@@ -65,6 +65,7 @@ class Config:
         default_factory=lambda: {
             "proc": PortConfig(groups=["kport"]),
             "journal": PortConfig(groups=["kport"]),
+            "objects": PortConfig(groups=["kport"]),
             "control": PortConfig(),
         }
     )

@@ -23,6 +23,7 @@ from typing import Any
 from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
 from kport.journal import Journal, Query, Row, SourceHistory, row_of
+from kport.objects import Namespace
 from kport.port.security import Security
 from kport.port.server import ServerConnection, ServerPort
 from kport.sources.proc import ProcSource
@@ -109,6 +110,7 @@ class Daemon:
                 on_state=self._journal_state,
             )
         self.journal_error: str | None = None
+        self.namespace: Namespace | None = None
         self.seq = 0
         self.started = time.time()
         self.ports: dict[str, ServerPort] = {}
@@ -154,6 +156,14 @@ class Daemon:
             journal.start()
             self._port("journal", on_message=self._journal_request)
         self._port("control", on_message=self._control)
+        cfg = self.config.ports.get("objects", PortConfig())
+        self.namespace = Namespace(
+            "objects",
+            security=port_security("objects", cfg),
+            max_connections=cfg.max_connections,
+            runtime_dir=self.runtime_dir,
+        )
+        self.ports["objects"] = self.namespace.port
         if self.config.proc.enabled:
             history = SourceHistory(journal, ("proc", "kport")) if journal else None
             self._port("proc", one_way=True, history=history)
@@ -182,6 +192,8 @@ class Daemon:
             for port in started:
                 await port.shutdown(reason="kport serve stopped")
             self._queries.shutdown(wait=False, cancel_futures=True)
+            if self.namespace is not None:
+                self.namespace.close_objects()
             if journal is not None:
                 await asyncio.to_thread(journal.close)
 
@@ -313,6 +325,7 @@ class Daemon:
                 name: {**source.status(), "rate": round(self.rates[name].per_second(), 1)}
                 for name, source in self.sources.items()
             },
+            "objects": len(self.namespace.entries) if self.namespace is not None else 0,
             "ports": {
                 name: {
                     "path": str(port.path),

@@ -33,7 +33,10 @@ import os
 import select
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from kport.port.security import Security
 
 _EVENTFD_LINK: Final = "anon_inode:[eventfd]"
 
@@ -49,13 +52,85 @@ def is_eventfd(fd: int) -> bool:
 class Event:
     """An auto-reset or manual-reset event; see the module docstring."""
 
-    __slots__ = ("_closed", "_fd", "manual_reset", "name")
+    __slots__ = ("_closed", "_fd", "_namespace", "manual_reset", "name")
 
     def __init__(self, manual_reset: bool = False, initial: bool = False) -> None:
         self.manual_reset = manual_reset
         self.name: str | None = None
         self._fd = os.eventfd(1 if initial else 0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._closed = False
+        #: (namespace connection, name) for a named event: close() gives the reference back
+        self._namespace: tuple[Any, str] | None = None
+
+    # --- named events (kport.objects) ------------------------------------------------
+
+    @classmethod
+    def create_named(
+        cls,
+        name: str,
+        *,
+        manual_reset: bool = False,
+        initial: bool = False,
+        security: Security | None = None,
+        permanent: bool = False,
+        namespace: str = "objects",
+        runtime_dir: str | os.PathLike[str] | None = None,
+    ) -> Event:
+        """Create the event ``name`` in a namespace (the daemon's ``objects`` port).
+
+        ``NameCollision`` if the name exists. ``security`` says who else may open it
+        (its creator's uid and root always may). It lives while any process holds it
+        open, or until removed if ``permanent``.
+        """
+        from kport import objects
+
+        return objects.create_named(
+            name,
+            manual_reset=manual_reset,
+            initial=initial,
+            security=security,
+            permanent=permanent,
+            namespace=namespace,
+            runtime_dir=runtime_dir,
+        )
+
+    @classmethod
+    def open_named(
+        cls,
+        name: str,
+        *,
+        namespace: str = "objects",
+        runtime_dir: str | os.PathLike[str] | None = None,
+    ) -> Event:
+        """Open the existing event ``name``: ``NameNotFound`` if there is none,
+        ``AccessDenied`` if its security does not admit this process."""
+        from kport import objects
+
+        return objects.open_named(name, namespace=namespace, runtime_dir=runtime_dir)
+
+    @classmethod
+    def open_or_create(
+        cls,
+        name: str,
+        *,
+        manual_reset: bool = False,
+        initial: bool = False,
+        security: Security | None = None,
+        namespace: str = "objects",
+        runtime_dir: str | os.PathLike[str] | None = None,
+    ) -> Event:
+        """Open ``name`` if it exists, else create it: for when that is really meant."""
+        from kport import objects
+
+        return objects.create_named(
+            name,
+            manual_reset=manual_reset,
+            initial=initial,
+            security=security,
+            namespace=namespace,
+            runtime_dir=runtime_dir,
+            open_existing=True,
+        )
 
     @classmethod
     def from_fd(cls, fd: int, *, manual_reset: bool) -> Event:
@@ -72,6 +147,7 @@ class Event:
         event.name = None
         event._fd = fd
         event._closed = False
+        event._namespace = None
         return event
 
     def __repr__(self) -> str:
@@ -160,6 +236,12 @@ class Event:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+            if self._namespace is not None:
+                from kport import objects
+
+                conn, name = self._namespace
+                self._namespace = None
+                objects.release(conn, name)
 
     def __enter__(self) -> Event:
         return self

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +34,30 @@ def spawn_client(code: str, *args: str, **popen: object) -> subprocess.Popen[str
         env=env,
         **popen,
     )
+
+
+def run_as_nobody(action: Callable[[], str]) -> str:
+    """Fork, drop to the user nobody, run ``action``; its result (or its error) as a line."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no asyncio, no threads, just sync kport calls
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            try:
+                line = action()
+            except Exception as err:  # noqa: BLE001 - reported to the parent
+                line = f"{type(err).__name__}: {err}"
+            os.write(write_end, line.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out

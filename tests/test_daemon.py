@@ -447,3 +447,22 @@ def test_an_unusable_journal_leaves_delivery_running(rundir: Path) -> None:
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "serving without history" in err
+
+
+def test_the_daemon_hosts_named_objects(daemon: subprocess.Popen[str], rundir: Path) -> None:
+    ev = kport.Event.create_named("kport-test/ready", manual_reset=True, runtime_dir=rundir)
+    try:
+        listed = subprocess.run(
+            [sys.executable, "-m", "kport.cli", "objects", "--json", "--runtime-dir", str(rundir)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        (entry,) = json.loads(listed.stdout)
+        assert entry["name"] == "kport-test/ready" and entry["references"] == 1
+        assert entry["creator_pid"] == os.getpid() and not entry["set"]
+        ev.set()
+        assert kport_status(rundir)["objects"] == 1
+    finally:
+        ev.close()
+    wait_until(lambda: kport_status(rundir)["objects"] == 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import fcntl
 import inspect
@@ -1063,8 +1064,18 @@ class ServerPort:
         *,
         timeout: float = 5.0,
         reply_to: int | None = None,
+        with_reply: bool = False,
     ) -> None:
-        """Hand any passable object (``kport.Event``, ``kport.Ring``) to one client."""
+        """Hand any passable object (``kport.Event``, ``kport.Ring``) to one client.
+
+        From an ``on_message`` handler, ``with_reply=True`` attaches the object to the
+        answer of the message being handled: the client gets both from
+        ``send_for_objects``.
+        """
+        if with_reply:
+            reply_to = _current_send.get()
+            if reply_to is None:
+                raise RuntimeError("with_reply=True is for on_message handlers only")
         type_name, fds, meta = handles.parts_of(obj)
         await self.hand_fds(conn, type_name, fds, meta, timeout=timeout, reply_to=reply_to)
 
@@ -1155,6 +1166,7 @@ class ServerPort:
 
     async def _handle_send(self, conn: ServerConnection, event: protocol.Send) -> None:
         assert self.on_message is not None
+        _current_send.set(event.id)  # this task's own context: see hand_object(with_reply=)
         try:
             result = await _maybe_await(self.on_message(conn, event.data))
             if conn.closed:
@@ -1241,6 +1253,11 @@ class ServerPort:
             except Exception:
                 log.exception("port %s: on_disconnect failed", self.name)
         conn._release_all()  # every reference the client gave goes with it
+
+
+_current_send: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "kport_current_send", default=None
+)
 
 
 class _Expired(Exception):
