@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 from kport import procinfo
 
@@ -11,6 +12,11 @@ from kport import procinfo
 def test_describe_a_live_process() -> None:
     child = subprocess.Popen(["sleep", "5"])
     try:
+        # Popen returns while the child is still inside execve (vfork): its exe is set,
+        # but its command line can read empty for a moment. Wait for exec to finish.
+        deadline = time.monotonic() + 5
+        while procinfo.argv(child.pid) != ["sleep", "5"] and time.monotonic() < deadline:
+            time.sleep(0.001)
         info = procinfo.describe(child.pid)
         assert info is not None
         assert info["argv"] == ["sleep", "5"]
