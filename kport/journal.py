@@ -34,6 +34,7 @@ import sqlite3
 import struct
 import threading
 import time
+import urllib.parse
 from array import array
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -708,7 +709,10 @@ class Journal:
         db: sqlite3.Connection | None = getattr(self._readers, "db", None)
         if db is None:
             db = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=5
+                f"file:{urllib.parse.quote(str(self.path))}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                timeout=5,
             )
             db.execute("PRAGMA query_only = 1")
             self._readers.db = db
