@@ -31,6 +31,7 @@ import errno
 import math
 import os
 import select
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -178,9 +179,7 @@ class Event:
     def is_set(self) -> bool:
         """Whether the event is signalled now (an auto-reset event stays so: not consumed)."""
         self._check()
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
-        return bool(poller.poll(0))
+        return bool(_poller(self._fd).poll(0))
 
     def _try_acquire(self) -> bool:
         """Take the signal if there is one: consume it (auto-reset) or see it (manual)."""
@@ -195,20 +194,23 @@ class Event:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until signalled; False if ``timeout`` seconds pass first."""
         self._check()
-        fd = self._fd
-        if not self.manual_reset:
-            try:
-                os.eventfd_read(fd)
+        poller = _poller(self._fd)
+        if timeout is None:  # the hot path: a poll and a read, nothing else
+            if self.manual_reset:
+                poller.poll()
                 return True
-            except BlockingIOError:
-                pass
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        deadline = _deadline(timeout)
+            while True:
+                poller.poll()
+                try:
+                    os.eventfd_read(self._fd)
+                    return True
+                except BlockingIOError:
+                    continue  # another waiter won it
+        deadline = time.monotonic() + timeout
         while True:
             if poller.poll(_wait_ms(deadline)) and self._try_acquire():
                 return True
-            if deadline is not None and time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 return False
 
     async def wait_async(self, timeout: float | None = None) -> bool:
@@ -257,6 +259,27 @@ class Event:
             except OSError as err:
                 if err.errno != errno.EBADF:
                     raise
+
+
+_pollers = threading.local()
+
+
+def _poller(fd: int) -> select.poll:
+    """A poll object watching ``fd``, kept per thread (one may not be shared by threads).
+
+    Registered by fd number, so one closed and reused stays right: poll looks the number
+    up when it runs.
+    """
+    cache: dict[int, select.poll] | None = getattr(_pollers, "cache", None)
+    if cache is None:
+        cache = _pollers.cache = {}
+    poller = cache.get(fd)
+    if poller is None:
+        if len(cache) >= 256:
+            cache.clear()
+        poller = cache[fd] = select.poll()
+        poller.register(fd, select.POLLIN)
+    return poller
 
 
 def _deadline(timeout: float | None) -> float | None:
