@@ -4,9 +4,10 @@ The semantics are Windows': an **auto-reset** event releases exactly one waiter 
 ``set()`` and resets itself as it does (setting an event that is already set changes
 nothing); a **manual-reset** event releases every waiter and stays set until
 ``reset()``. The eventfd's counter is the state: non-zero is set. An auto-reset waiter
-consumes it with a non-blocking ``read`` (only one reader can win it; the others see
-``EAGAIN`` and wait again); a manual-reset waiter only polls. The fd is non-blocking,
-so a wait with a timeout never sleeps in ``read`` past its deadline.
+consumes it with ``read`` (only one reader can win it; the others sleep on, or see
+``EAGAIN`` and wait again); a manual-reset waiter only polls. A wait without a timeout
+is one blocking ``read``, as fast as raw eventfd; a wait with a timeout polls, then
+reads with ``RWF_NOWAIT``, so it never sleeps in ``read`` past its deadline.
 
 There is no ``pulse()``. Seed 000's set-then-clear pulse loses wake-ups: a waiter that
 is not yet waiting at the instant of the pulse misses it for good. The pattern that
@@ -26,7 +27,6 @@ next wait returns at once, and nothing is ever left behind::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import math
 import os
@@ -58,7 +58,7 @@ class Event:
     def __init__(self, manual_reset: bool = False, initial: bool = False) -> None:
         self.manual_reset = manual_reset
         self.name: str | None = None
-        self._fd = os.eventfd(1 if initial else 0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fd = os.eventfd(1 if initial else 0, os.EFD_CLOEXEC)
         self._closed = False
         #: (namespace connection, name) for a named event: close() gives the reference back
         self._namespace: tuple[Any, str] | None = None
@@ -137,12 +137,11 @@ class Event:
     def from_fd(cls, fd: int, *, manual_reset: bool) -> Event:
         """An Event that owns ``fd``, an eventfd received from another process.
 
-        The fd is made non-blocking (a flag shared with every copy of it). Anything
-        that is not an eventfd is a ``ValueError``.
+        Its flags are left as they are (blocking or not, both work). Anything that is not
+        an eventfd is a ``ValueError``.
         """
         if not is_eventfd(fd):
             raise ValueError(f"fd {fd} is not an eventfd")
-        os.set_blocking(fd, False)
         event = cls.__new__(cls)
         event.manual_reset = manual_reset
         event.name = None
@@ -173,8 +172,7 @@ class Event:
     def reset(self) -> None:
         """Make the event non-signalled."""
         self._check()
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._fd)
+        _read_now(self._fd)
 
     def is_set(self) -> bool:
         """Whether the event is signalled now (an auto-reset event stays so: not consumed)."""
@@ -185,27 +183,24 @@ class Event:
         """Take the signal if there is one: consume it (auto-reset) or see it (manual)."""
         if self.manual_reset:
             return self.is_set()
-        try:
-            os.eventfd_read(self._fd)
-        except BlockingIOError:
-            return False
-        return True
+        return _read_now(self._fd)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until signalled; False if ``timeout`` seconds pass first."""
         self._check()
         poller = _poller(self._fd)
-        if timeout is None:  # the hot path: a poll and a read, nothing else
+        if timeout is None:
             if self.manual_reset:
                 poller.poll()
                 return True
-            while True:
-                poller.poll()
-                try:
-                    os.eventfd_read(self._fd)
-                    return True
-                except BlockingIOError:
-                    continue  # another waiter won it
+            try:
+                os.eventfd_read(self._fd)  # the hot path: one blocking read, as raw eventfd
+                return True
+            except BlockingIOError:  # a non-blocking fd from elsewhere: poll, then read
+                while True:
+                    poller.poll()
+                    if _read_now(self._fd):
+                        return True
         deadline = time.monotonic() + timeout
         while True:
             if poller.poll(_wait_ms(deadline)) and self._try_acquire():
@@ -259,6 +254,21 @@ class Event:
             except OSError as err:
                 if err.errno != errno.EBADF:
                     raise
+
+
+_scratch = threading.local()
+
+
+def _read_now(fd: int) -> bool:
+    """Consume the counter if it is non-zero, never sleeping (``RWF_NOWAIT``)."""
+    buf: bytearray | None = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = bytearray(8)
+    try:
+        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    return True
 
 
 _pollers = threading.local()

@@ -18,16 +18,18 @@ pytestmark = pytest.mark.timeout(300)
 CTX = mp.get_context("fork")
 
 
-def _waiter(event: kport.Event, woke: Any, ready: Any) -> None:
+def _waiter(event: kport.Event, woke: Any, ready: Any, timeout: float | None) -> None:
     ready.release()
-    if event.wait(timeout=30):
+    if event.wait(timeout=timeout):
         woke.put(os.getpid())
 
 
-def _start_waiters(event: kport.Event, count: int) -> tuple[list[Any], Any]:
+def _start_waiters(
+    event: kport.Event, count: int, timeout: float | None = 30
+) -> tuple[list[Any], Any]:
     woke = CTX.SimpleQueue()
     ready = CTX.Semaphore(0)
-    procs = [CTX.Process(target=_waiter, args=(event, woke, ready)) for _ in range(count)]
+    procs = [CTX.Process(target=_waiter, args=(event, woke, ready, timeout)) for _ in range(count)]
     for proc in procs:
         proc.start()
     for _ in range(count):
@@ -43,9 +45,10 @@ def _drain(woke: Any) -> list[int]:
     return out
 
 
-def test_auto_reset_releases_exactly_one_waiter_per_set() -> None:
+@pytest.mark.parametrize("timeout", [None, 30.0])  # a blocking read, or poll and read
+def test_auto_reset_releases_exactly_one_waiter_per_set(timeout: float | None) -> None:
     with kport.Event() as event:
-        procs, woke = _start_waiters(event, 8)
+        procs, woke = _start_waiters(event, 8, timeout)
         seen: list[int] = []
         for round_ in range(1, 9):
             event.set()
@@ -57,10 +60,16 @@ def test_auto_reset_releases_exactly_one_waiter_per_set() -> None:
             seen += _drain(woke)
             assert len(seen) == round_, f"set {round_} woke {len(seen) - round_ + 1}"
             assert not event.is_set()  # the one waiter consumed it
-        assert sorted(seen) == sorted(p.pid for p in procs)
-        for proc in procs:
-            proc.join(10)
-            assert proc.exitcode == 0
+        try:
+            assert sorted(seen) == sorted(p.pid for p in procs)
+            for proc in procs:
+                proc.join(10)
+                assert proc.exitcode == 0
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
 
 
 def test_setting_a_set_auto_reset_event_changes_nothing() -> None:
@@ -70,9 +79,10 @@ def test_setting_a_set_auto_reset_event_changes_nothing() -> None:
         assert event.wait(0) and not event.wait(0)
 
 
-def test_manual_reset_releases_every_waiter_and_stays_set() -> None:
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_manual_reset_releases_every_waiter_and_stays_set(timeout: float | None) -> None:
     with kport.Event(manual_reset=True) as event:
-        procs, woke = _start_waiters(event, 8)
+        procs, woke = _start_waiters(event, 8, timeout)
         event.set()
         for proc in procs:
             proc.join(10)
