@@ -33,6 +33,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,15 +54,16 @@ def is_eventfd(fd: int) -> bool:
 class Event:
     """An auto-reset or manual-reset event; see the module docstring."""
 
-    __slots__ = ("_closed", "_fd", "_namespace", "manual_reset", "name")
+    __slots__ = ("__weakref__", "_closed", "_fd", "_namespace", "manual_reset", "name")
 
     def __init__(self, manual_reset: bool = False, initial: bool = False) -> None:
         self.manual_reset = manual_reset
         self.name: str | None = None
         self._fd = os.eventfd(1 if initial else 0, os.EFD_CLOEXEC)
         self._closed = False
-        #: (namespace connection, name) for a named event: close() gives the reference back
-        self._namespace: tuple[Any, str] | None = None
+        #: (namespace connection, name, serial, pid) for a named event: close() gives the
+        #: reference back
+        self._namespace: tuple[Any, str, int, int] | None = None
 
     # --- named events (kport.objects) ------------------------------------------------
 
@@ -215,7 +217,14 @@ class Event:
             return True
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
-        loop.add_reader(self._fd, woken.set)
+        # A loop has one reader per fd: every waiter of this loop on this fd shares it.
+        watchers = _loop_watchers(loop)
+        fd = self._fd
+        waiting = watchers.get(fd)
+        if waiting is None:
+            waiting = watchers[fd] = set()
+            loop.add_reader(fd, _wake_all, waiting)
+        waiting.add(woken)
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -226,7 +235,10 @@ class Event:
         except TimeoutError:
             return False
         finally:
-            loop.remove_reader(self._fd)
+            waiting.discard(woken)
+            if not waiting and watchers.get(fd) is waiting:
+                del watchers[fd]
+                loop.remove_reader(fd)
 
     def close(self) -> None:
         """Close this process's reference; the event lives on while others hold one."""
@@ -236,9 +248,8 @@ class Event:
             if self._namespace is not None:
                 from kport import objects
 
-                conn, name = self._namespace
-                self._namespace = None
-                objects.release(conn, name)
+                handle, self._namespace = self._namespace, None
+                objects.release(handle)
 
     def __enter__(self) -> Event:
         return self
@@ -254,6 +265,22 @@ class Event:
             except OSError as err:
                 if err.errno != errno.EBADF:
                     raise
+
+
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, set[asyncio.Event]]]
+_watchers = weakref.WeakKeyDictionary()
+
+
+def _loop_watchers(loop: asyncio.AbstractEventLoop) -> dict[int, set[asyncio.Event]]:
+    watchers = _watchers.get(loop)
+    if watchers is None:
+        watchers = _watchers[loop] = {}
+    return watchers
+
+
+def _wake_all(waiting: set[asyncio.Event]) -> None:
+    for woken in waiting:
+        woken.set()
 
 
 _scratch = threading.local()
@@ -350,7 +377,10 @@ def wait_all(events: Sequence[Event], timeout: float | None = None) -> bool:
         if deadline is not None and time.monotonic() >= deadline:
             return False
         poller = select.poll()
-        for event in events:
-            if not event.is_set():
-                poller.register(event.fileno(), select.POLLIN)
-        poller.poll(_wait_ms(deadline))
+        pending = [event for event in events if not event.is_set()]
+        for event in pending:
+            poller.register(event.fileno(), select.POLLIN)
+        if pending:
+            poller.poll(_wait_ms(deadline))
+        else:  # all set, but another waiter won one: try again in a moment, never spin
+            time.sleep(0.001)

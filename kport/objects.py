@@ -12,6 +12,7 @@ holds its references: an object lives while any connection holds one, or, if cre
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import threading
@@ -26,6 +27,7 @@ from kport.errors import (
     NameNotFound,
     ObjectTypeMismatch,
     PortClosed,
+    QueueFull,
 )
 from kport.event import Event
 from kport.port.client import Connection, connect
@@ -33,6 +35,8 @@ from kport.port.security import PeerCredentials, Security
 from kport.port.server import ServerConnection, ServerPort
 
 DEFAULT_PORT: Final = "objects"
+#: objects one (non-root) user may have created in a namespace at once
+MAX_PER_UID: Final = 256
 MAX_NAME: Final = 255
 _NAME: Final = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
 TYPES: Final = ("event",)
@@ -56,6 +60,7 @@ def validate_name(name: Any) -> str:
 
 @dataclass
 class _Entry:
+    serial: int
     name: str
     type: str
     obj: Event
@@ -105,6 +110,7 @@ class Namespace:
     ) -> None:
         self.max_objects = max_objects
         self.entries: dict[str, _Entry] = {}
+        self._serials = itertools.count(1)
         self.port = ServerPort(
             port_name,
             security=security,
@@ -149,7 +155,10 @@ class Namespace:
         if op in ("create", "open"):
             return await self._create_or_open(conn, name, data)
         if op == "close":
-            self._release(conn.id, name, 1)
+            serial = data.get("serial")
+            entry = self.entries.get(name)
+            if entry is not None and entry.serial == serial:  # not a newer one of that name
+                self._release(conn.id, entry, 1)
             return None
         if op == "remove":
             return self._remove(conn, name)
@@ -163,8 +172,8 @@ class Namespace:
         created = False
         if data["op"] == "create" and entry is not None and not data.get("open_existing"):
             raise NameCollision(
-                f"an object named {name!r} exists already (a {entry.type}, created by pid "
-                f"{entry.creator_pid}); open it with open_named, or pick another name"
+                f"an object named {name!r} exists already (a {entry.type}); open it with "
+                "open_named, or pick another name"
             )
         if entry is None:
             if data["op"] == "open":
@@ -173,9 +182,15 @@ class Namespace:
                     "case-sensitive; `kport objects` lists them)"
                 )
             if len(self.entries) >= self.max_objects:
-                raise NameCollision(
+                raise QueueFull(
                     f"namespace {self.port.name!r} already holds its maximum of "
                     f"{self.max_objects} objects"
+                )
+            owned = sum(1 for e in self.entries.values() if e.creator_uid == conn.uid)
+            if conn.uid != 0 and owned >= MAX_PER_UID:
+                raise QueueFull(
+                    f"uid {conn.uid} already created {owned} objects in namespace "
+                    f"{self.port.name!r}, the most one user may"
                 )
             spec = data.get("security") or {}
             security = Security(uids=spec.get("uids") or [], gids=spec.get("gids") or [])
@@ -185,6 +200,7 @@ class Namespace:
             )
             event.name = name
             entry = _Entry(
+                next(self._serials),
                 name,
                 kind,
                 event,
@@ -198,28 +214,30 @@ class Namespace:
         elif entry.type != kind:
             raise ObjectTypeMismatch(f"{name!r} is a {entry.type}, not a {kind}")
         elif not entry.admits(conn.peer):
-            raise AccessDenied(
-                f"the security of {name!r} does not admit uid {conn.uid} (it admits its "
-                f"creator, root, and {entry.security.resolve().describe()})"
-            )
+            raise AccessDenied(f"the security of {name!r} does not admit uid {conn.uid}")
         elif data.get("manual_reset") is not None and (
             bool(data["manual_reset"]) != entry.obj.manual_reset and data["op"] == "create"
         ):
             raise ObjectTypeMismatch(
                 f"{name!r} exists as a {'manual' if entry.obj.manual_reset else 'auto'}-reset event"
             )
+        # Counted before it is handed over: a holder that closes meanwhile must not take
+        # the name away from under this one.
+        entry.refs[conn.id] = entry.refs.get(conn.id, 0) + 1
         try:
             await self.port.hand_object(conn, entry.obj, with_reply=True)
         except BaseException:
-            if created and not entry.refs:
-                self._forget(entry)
+            self._release(conn.id, entry, 1)
             raise
-        entry.refs[conn.id] = entry.refs.get(conn.id, 0) + 1
-        return {"name": name, "created": created, "manual_reset": entry.obj.manual_reset}
+        return {
+            "name": name,
+            "serial": entry.serial,
+            "created": created,
+            "manual_reset": entry.obj.manual_reset,
+        }
 
-    def _release(self, conn_id: int, name: str, count: int) -> None:
-        entry = self.entries.get(name)
-        if entry is None or conn_id not in entry.refs:
+    def _release(self, conn_id: int, entry: _Entry, count: int) -> None:
+        if conn_id not in entry.refs:
             return
         entry.refs[conn_id] -= count
         if entry.refs[conn_id] <= 0:
@@ -245,7 +263,7 @@ class Namespace:
         for entry in list(self.entries.values()):
             count = entry.refs.get(conn.id)
             if count:
-                self._release(conn.id, entry.name, count)
+                self._release(conn.id, entry, count)
 
 
 # --- the client side ------------------------------------------------------------------
@@ -258,15 +276,32 @@ class _Clients:
         self._lock = threading.Lock()
         self._conns: dict[tuple[int, Path], Connection] = {}
 
-    def get(self, namespace: str, runtime_dir: str | os.PathLike[str] | None) -> Connection:
+    def get(
+        self, namespace: str, runtime_dir: str | os.PathLike[str] | None, *, fresh: bool = False
+    ) -> Connection:
         path = paths.port_path(namespace, runtime_dir)
         key = (os.getpid(), path)  # a forked child gets its own: the parent's is the parent's
         with self._lock:
             conn = self._conns.get(key)
-            if conn is None or conn._core.end is not None:
+            if conn is None or fresh or conn._core.end is not None:
+                if conn is not None:
+                    conn.close()
                 conn = connect(path)
                 self._conns[key] = conn
             return conn
+
+    def send(
+        self, namespace: str, runtime_dir: str | os.PathLike[str] | None, data: dict[str, Any]
+    ) -> tuple[Connection, Any, list[Any]]:
+        """Send on the process's connection; once more on a new one if that one is dead
+        (the namespace restarted: the references it held went with it anyway)."""
+        conn = self.get(namespace, runtime_dir)
+        try:
+            reply, objects = conn.send_for_objects(data, timeout=10)
+        except PortClosed:
+            conn = self.get(namespace, runtime_dir, fresh=True)
+            reply, objects = conn.send_for_objects(data, timeout=10)
+        return conn, reply, objects
 
 
 _clients = _Clients()
@@ -280,15 +315,14 @@ def _request(
     **fields: Any,
 ) -> Event:
     validate_name(name)
-    conn = _clients.get(namespace, runtime_dir)
-    _, objects = conn.send_for_objects({"op": op, "name": name, **fields}, timeout=10)
+    conn, reply, objects = _clients.send(namespace, runtime_dir, {"op": op, "name": name, **fields})
     if len(objects) != 1 or not isinstance(objects[0], Event):
         for obj in objects:
             obj.close()
         raise ObjectTypeMismatch(f"namespace {namespace!r} answered {op} {name!r} without it")
     event: Event = objects[0]
     event.name = name
-    event._namespace = (conn, name)
+    event._namespace = (conn, name, reply["serial"], os.getpid())
     return event
 
 
@@ -336,10 +370,17 @@ def remove_named(
 ) -> None:
     """Remove a name (a permanent object's, typically); references already open stay valid."""
     validate_name(name)
-    _clients.get(namespace, runtime_dir).send({"op": "remove", "name": name}, timeout=10)
+    _clients.send(namespace, runtime_dir, {"op": "remove", "name": name})
 
 
-def release(conn: Connection, name: str) -> None:
-    """Give back one reference (what ``Event.close()`` does for a named event)."""
+def release(handle: tuple[Connection, str, int, int]) -> None:
+    """Give back one reference (what ``Event.close()`` does for a named event).
+
+    Only in the process that opened it: a forked child's copy of the event closes its
+    own fd and leaves the parent's reference alone.
+    """
+    conn, name, serial, pid = handle
+    if pid != os.getpid():
+        return
     with contextlib.suppress(PortClosed):  # the namespace is gone, and every reference
-        conn.send({"op": "close", "name": name}, timeout=5)
+        conn.send({"op": "close", "name": name, "serial": serial}, timeout=5)

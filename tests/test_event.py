@@ -225,3 +225,19 @@ def test_initial_state_repr_and_closed_use() -> None:
             os.close(r)
             os.close(w)
     assert not hasattr(kport.Event, "pulse")
+
+
+def test_several_async_waiters_on_one_event_in_one_loop() -> None:
+    async def main() -> None:
+        with kport.Event(manual_reset=True) as manual, kport.Event() as auto:
+            waiters = [asyncio.create_task(manual.wait_async(timeout=5)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            manual.set()
+            assert await asyncio.gather(*waiters) == [True, True, True]
+            takers = [asyncio.create_task(auto.wait_async(timeout=0.5)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            auto.set()
+            assert sorted(await asyncio.gather(*takers)) == [False, False, True]
+            assert await manual.wait_async(timeout=0)  # the shared reader was cleaned up
+
+    asyncio.run(main())

@@ -170,3 +170,36 @@ def test_an_object_lives_while_referenced_or_until_removed(rundir: Path) -> None
         await asyncio.to_thread(again.close)
 
     with_namespace(rundir, body)
+
+
+def test_references_follow_the_object_not_the_name(rundir: Path) -> None:
+    async def body(ns: objects.Namespace) -> None:
+        old = await asyncio.to_thread(
+            kport.Event.create_named, "n", permanent=True, **named(rundir)
+        )
+        await asyncio.to_thread(objects.remove_named, "n", **named(rundir))
+        new = await asyncio.to_thread(kport.Event.create_named, "n", **named(rundir))
+        await asyncio.to_thread(old.close)  # the removed one: the new "n" keeps its holder
+        assert ns.list()[0]["references"] == 1
+        # A forked child closing its copy gives back nothing of its parent's.
+        pid = os.fork()
+        if pid == 0:
+            new.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert ns.list()[0]["references"] == 1
+        await asyncio.to_thread(new.close)
+        assert not ns.entries
+
+    with_namespace(rundir, body)
+
+
+def test_a_restarted_namespace_is_reached_again(rundir: Path) -> None:
+    async def serve_once() -> None:
+        security = kport.Security(uids=["root"])
+        async with objects.Namespace("ns", security=security, runtime_dir=rundir):
+            ev = await asyncio.to_thread(kport.Event.create_named, "r", **named(rundir))
+            await asyncio.to_thread(ev.close)
+
+    asyncio.run(serve_once())
+    asyncio.run(serve_once())  # the process's cached connection died with the first

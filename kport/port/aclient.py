@@ -246,6 +246,7 @@ class AsyncConnection:
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
         self._sock.close()
+        self._core.discard()
 
     async def __aenter__(self) -> AsyncConnection:
         return self
@@ -257,6 +258,25 @@ class AsyncConnection:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def _recv_with_fds(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket
+) -> tuple[bytes, list[int]]:
+    """One read of a non-blocking socket, with the fds that came beside the bytes."""
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(
+                65536, handles.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
+            return data, handles.fds_from_ancillary(ancdata)
+        except (BlockingIOError, InterruptedError):
+            readable = loop.create_future()
+            loop.add_reader(sock.fileno(), readable.set_result, None)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(sock.fileno())
 
 
 class aconnect:
@@ -293,6 +313,7 @@ class aconnect:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
+        early_fds: list[int] = []
         try:
             proto = protocol.Connection(protocol.Role.CLIENT, max_frame=max_frame)
             try:
@@ -307,7 +328,9 @@ class aconnect:
                         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                             await loop.sock_sendall(sock, hello)
                         while (event := proto.next_event()) is protocol.NEED_DATA:
-                            proto.receive_data(await loop.sock_recv(sock, 65536))
+                            data, fds = await _recv_with_fds(loop, sock)
+                            early_fds += fds  # an object may follow the welcome at once
+                            proto.receive_data(data)
                     except OSError as err:
                         raise PortClosed(
                             f"port {name!r} at {path} closed during the handshake: {err.strerror}"
@@ -318,8 +341,16 @@ class aconnect:
                 ) from None
             assert not isinstance(event, protocol.NeedData)
             core = ClientCore(name, handshake_result(name, event), proto, max_inbox)
+            core.fds_in.extend(early_fds)
+            early_fds = []
             core.process()
-            return AsyncConnection(sock, core, path)
+            conn = AsyncConnection(sock, core, path)
+            if core.outbox:  # acks for objects that came with the welcome
+                owed, core.outbox = core.outbox, []
+                await conn._write(b"".join(owed))
+            return conn
         except BaseException:
+            for fd in early_fds:
+                os.close(fd)
             sock.close()
             raise

@@ -8,7 +8,9 @@ replies may be written from any thread.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import select
 import socket
 import threading
 import time
@@ -79,7 +81,9 @@ class Connection:
         self._write_lock = threading.Lock()
         self._rbuf = bytearray(_RECV_SIZE)
         self._rview = memoryview(self._rbuf)
-        self._timeout = sock.gettimeout()
+        sock.settimeout(None)  # blocking for good: timed reads wait in poll (_read_once)
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -169,7 +173,11 @@ class Connection:
                 PortClosed(f"port {self.port!r}: this connection was closed"), graceful=True
             )
             return
-        self._set_timeout(timeout)
+        # The socket stays blocking (a writer in another thread never changes a reader's
+        # wait); a timed read waits in poll first. Only this thread reads, so readable
+        # stays readable until the recvmsg below.
+        if timeout is not None and not self._poller.poll(max(0, math.ceil(timeout * 1000))):
+            return
         try:
             # recv_into a buffer kept for the connection: a fresh 256 KiB bytes per read
             # costs an mmap, page faults and a copy, which dominated a round trip.
@@ -178,8 +186,6 @@ class Connection:
             )
             data = self._rview[:size]
             fds = handles.fds_from_ancillary(ancdata) if ancdata else None
-        except TimeoutError:
-            return
         except OSError as err:
             fds = None
             if self._closed:
@@ -203,12 +209,6 @@ class Connection:
         if owed:
             with contextlib.suppress(PortClosed):
                 self._write(b"".join(owed))
-
-    def _set_timeout(self, timeout: float | None) -> None:
-        # settimeout() is a syscall when it flips blocking mode: skip it when unchanged.
-        if timeout != self._timeout:
-            self._sock.settimeout(timeout)
-            self._timeout = timeout
 
     # --- sending ---------------------------------------------------------------------
 
@@ -262,6 +262,8 @@ class Connection:
         self, type_name: str, fds: list[int], meta: dict[str, Any], timeout: float = 5.0
     ) -> int:
         """The general form: announce ``type_name`` and pass ``fds`` as its parts."""
+        if len(fds) > protocol.MAX_OBJECT_FDS:
+            raise ValueError(f"an object carries {protocol.MAX_OBJECT_FDS} fds at most")
         with self._cond:
             self._core.check_can_send("pass objects")
             object_id = self._core.next_send_id()
@@ -297,7 +299,6 @@ class Connection:
     def _write(self, frame: bytes, fds: list[int] | None = None) -> None:
         with self._write_lock:
             try:
-                self._set_timeout(None)
                 if fds:
                     sent = self._sock.sendmsg([frame], handles.rights(fds))
                     if sent < len(frame):
@@ -322,6 +323,8 @@ class Connection:
             pass
         finally:
             self._sock.close()
+            with self._cond:
+                self._core.discard()
 
     def __enter__(self) -> Connection:
         return self
@@ -370,12 +373,17 @@ def connect(
             # its reason is waiting in our receive queue, so read it rather than fail here.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(hello)
+            early_fds: list[int] = []  # an object may follow the welcome at once
             while True:
                 event = proto.next_event()
                 if event is not protocol.NEED_DATA:
                     break
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                proto.receive_data(sock.recv(65536))
+                data, ancdata, _, _ = sock.recvmsg(
+                    65536, handles.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                )
+                early_fds += handles.fds_from_ancillary(ancdata)
+                proto.receive_data(data)
         except TimeoutError as err:
             raise Timeout(
                 f"port {name!r} at {path} did not answer the handshake in {timeout:g} s"
@@ -385,10 +393,20 @@ def connect(
                 f"port {name!r} at {path} closed during the handshake: {err.strerror}"
             ) from err
         assert not isinstance(event, protocol.NeedData)
-        welcome = handshake_result(name, event)
+        try:
+            welcome = handshake_result(name, event)
+        except BaseException:
+            for fd in early_fds:
+                os.close(fd)
+            raise
         core = ClientCore(name, welcome, proto, max_inbox)
+        core.fds_in.extend(early_fds)
         core.process()  # frames that came in the same read as the welcome
-        return Connection(sock, core, path)
+        conn = Connection(sock, core, path)
+        if core.outbox:  # acks for objects that came with the welcome
+            owed, core.outbox = core.outbox, []
+            conn._write(b"".join(owed))
+        return conn
     except BaseException:
         sock.close()
         raise

@@ -52,7 +52,12 @@ class ObjectType:
 
 
 def _build_event(fds: list[int], meta: dict[str, Any]) -> Event:
-    return Event.from_fd(fds[0], manual_reset=bool(meta.get("manual_reset")))
+    """Builds take ownership of the fds: on failure they close them (as Ring.from_fds does)."""
+    try:
+        return Event.from_fd(fds[0], manual_reset=bool(meta.get("manual_reset")))
+    except BaseException:
+        os.close(fds[0])
+        raise
 
 
 def _event_parts(event: Event) -> tuple[list[int], dict[str, Any]]:
@@ -102,18 +107,18 @@ def check(type_name: str, fds: Sequence[int]) -> None:
 
 
 def receive(type_name: str, fds: list[int], meta: dict[str, Any]) -> Any:
-    """Check and build a received object; on any failure its fds are closed."""
+    """Check and build a received object. On any failure its fds end up closed, once:
+    here when the check fails, by the type's ``build`` when building fails."""
     try:
         check(type_name, fds)
-        return TYPES[type_name].build(fds, meta)
-    except BaseException as err:
+    except BaseException:
         for fd in fds:
             os.close(fd)
-        if isinstance(err, ObjectTypeMismatch):
-            raise
-        if isinstance(err, ValueError | TypeError | OSError):
-            raise ObjectTypeMismatch(f"the {type_name} passed is not valid: {err}") from err
         raise
+    try:
+        return TYPES[type_name].build(fds, meta)
+    except (ValueError, TypeError, OSError) as err:
+        raise ObjectTypeMismatch(f"the {type_name} passed is not valid: {err}") from err
 
 
 def close_object(obj: Any) -> None:

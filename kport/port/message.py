@@ -141,6 +141,14 @@ class ClientCore:
             )
             return
         fds = [self.fds_in.popleft() for _ in range(event.fds)]
+        if event.reply_to is not None and event.reply_to not in self.waiting:
+            for fd in fds:  # its send gave up waiting: nobody would ever close it
+                os.close(fd)
+            refusal = PortClosed(f"port {self.port!r}: nobody waits for that answer any more")
+            self.outbox.append(
+                self.proto.send(protocol.ObjectAck(event.id, None, int(refusal.code), str(refusal)))
+            )
+            return
         try:
             obj = handles.receive(event.type, fds, event.meta)
         except KportError as err:
@@ -149,10 +157,21 @@ class ClientCore:
             )
             return
         self.outbox.append(self.proto.send(protocol.ObjectAck(event.id, 0)))
-        if event.reply_to is not None and event.reply_to in self.waiting:
+        if event.reply_to is not None:
             self.attached.setdefault(event.reply_to, []).append(obj)
         else:
             self.inbox.append(Message(OBJECT, obj, id=event.id))
+
+    def discard(self) -> None:
+        """Close every fd and object this connection received and nobody took."""
+        self._close_fds()
+        for objects in self.attached.values():
+            for obj in objects:
+                handles.close_object(obj)
+        self.attached.clear()
+        for msg in self.inbox:
+            if msg.kind == OBJECT:
+                handles.close_object(msg.data)
 
     def take_attached(self, send_id: int) -> list[Any]:
         """The objects that came with the answer to send ``send_id``."""
@@ -251,6 +270,8 @@ class ClientCore:
         """(id, frame, fds) to pass ``obj`` to the server; the id awaits an OBJECT_ACK."""
         self.check_can_send("pass objects")
         type_name, fds, meta = handles.parts_of(obj)
+        if len(fds) > protocol.MAX_OBJECT_FDS:
+            raise ValueError(f"an object carries {protocol.MAX_OBJECT_FDS} fds at most")
         object_id = self.next_send_id()
         frame = self.proto.send(protocol.Object(object_id, type_name, meta, len(fds), None))
         return object_id, frame, fds

@@ -41,6 +41,7 @@ from kport.errors import (
     KportError,
     NameCollision,
     NameNotFound,
+    NoHandler,
     OneWayPort,
     PortClosed,
     ProtocolError,
@@ -65,6 +66,8 @@ MAX_SENDS_IN_FLIGHT: Final = 64
 _BATCH_BYTES: Final = 256 * 1024
 #: fds received and not yet claimed by an OBJECT frame, per connection, at most
 MAX_PENDING_FDS: Final = 256
+#: objects one client may have handed over and the port still holds
+MAX_OBJECTS_PER_CONNECTION: Final = 64
 #: history events read per page when replaying
 REPLAY_PAGE: Final = 5000
 _RECV_SIZE: Final = 256 * 1024
@@ -72,9 +75,11 @@ _ACCEPT_RETRY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
 )
 
-# Queue entries: (_NOTIFY, seq, packed item) or (_FRAME, request id or None, frame bytes).
+# Queue entries: (_NOTIFY, seq, packed item), (_FRAME, request id or None, frame bytes),
+# or (_OBJECT, (object id, the fds, owned by the entry), frame bytes).
 _NOTIFY: Final = 0
 _FRAME: Final = 1
+_OBJECT: Final = 2
 _Entry = tuple[int, Any, bytes]
 
 OnConnect = Callable[["ServerConnection"], Any]
@@ -197,6 +202,11 @@ class ServerConnection:
         for obj in self.objects.values():
             handles.close_object(obj)
         self.objects.clear()
+        for kind, info, _ in self._queue:  # objects that never went out: our copies
+            if kind == _OBJECT:
+                for fd in info[1]:
+                    os.close(fd)
+        self._queue.clear()
         while self._fds_in:
             os.close(self._fds_in.popleft())
 
@@ -276,6 +286,8 @@ class ServerConnection:
         limit = min(_BATCH_BYTES, self.port.max_frame - 64)
         while queue and total < _BATCH_BYTES:
             kind, _, payload = queue[0]
+            if kind == _OBJECT:
+                break  # it goes alone, with its fds: see ServerPort._writer
             if kind == _FRAME:
                 queue.popleft()
                 self._queue_bytes -= len(payload)
@@ -324,6 +336,7 @@ class ServerPort:
         on_disconnect: OnDisconnect | None = None,
         on_message: OnMessage | None = None,
         on_object: OnObject | None = None,
+        accept_objects: bool = False,
         runtime_dir: str | os.PathLike[str] | None = None,
         history: History | None = None,
     ) -> None:
@@ -343,6 +356,8 @@ class ServerPort:
         self.on_disconnect = on_disconnect
         self.on_message = on_message
         self.on_object = on_object
+        #: whether clients may hand this port objects (always, with an on_object handler)
+        self.accept_objects = accept_objects
         self.history = history
         self.path = paths.port_path(name, runtime_dir)
         #: notifications dropped over all connections
@@ -821,11 +836,40 @@ class ServerPort:
                     await conn._wake.wait()
                     continue
                 conn._writing = True
-                await loop.sock_sendall(sock, conn._take_batch())
+                head = conn._queue[0] if conn._queue and not conn._lost_count else None
+                if head is not None and head[0] == _OBJECT:
+                    conn._queue.popleft()
+                    conn._queue_bytes -= len(head[2])
+                    await self._send_object(conn, head[1][1], head[2])
+                else:
+                    await loop.sock_sendall(sock, conn._take_batch())
                 conn._writing = False
         except OSError as err:
             if not conn.closed:
                 self._drop_later(conn, f"write failed: {err.strerror}")
+
+    async def _send_object(self, conn: ServerConnection, fds: list[int], frame: bytes) -> None:
+        """One OBJECT frame with its fds on its first byte; the fds (our dups) are closed."""
+        loop = asyncio.get_running_loop()
+        sock = conn._sock
+        try:
+            while True:
+                try:
+                    sent = sock.sendmsg([frame], handles.rights(fds))
+                    break
+                except (BlockingIOError, InterruptedError):  # a full socket buffer: wait
+                    writable = loop.create_future()
+                    loop.add_writer(sock.fileno(), writable.set_result, None)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(sock.fileno())
+            if sent < len(frame):
+                await loop.sock_sendall(sock, frame[sent:])
+            conn.sent += 1
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     async def _replay_then_write(self, conn: ServerConnection, since: int) -> None:
         """Send the history after ``since`` page by page, then go live with no gap.
@@ -1010,6 +1054,20 @@ class ServerPort:
         if len(conn._fds_in) < event.fds:
             raise RemoteProtocolError(f"an object announced {event.fds} fds that did not come")
         fds = [conn._fds_in.popleft() for _ in range(event.fds)]
+        refusal: KportError | None = None
+        if self.on_object is None and not self.accept_objects:
+            refusal = NoHandler(f"port {self.name!r} takes no objects")
+        elif len(conn.objects) >= MAX_OBJECTS_PER_CONNECTION:
+            refusal = QueueFull(
+                f"port {self.name!r}: connection {conn.id} already holds "
+                f"{MAX_OBJECTS_PER_CONNECTION} objects; dereference some first"
+            )
+        if refusal is not None:
+            for fd in fds:
+                os.close(fd)
+            ack = protocol.ObjectAck(event.id, None, int(refusal.code), str(refusal))
+            self._send_frame(conn, conn._proto.send(ack), None)
+            return
         try:
             obj = handles.receive(event.type, fds, event.meta)
         except KportError as err:
@@ -1094,37 +1152,22 @@ class ServerPort:
             raise OneWayPort(f"port {self.name!r} is one-way: it cannot pass objects")
         if conn.closed or conn._closing:
             raise PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed")
+        if len(fds) > protocol.MAX_OBJECT_FDS:
+            raise ValueError(f"an object carries {protocol.MAX_OBJECT_FDS} fds at most")
         loop = asyncio.get_running_loop()
         object_id = next(self._request_ids)
+        frame = conn._proto.send(protocol.Object(object_id, type_name, meta, len(fds), reply_to))
+        # Our own copies: the caller may close its fds (and the numbers be reused by
+        # other objects) while this one waits in the queue.
+        copies = [os.dup(fd) for fd in fds]
         future: asyncio.Future[Any] = loop.create_future()
         conn._pending[object_id] = future
+        entry = (_OBJECT, (object_id, copies), frame)
+        conn._queue.append(entry)  # never dropped: like a request, it waits its turn
+        conn._queue_bytes += len(frame)
+        conn._wake.set()
         timer = loop.call_later(timeout, _expire, future)
         try:
-            # fds ride on the first byte of their frame: wait until the writer is idle,
-            # so that the frame goes out whole and in order.
-            while conn._queue or conn._writing or conn._lost_count:
-                conn._wake.set()
-                await asyncio.sleep(0.001)
-                if future.done():
-                    break
-            if future.done():  # the deadline passed, or the client went, while we waited
-                await future
-            frame = conn._proto.send(
-                protocol.Object(object_id, type_name, meta, len(fds), reply_to)
-            )
-            conn._writing = True
-            try:
-                sent = conn._sock.sendmsg([frame], handles.rights(fds))
-                if sent < len(frame):
-                    await loop.sock_sendall(conn._sock, frame[sent:])
-            except OSError as err:
-                self._drop_later(conn, f"write failed: {err.strerror}")
-                raise PortClosed(
-                    f"connection {conn.id} (pid {conn.pid}): write failed: {err.strerror}"
-                ) from err
-            finally:
-                conn._writing = False
-                conn._wake.set()
             await future
         except _Expired:
             raise Timeout(
@@ -1134,6 +1177,11 @@ class ServerPort:
         finally:
             timer.cancel()
             conn._pending.pop(object_id, None)
+            if conn._queue and entry in conn._queue:  # never sent: it goes no further
+                conn._queue.remove(entry)
+                conn._queue_bytes -= len(frame)
+                for fd in copies:
+                    os.close(fd)
 
     def _on_reply(self, conn: ServerConnection, event: protocol.Reply) -> None:
         future = conn._pending.get(event.id)

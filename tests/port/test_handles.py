@@ -157,7 +157,7 @@ def test_a_wrong_fd_is_refused_on_both_sides(
 
 def test_references_go_with_their_connection_and_on_dereference(rundir: Path) -> None:
     async def main() -> None:
-        async with kport.ServerPort("h", runtime_dir=rundir) as port:
+        async with kport.ServerPort("h", runtime_dir=rundir, accept_objects=True) as port:
             with kport.Event() as ev, kport.Event(manual_reset=True) as ev2:
                 conn = await asyncio.to_thread(kport.connect, "h", runtime_dir=rundir)
                 h1 = await asyncio.to_thread(conn.reference_event, ev)
@@ -190,7 +190,7 @@ def test_objects_with_a_send_reply_and_async_clients(rundir: Path) -> None:
             await port.hand_object(conn, ev, reply_to=data["id"])
             return "here it is"
 
-        port = kport.ServerPort("h", runtime_dir=rundir, on_message=on_message)
+        port = kport.ServerPort("h", runtime_dir=rundir, on_message=on_message, accept_objects=True)
         async with port:
             async with kport.aconnect("h", runtime_dir=rundir) as conn:
                 ev = kport.Event()
@@ -256,5 +256,63 @@ def test_a_ring_handed_over_a_port_carries_records_both_ways_of_the_handoff(
                     got += await ring.get_many_async(timeout=10)
                 assert got == [b"record %d" % i for i in range(10_000)]
             assert (await finish(child)).strip() == "done"
+
+    run(main())
+
+
+def test_a_port_takes_objects_only_when_asked_and_only_so_many(rundir: Path) -> None:
+    async def main() -> None:
+        async with kport.ServerPort("plain", runtime_dir=rundir):
+            conn = await asyncio.to_thread(kport.connect, "plain", runtime_dir=rundir)
+            with conn, kport.Event() as ev:
+                with pytest.raises(kport.KportError, match="takes no objects"):
+                    await asyncio.to_thread(conn.reference_event, ev)
+        limit = kport.port.server.MAX_OBJECTS_PER_CONNECTION
+        async with kport.ServerPort("h", runtime_dir=rundir, accept_objects=True) as port:
+            conn = await asyncio.to_thread(kport.connect, "h", runtime_dir=rundir)
+            with conn, kport.Event() as ev:
+                for _ in range(limit):
+                    await asyncio.to_thread(conn.reference_event, ev)
+                with pytest.raises(kport.QueueFull, match="dereference some first"):
+                    await asyncio.to_thread(conn.reference_event, ev)
+                assert len(port.connections[0].objects) == limit
+
+    run(main())
+
+
+def test_an_object_queued_behind_a_busy_writer_is_the_one_that_was_handed(
+    rundir: Path,
+) -> None:
+    """The port sends its own copies of the fds: closing the original while the object
+    waits in the queue (and its fd number being reused) changes nothing."""
+
+    async def main() -> None:
+        async with kport.ServerPort("h", runtime_dir=rundir, on_message=lambda c, d: d) as port:
+            child = spawn_client(
+                """
+                import sys, time, kport
+                with kport.connect("h", runtime_dir=sys.argv[1]) as conn:
+                    conn.send("ready")
+                    time.sleep(1.0)  # not reading: the server's queue backs up
+                    while True:
+                        msg = conn.get_message(timeout=20)
+                        if msg.kind == "object":
+                            print(msg.data.manual_reset, msg.data.is_set())
+                            break
+                """,
+                str(rundir),
+            )
+            await wait_for(lambda: bool(port.connections) and port.connections[0].sent > 0)
+            conn = port.connections[0]
+            for i in range(3000):  # enough to fill the socket: the writer is busy
+                port.notify(conn, {"filler": "x" * 200, "i": i})
+            handed = kport.Event(manual_reset=True, initial=True)
+            task = asyncio.create_task(port.hand_event(conn, handed))
+            await asyncio.sleep(0.05)
+            handed.close()  # the number is free again ...
+            decoy = kport.Event()  # ... and most likely taken by this one
+            await task
+            decoy.close()
+            assert (await finish(child)).split() == ["True", "True"]
 
     run(main())
