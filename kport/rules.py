@@ -1,0 +1,360 @@
+"""Rules that decide file and network access: ordered, first match wins, reloaded safely.
+
+A rules file is TOML::
+
+    default = "allow"            # when no rule matches: allow | deny | ask | log
+
+    [[rule]]
+    name = "ssh keys"            # shown in logs and prompts
+    action = "deny"              # allow | deny | ask | log (log: allow, and record it)
+    kinds = ["open_perm"]        # event kinds; empty or absent: any
+    path = ["/home/*/.ssh/*"]    # globs (``*`` does not cross ``/``; ``**`` does)
+    exe = ["/usr/bin/*"]         # the process's executable
+    users = ["alice", 1001]      # names or uids
+    groups = ["staff"]           # names or gids
+    ancestors = ["/usr/sbin/sshd"]  # any process up the parent chain
+
+Every field given must match; a rule with none matches everything. Loading is all or
+nothing: a file with any error keeps the rules in force and the error names the file,
+the line and what is wrong. Decisions are cached per (process identity, path, kind),
+and the cache is dropped whenever the rules change.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import re
+import tomllib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+log = logging.getLogger("kport.rules")
+
+ACTIONS: Final = ("allow", "deny", "ask", "log")
+_FIELDS: Final = ("name", "action", "kinds", "path", "exe", "users", "groups", "ancestors")
+CACHE_SIZE: Final = 65536
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be used; the message names the file, line and problem."""
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A path glob: ``*`` and ``?`` stay within one path part, ``**`` crosses parts,
+    ``[...]`` is a class."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                raise ValueError(f"glob {pattern!r} has a '[' with no ']'")
+            body = pattern[i + 1 : end].replace("\\", "\\\\")
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append(f"[{body}]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a rule looks at: the access and the process asking for it."""
+
+    kind: str
+    path: str | None = None
+    exe: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    groups: frozenset[int] = frozenset()
+    #: the executables up the parent chain, nearest first
+    ancestors: tuple[str, ...] = ()
+
+
+@dataclass
+class Rule:
+    action: str
+    name: str = ""
+    kinds: frozenset[str] = frozenset()
+    path: tuple[re.Pattern[str], ...] = ()
+    exe: tuple[re.Pattern[str], ...] = ()
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    ancestors: tuple[re.Pattern[str], ...] = ()
+    #: where it came from, for messages: "file:line"
+    origin: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def matches(self, subject: Subject) -> bool:
+        if self.kinds and subject.kind not in self.kinds:
+            return False
+        if self.path and not (
+            subject.path is not None and any(p.match(subject.path) for p in self.path)
+        ):
+            return False
+        if self.exe and not (
+            subject.exe is not None and any(p.match(subject.exe) for p in self.exe)
+        ):
+            return False
+        if self.uids and subject.uid not in self.uids:
+            return False
+        if self.gids and not (self.gids & (subject.groups | {subject.gid})):
+            return False
+        return not self.ancestors or any(
+            p.match(exe) for exe in subject.ancestors for p in self.ancestors
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    #: the rule that decided, or "default"
+    rule: str
+
+
+def _ids(values: Any, what: str, lookup: Any) -> frozenset[int]:
+    out: set[int] = set()
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"{what} must be names or numbers, not {value!r}")
+        if isinstance(value, int):
+            out.add(value)
+            continue
+        try:
+            out.add(lookup(value))
+        except KeyError:
+            raise ValueError(f"{what}: no such name {value!r} on this machine") from None
+    return frozenset(out)
+
+
+def _strings(data: Mapping[str, Any], key: str) -> list[str]:
+    value = data.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key!r} must be a string or a list of strings")
+    return value
+
+
+def make_rule(data: Mapping[str, Any], origin: str = "", kinds: Iterable[str] = ()) -> Rule:
+    """A Rule from its mapping; anything wrong is a ValueError saying what."""
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(_FIELDS)})")
+    action = data.get("action")
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+    known_kinds = frozenset(kinds)
+    rule_kinds = frozenset(_strings(data, "kinds"))
+    if known_kinds and rule_kinds - known_kinds:
+        bad = sorted(rule_kinds - known_kinds)
+        raise ValueError(f"unknown kinds {bad} (known: {', '.join(sorted(known_kinds))})")
+    name = data.get("name", "")
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string, not {name!r}")
+    users = data.get("users", [])
+    groups = data.get("groups", [])
+    if not isinstance(users, list) or not isinstance(groups, list):
+        raise ValueError("users and groups must be lists")
+    return Rule(
+        action=action,
+        name=name,
+        kinds=rule_kinds,
+        path=tuple(glob_regex(p) for p in _strings(data, "path")),
+        exe=tuple(glob_regex(p) for p in _strings(data, "exe")),
+        uids=_ids(users, "users", lambda n: pwd.getpwnam(n).pw_uid),
+        gids=_ids(groups, "groups", lambda n: grp.getgrnam(n).gr_gid),
+        ancestors=tuple(glob_regex(p) for p in _strings(data, "ancestors")),
+        origin=origin,
+        source=dict(data),
+    )
+
+
+def _rule_lines(text: str) -> list[int]:
+    """The line number of each ``[[rule]]`` header, in order."""
+    return [
+        number
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip().replace(" ", "").startswith("[[rule]]")
+    ]
+
+
+def parse(text: str, origin: str, kinds: Iterable[str] = ()) -> tuple[list[Rule], str | None]:
+    """Rules and the default action (None if the file sets none) from a file's text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise RulesError(f"{origin}: {err}") from err
+    unknown = sorted(set(data) - {"default", "rule"})
+    if unknown:
+        raise RulesError(f"{origin}: unknown top-level key {unknown[0]!r} (known: default, rule)")
+    default = data.get("default")
+    if default is not None and default not in ACTIONS:
+        line = next(
+            (n for n, t in enumerate(text.splitlines(), 1) if t.strip().startswith("default")),
+            0,
+        )
+        raise RulesError(
+            f"{origin}:{line}: default must be one of {', '.join(ACTIONS)}, not {default!r}"
+        )
+    entries = data.get("rule", [])
+    if not isinstance(entries, list):
+        raise RulesError(f"{origin}: 'rule' must be an array of tables: [[rule]]")
+    lines = _rule_lines(text)
+    rules: list[Rule] = []
+    for index, entry in enumerate(entries):
+        line = lines[index] if index < len(lines) else 0
+        where = f"{origin}:{line}"
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("a rule must be a table")
+            rules.append(make_rule(entry, where, kinds))
+        except ValueError as err:
+            raise RulesError(f"{where}: rule {index + 1}: {err}") from None
+    return rules, default
+
+
+class RuleSet:
+    """Ordered rules from files, first match wins, with a decision cache.
+
+    ``paths`` are read in order (a "remembered" file first, typically); the last
+    ``default`` given wins, else ``default``. :meth:`reload_if_changed` swaps in new rules
+    only when every file loads, so a bad edit keeps the rules in force.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]] = (),
+        *,
+        default: str = "allow",
+        kinds: Iterable[str] = (),
+    ) -> None:
+        if default not in ACTIONS:
+            raise ValueError(f"default must be one of {', '.join(ACTIONS)}, not {default!r}")
+        self.paths = [Path(p) for p in paths]
+        self.kinds = frozenset(kinds)
+        self.base_default = default
+        self.default = default
+        self.rules: list[Rule] = []
+        #: bumped on every change; cached decisions from another generation are stale
+        self.generation = 0
+        self.error: str | None = None
+        self._stamps: dict[Path, tuple[int, int] | None] = {}
+        self._cache: OrderedDict[Any, Decision] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        if self.paths:
+            self.load()
+
+    def _stamp(self, path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def load(self) -> None:
+        """Load every file (a missing one is empty); raise RulesError and keep the old
+        rules if any file is bad."""
+        rules: list[Rule] = []
+        default = self.base_default
+        stamps: dict[Path, tuple[int, int] | None] = {}
+        for path in self.paths:
+            stamps[path] = self._stamp(path)
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise RulesError(f"{path}: cannot read: {err.strerror}") from err
+            file_rules, file_default = parse(text, str(path), self.kinds)
+            rules += file_rules
+            default = file_default or default
+        self.rules, self.default = rules, default
+        self._stamps = stamps
+        self.error = None
+        self.generation += 1
+        self._cache.clear()
+
+    def reload_if_changed(self) -> bool:
+        """Reload when a file changed; True if new rules are in force. A bad file is
+        logged (file, line, problem) and the rules in force stay."""
+        if all(self._stamp(p) == self._stamps.get(p) for p in self.paths):
+            return False
+        try:
+            self.load()
+        except RulesError as err:
+            if str(err) != self.error:
+                log.error("rules not reloaded, the ones in force stay: %s", err)
+            self.error = str(err)
+            self._stamps = {p: self._stamp(p) for p in self.paths}
+            return False
+        log.info("rules reloaded: %d rules, default %s", len(self.rules), self.default)
+        return True
+
+    def decide(self, subject: Subject, cache_key: Any = None) -> Decision:
+        """The first matching rule's action, or the default. With ``cache_key`` (the
+        process identity, path and kind), a repeated question is answered from cache."""
+        if cache_key is not None:
+            cached = self._cache.get(cache_key)
+            if cached is not None:
+                self.hits += 1
+                self._cache.move_to_end(cache_key)
+                return cached
+        self.misses += 1
+        decision = Decision(self.default, "default")
+        for index, rule in enumerate(self.rules):
+            if rule.matches(subject):
+                decision = Decision(rule.action, rule.name or f"rule {index + 1} ({rule.origin})")
+                break
+        if cache_key is not None:
+            self._cache[cache_key] = decision
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return decision
+
+    def remember(self, path: str | os.PathLike[str], rule: Mapping[str, Any]) -> None:
+        """Add ``rule`` at the top of the file ``path`` (atomically) and reload."""
+        make_rule(rule, str(path), self.kinds)  # refuse a bad one before writing
+        target = Path(path)
+        try:
+            old = target.read_text()
+        except FileNotFoundError:
+            old = ""
+        block = "[[rule]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
+        head, sep, rest = old.partition("[[rule]]")
+        text = f"{head}{block}\n{sep}{rest}" if sep else f"{old}{block}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        self.load()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ValueError(f"a rule value must be a string, number, boolean or list, not {value!r}")
