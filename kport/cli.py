@@ -52,6 +52,19 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.daemon.runtime_dir = args.runtime_dir
     if args.state_dir:
         cfg.daemon.state_dir = args.state_dir
+    if args.watch:
+        cfg.file.enabled = True
+        cfg.file.paths += [os.path.abspath(p) for p in args.watch]
+        cfg.file.default_action = "ask"
+    if args.decision_deadline is not None:
+        cfg.file.decision_deadline_s = args.decision_deadline
+    if args.default_verdict:
+        cfg.file.default_verdict = args.default_verdict
+    try:
+        config_mod.check_file(cfg.file, "command line")
+    except config_mod.ConfigError as err:
+        print(f"kport serve: {err}", file=sys.stderr)
+        return 2
     if args.log_format:
         cfg.daemon.log_format = args.log_format
     if args.print_config:
@@ -124,6 +137,16 @@ def _query(args: argparse.Namespace) -> int:
         return query.run(filters, as_json=args.json, db=args.db, runtime_dir=args.runtime_dir)
     except ValueError as err:
         print(f"kport query: {err}", file=sys.stderr)
+        return 2
+
+
+def _decide(args: argparse.Namespace) -> int:
+    from kport import decide
+
+    try:
+        return decide.run(policy=args.policy, runtime_dir=args.runtime_dir, count=args.count)
+    except ValueError as err:
+        print(f"kport decide: {err}", file=sys.stderr)
         return 2
 
 
@@ -283,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--runtime-dir", help="where the ports' sockets go")
     serve.add_argument("--state-dir", help="where the journal goes (default: see README)")
+    serve.add_argument(
+        "--watch",
+        action="append",
+        metavar="PATH",
+        help="watch file access under PATH and ask a decision client (repeatable)",
+    )
+    serve.add_argument(
+        "--decision-deadline", type=float, metavar="SECONDS", help="how long a decider has"
+    )
+    serve.add_argument(
+        "--default-verdict",
+        choices=("allow", "deny"),
+        help="the verdict when no decider answers in time (default: allow, fail-open)",
+    )
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.set_defaults(func=_serve)
 
@@ -304,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--runtime-dir", help="where the ports' sockets are")
     tail.set_defaults(func=_tail)
+
+    dec = sub.add_parser("decide", help="answer file access requests (a terminal, or a policy)")
+    dec.add_argument(
+        "--policy", metavar="allow|deny|FILE.py", help="answer by this, not at the terminal"
+    )
+    dec.add_argument("--count", type=int, default=0, help="stop after this many answers")
+    dec.add_argument("--runtime-dir", help="where the ports' sockets are")
+    dec.set_defaults(func=_decide)
 
     q = sub.add_parser("query", help="print the journal's history, filtered")
     q.add_argument("--source", action="append", help="proc, file, net or kport (repeatable)")

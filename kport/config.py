@@ -33,6 +33,24 @@ class ProcConfig:
 
 
 @dataclass
+class FileConfig:
+    enabled: bool = False
+    #: paths to watch: a mount point is marked whole, a directory for its entries
+    paths: list[str] = field(default_factory=list)
+    #: rules files, read in order after the remembered rules; reloaded on change
+    rules: list[str] = field(default_factory=list)
+    #: where "remember" writes rules; "" is <state dir>/file-remembered.toml
+    remembered: str = ""
+    #: the action when no rule matches: allow | deny | ask | log
+    default_action: str = "allow"
+    #: how long a decision client has to answer
+    decision_deadline_s: float = 10.0
+    #: the verdict when it does not answer in time, goes away, or none is connected.
+    #: "allow" (fail-open) keeps the machine usable when the decider is gone.
+    default_verdict: str = "allow"
+
+
+@dataclass
 class JournalConfig:
     enabled: bool = True
     #: the database file; "" is <state dir>/journal.db
@@ -61,11 +79,14 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     proc: ProcConfig = field(default_factory=ProcConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    file: FileConfig = field(default_factory=FileConfig)
     ports: dict[str, PortConfig] = field(
         default_factory=lambda: {
             "proc": PortConfig(groups=["kport"]),
             "journal": PortConfig(groups=["kport"]),
             "objects": PortConfig(groups=["kport"]),
+            "file": PortConfig(groups=["kport"]),
+            "file-decide": PortConfig(groups=["kport-admin"]),
             "control": PortConfig(),
         }
     )
@@ -136,13 +157,13 @@ def load(path: str | Path | None) -> Config:
                     raise ConfigError(f"{path}: [ports.{name}] must be a table")
                 target = config.ports.setdefault(name, PortConfig())
                 _fill(target, port, f"{path}: ports.{name}")
-        elif section in ("daemon", "proc", "journal"):
+        elif section in ("daemon", "proc", "journal", "file"):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             _fill(getattr(config, section), value, f"{path}: {section}")
         else:
             raise ConfigError(
-                f"{path}: unknown section [{section}] (known: daemon, proc, journal, ports)"
+                f"{path}: unknown section [{section}] (known: daemon, proc, journal, file, ports)"
             )
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
@@ -153,6 +174,17 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: journal.queue_limit must be >= 1")
     if not 1 <= config.journal.commit_interval_ms <= 60_000:
         raise ConfigError(f"{path}: journal.commit_interval_ms must be 1 to 60000")
+    check_file(config.file, str(path))
     if config.daemon.log_format not in ("text", "json"):
         raise ConfigError(f"{path}: daemon.log_format must be 'text' or 'json'")
     return config
+
+
+def check_file(cfg: FileConfig, where: str) -> None:
+    """Raise ConfigError for a [file] section that cannot work."""
+    if cfg.default_action not in ("allow", "deny", "ask", "log"):
+        raise ConfigError(f"{where}: file.default_action must be allow, deny, ask or log")
+    if cfg.default_verdict not in ("allow", "deny"):
+        raise ConfigError(f"{where}: file.default_verdict must be allow or deny")
+    if not 0.01 <= cfg.decision_deadline_s <= 3600:
+        raise ConfigError(f"{where}: file.decision_deadline_s must be 0.01 to 3600 seconds")

@@ -22,10 +22,15 @@ from typing import Any
 
 from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
+from kport.errors import KportError, Timeout
 from kport.journal import Journal, Query, Row, SourceHistory, row_of
 from kport.objects import Namespace
 from kport.port.security import Security
 from kport.port.server import ServerConnection, ServerPort
+from kport.rules import RuleSet
+from kport.sources import file as file_source
+from kport.sources.file import Done as FileDone
+from kport.sources.file import FileSource
 from kport.sources.proc import ProcSource
 
 log = logging.getLogger("kport.daemon")
@@ -114,7 +119,11 @@ class Daemon:
         self.seq = 0
         self.started = time.time()
         self.ports: dict[str, ServerPort] = {}
-        self.sources: dict[str, ProcSource] = {}
+        self.sources: dict[str, ProcSource | FileSource] = {}
+        self._deciders: frozenset[int] = frozenset()
+        self._asks: set[asyncio.Task[None]] = set()
+        self._next_decider = 0
+        self.file_rules: RuleSet | None = None
         self.rates: dict[str, Rate] = {}
         self.filtered = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -169,6 +178,8 @@ class Daemon:
             self._port("proc", one_way=True, history=history)
             self.rates["proc"] = Rate()
             self.sources["proc"] = ProcSource(self._from_thread, threads=self.config.proc.threads)
+        if self.config.file.enabled:
+            self._setup_file(journal)
         for port in self.ports.values():
             port.seq = self.seq  # a replay asked for before the first new event covers it all
         started: list[ServerPort] = []
@@ -189,6 +200,8 @@ class Daemon:
             log.info("stopping")
             for source in self.sources.values():
                 source.stop()
+            for task in list(self._asks):
+                task.cancel()  # each answers its opener with the default on the way out
             for port in started:
                 await port.shutdown(reason="kport serve stopped")
             self._queries.shutdown(wait=False, cancel_futures=True)
@@ -199,6 +212,94 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # --- file access ---------------------------------------------------------------------
+
+    def _setup_file(self, journal: Journal | None) -> None:
+        cfg = self.config.file
+        remembered = cfg.remembered or str(self.state_dir / "file-remembered.toml")
+        self.file_rules = RuleSet(
+            [remembered, *cfg.rules], default=cfg.default_action, kinds=file_source.KINDS
+        )
+        self.file_remembered = remembered
+        history = SourceHistory(journal, ("file", "kport")) if journal else None
+        self._port("file", one_way=True, history=history)
+        self._port(
+            "file-decide",
+            on_connect=self._decider_changed,
+            on_disconnect=self._decider_changed,
+        )
+        self.rates["file"] = Rate()
+        self.sources["file"] = FileSource(
+            self._from_thread,
+            paths=cfg.paths,
+            rules=self.file_rules,
+            ask=self._ask_from_thread,
+            default_verdict=cfg.default_verdict == "allow",
+            trusted=lambda: self._deciders,
+        )
+
+    def _decider_changed(self, conn: ServerConnection) -> None:
+        # Read by the file source's thread: always replaced whole, never changed in place.
+        port = self.ports["file-decide"]
+        pids = {c.pid for c in port.connections}
+        if not conn.closed:
+            pids.add(conn.pid)
+        else:
+            pids.discard(conn.pid)
+        self._deciders = frozenset(pids)
+
+    def _ask_from_thread(self, request: dict[str, Any], done: FileDone) -> None:
+        loop = self._loop
+        verdict = self.config.file.default_verdict == "allow"
+        if loop is None or loop.is_closed():
+            done(verdict, "kport is stopping")
+            return
+        try:
+            loop.call_soon_threadsafe(self._start_ask, request, done)
+        except RuntimeError:
+            done(verdict, "kport is stopping")
+
+    def _start_ask(self, request: dict[str, Any], done: FileDone) -> None:
+        task = asyncio.get_running_loop().create_task(self._ask(request, done))
+        self._asks.add(task)
+        task.add_done_callback(self._asks.discard)
+
+    async def _ask(self, request: dict[str, Any], done: FileDone) -> None:
+        """One permission request to a decision client; every way out calls ``done``."""
+        cfg = self.config.file
+        default = cfg.default_verdict == "allow"
+        port = self.ports["file-decide"]
+        conns = [c for c in port.connections if not c.closed]
+        if not conns:
+            done(default, "no decision client")
+            return
+        conn = conns[self._next_decider % len(conns)]
+        self._next_decider += 1
+        try:
+            reply = await port.request(conn, request, timeout=cfg.decision_deadline_s)
+        except Timeout:
+            done(default, f"no answer within {cfg.decision_deadline_s:g} s")
+            return
+        except KportError as err:
+            done(default, f"the decision client went away: {err}")
+            return
+        except BaseException:
+            done(default, "kport is stopping")
+            raise
+        verdict = reply.get("verdict") if isinstance(reply, dict) else None
+        if verdict not in ("allow", "deny"):
+            done(default, f"the decision client answered {reply!r:.60}, not allow or deny")
+            return
+        done(verdict == "allow", "decided")
+        if reply.get("remember") and self.file_rules is not None:
+            rule = {"action": verdict, "path": request["path"], "name": "remembered"}
+            if request.get("exe"):
+                rule["exe"] = request["exe"]
+            try:
+                await asyncio.to_thread(self.file_rules.remember, self.file_remembered, rule)
+            except (OSError, ValueError) as err:
+                log.error("file: could not remember %s: %s", rule, err)
 
     # --- events ------------------------------------------------------------------------
 
@@ -229,13 +330,14 @@ class Daemon:
         Each event is encoded once, for the journal and every client alike; the journal
         only queues it here, so a slow disk never slows delivery.
         """
-        port = self.ports.get("proc")
+        source = batch[0].get("source", "proc") if batch else "proc"
+        port = self.ports.get(source)
         journal = self.journal
         pack = protocol.pack
         now = time.time_ns()
         rows: list[Row] = []
         for event in batch:
-            if not self._passes(event):
+            if source == "proc" and not self._passes(event):
                 self.filtered += 1
                 continue
             self.seq += 1
@@ -248,7 +350,9 @@ class Daemon:
                 port.broadcast(item, seq=seq, packed=True)
         if journal is not None and rows:
             journal.append_many(rows)
-        self.rates["proc"].add(len(rows))
+        rate = self.rates.get(source)
+        if rate is not None:
+            rate.add(len(rows))
 
     def _journal_state(self, durable: bool, reason: str) -> None:
         """Called by the journal's writer when durability goes off or comes back."""

@@ -1,0 +1,199 @@
+"""The file source with the real kernel on a private tmpfs: rules, asks, trust, release."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kport.rules import RuleSet
+from kport.sources.file import Done, FileSource
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(os.geteuid() != 0, reason="fanotify permission events need root"),
+]
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Path]:
+    point = tmp_path / "watched"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(point)], check=True)
+    try:
+        (point / "plain.txt").write_text("hello\n")
+        (point / "secret.txt").write_text("s3cret\n")
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def cat(path: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Open ``path`` from another process (this one is the source's own: always allowed)."""
+    return subprocess.run(
+        ["cat", str(path)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.events += batch
+
+    def verdicts(self, path: Path) -> list[str]:
+        with self.lock:
+            return [e["verdict"] for e in self.events if e.get("path") == str(path)]
+
+
+def rules_file(tmp_path: Path, text: str) -> RuleSet:
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    return RuleSet([path], kinds=("open_perm", "open_exec_perm", "access_perm"))
+
+
+def test_rules_decide_and_the_verdict_comes_with_the_event(tmp_path: Path, mount: Path) -> None:
+    rules = rules_file(
+        tmp_path,
+        f'default = "allow"\n[[rule]]\nname = "no secrets"\naction = "deny"\n'
+        f'path = "{mount}/secret*"\n',
+    )
+    got = Collected()
+    source = FileSource(got, paths=[str(mount)], rules=rules, ask=None, default_verdict=True)
+    source.start()
+    try:
+        assert cat(mount / "plain.txt").stdout == "hello\n"
+        denied = cat(mount / "secret.txt")
+        assert denied.returncode != 0 and "Operation not permitted" in denied.stderr  # EPERM
+        # Python's open() in another process raises PermissionError.
+        opener = subprocess.run(
+            ["python3", "-c", f"open({str(mount / 'secret.txt')!r})"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert "PermissionError" in opener.stderr
+        deadline = time.monotonic() + 5
+        while "deny" not in got.verdicts(mount / "secret.txt") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "deny" in got.verdicts(mount / "secret.txt")
+        assert "allow" in got.verdicts(mount / "plain.txt")
+        event = next(e for e in got.events if e.get("verdict") == "deny")
+        assert event["rule"] == "no secrets" and event["exe"] and event["start_time"]
+        # The same process asking again is answered from the cache.
+        hits = source.rules.hits
+        twice = subprocess.run(
+            [
+                "python3",
+                "-c",
+                "import sys\nfor _ in range(2):\n    try:\n        open(sys.argv[1])\n"
+                "    except PermissionError:\n        print('denied')",
+                str(mount / "secret.txt"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert twice.stdout.split() == ["denied", "denied"]
+        assert source.rules.hits > hits
+    finally:
+        source.stop()
+
+
+def test_asks_are_answered_by_the_callback_or_by_the_default(tmp_path: Path, mount: Path) -> None:
+    rules = rules_file(tmp_path, 'default = "ask"\n')
+    asked: list[dict[str, Any]] = []
+
+    def ask(request: dict[str, Any], done: Done) -> None:
+        asked.append(request)
+        verdict = not request["path"].endswith("secret.txt")
+        threading.Timer(0.05, done, (verdict, "decided")).start()  # from another thread
+
+    got = Collected()
+    source = FileSource(got, paths=[str(mount)], rules=rules, ask=ask, default_verdict=True)
+    source.start()
+    try:
+        assert cat(mount / "plain.txt").returncode == 0
+        assert cat(mount / "secret.txt").returncode != 0
+        assert {a["path"] for a in asked} >= {str(mount / "plain.txt"), str(mount / "secret.txt")}
+        assert all(a["pid"] and a["exe"] for a in asked)
+    finally:
+        source.stop()
+    # No decision callback at all: the default verdict, at once.
+    source = FileSource(got, paths=[str(mount)], rules=rules, ask=None, default_verdict=False)
+    source.start()
+    try:
+        t0 = time.monotonic()
+        assert cat(mount / "plain.txt").returncode != 0
+        assert time.monotonic() - t0 < 2
+        assert source.defaulted >= 1
+    finally:
+        source.stop()
+
+
+def test_trusted_processes_are_allowed_at_once(tmp_path: Path, mount: Path) -> None:
+    rules = rules_file(tmp_path, 'default = "deny"\n')
+    trusted: set[int] = set()
+    source = FileSource(
+        Collected(),
+        paths=[str(mount)],
+        rules=rules,
+        ask=None,
+        default_verdict=False,
+        trusted=lambda: frozenset(trusted),
+    )
+    source.start()
+    try:
+        assert cat(mount / "plain.txt").returncode != 0
+        child = subprocess.Popen(  # opens the file itself, once it is trusted
+            [
+                "python3",
+                "-c",
+                "import sys; input(); print(open(sys.argv[1]).read(), end='')",
+                str(mount / "plain.txt"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        trusted.add(child.pid)
+        out, _ = child.communicate("go\n", timeout=20)
+        assert child.returncode == 0 and out == "hello\n"  # despite the default deny
+        assert (mount / "plain.txt").read_text() == "hello\n"  # our own: allowed at once
+    finally:
+        source.stop()
+
+
+def test_stopping_releases_an_opener_that_waits_for_an_answer(tmp_path: Path, mount: Path) -> None:
+    rules = rules_file(tmp_path, 'default = "ask"\n')
+    pending: list[Done] = []
+    source = FileSource(
+        Collected(),
+        paths=[str(mount)],
+        rules=rules,
+        ask=lambda request, done: pending.append(done),  # never answers
+        default_verdict=True,
+    )
+    source.start()
+    opener = subprocess.Popen(["cat", str(mount / "plain.txt")], stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pending and opener.poll() is None  # it waits for the answer
+    finally:
+        t0 = time.monotonic()
+        source.stop()
+    out, _ = opener.communicate(timeout=5)
+    assert time.monotonic() - t0 < 2 and out == b"hello\n"
+    for done in pending:
+        done(True, "late")  # an answer after the stop harms nothing
