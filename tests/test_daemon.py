@@ -20,6 +20,7 @@ import pytest
 import kport
 from kport import cli
 from kport.journal import SOURCES, chunk_items
+from tests.conftest import spawn_client
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -466,3 +467,179 @@ def test_the_daemon_hosts_named_objects(daemon: subprocess.Popen[str], rundir: P
     finally:
         ev.close()
     wait_until(lambda: kport_status(rundir)["objects"] == 0)
+
+
+# --- file access -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def watched_mount(tmp_path: Path) -> Iterator[Path]:
+    point = tmp_path / "watched"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(point)], check=True)
+    try:
+        (point / "data.txt").write_text("data\n")
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@contextlib.contextmanager
+def file_daemon(rundir: Path, mount: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)),
+            *("--state-dir", str(rundir / "state"), "--watch", str(mount), *extra),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: (rundir / "control.sock").exists() or proc.poll() is not None)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        wait_until(lambda: kport_status(rundir)["sources"]["file"]["watching"])  # marks in place
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.communicate(timeout=20)
+
+
+def cat(path: Path, timeout: float = 30) -> tuple[int, float]:
+    """Open and read ``path`` from another process: (exit status, seconds it took)."""
+    t0 = time.monotonic()
+    result = subprocess.run(["cat", str(path)], capture_output=True, timeout=timeout, check=False)
+    return result.returncode, time.monotonic() - t0
+
+
+def decider(rundir: Path, code: str) -> subprocess.Popen[str]:
+    """A decision client running ``code`` with ``conn`` connected to file-decide."""
+    return spawn_client(
+        "import sys, time, kport\n"
+        "conn = kport.connect('file-decide', runtime_dir=sys.argv[1])\n"
+        "print('connected', flush=True)\n" + code,
+        str(rundir),
+    )
+
+
+def wait_connected(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "connected", proc.stderr.read() if proc.stderr else ""
+
+
+def test_no_decider_means_the_default_at_once(rundir: Path, tmp_path: Path) -> None:
+    with (
+        watched_mount(tmp_path) as mount,
+        file_daemon(rundir, mount, "--default-verdict", "deny", "--decision-deadline", "5"),
+    ):
+        status, took = cat(mount / "data.txt")
+        assert status != 0 and took < 2  # denied, without waiting for the deadline
+
+
+def test_deciders_policies_and_a_decider_that_opens_a_watched_file(
+    rundir: Path, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.py"
+    with watched_mount(tmp_path) as mount:
+        policy.write_text(
+            "def decide(request):\n"
+            f"    open({str(mount / 'data.txt')!r}).read()  # watched too: must not deadlock\n"
+            "    return 'deny' if request['path'].endswith('secret') else 'allow'\n"
+        )
+        (mount / "secret").write_text("x\n")
+        with file_daemon(rundir, mount, "--default-verdict", "deny", "--decision-deadline", "10"):
+            client = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "kport.cli", "decide", "--policy", str(policy)),
+                    *("--runtime-dir", str(rundir)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                wait_until(
+                    lambda: len(kport_status(rundir)["ports"]["file-decide"]["connections"]) == 1
+                )
+                assert cat(mount / "data.txt")[0] == 0
+                status, took = cat(mount / "secret")
+                assert status != 0 and took < 5
+
+                def verdicts() -> set[tuple[str, str]]:  # journaled within a commit interval
+                    events = kport.history(sources=["file"], runtime_dir=rundir, limit=100)
+                    return {(e["path"], e["verdict"]) for e in events if "verdict" in e}
+
+                wait_until(lambda: (str(mount / "secret"), "deny") in verdicts())
+                assert (str(mount / "data.txt"), "allow") in verdicts()
+            finally:
+                client.terminate()
+                client.communicate(timeout=10)
+
+
+def test_a_stuck_decider_releases_the_opener_at_the_deadline(rundir: Path, tmp_path: Path) -> None:
+    with (
+        watched_mount(tmp_path) as mount,
+        file_daemon(rundir, mount, "--default-verdict", "allow", "--decision-deadline", "1"),
+    ):
+        stuck = decider(rundir, "time.sleep(60)\n")  # connected, never answers
+        try:
+            wait_connected(stuck)
+            status, took = cat(mount / "data.txt")
+            assert status == 0 and 0.8 < took < 5  # the default, at the deadline
+        finally:
+            stuck.kill()
+            stuck.communicate(timeout=10)
+
+
+def test_a_decider_killed_mid_request_means_the_default_at_once(
+    rundir: Path, tmp_path: Path
+) -> None:
+    with (
+        watched_mount(tmp_path) as mount,
+        file_daemon(rundir, mount, "--default-verdict", "allow", "--decision-deadline", "30"),
+    ):
+        victim = decider(
+            rundir,
+            "msg = conn.get_message(timeout=30)\nprint('asked', flush=True)\ntime.sleep(60)\n",
+        )
+        try:
+            wait_connected(victim)
+            opener = subprocess.Popen(["cat", str(mount / "data.txt")], stdout=subprocess.PIPE)
+            assert victim.stdout is not None
+            assert victim.stdout.readline().strip() == "asked"
+            assert opener.poll() is None  # waiting for the answer
+            t0 = time.monotonic()
+            victim.kill()
+            out, _ = opener.communicate(timeout=10)
+            assert out == b"data\n" and time.monotonic() - t0 < 2
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+            victim.communicate(timeout=10)
+
+
+def test_a_killed_daemon_leaves_no_opener_hanging(rundir: Path, tmp_path: Path) -> None:
+    with (
+        watched_mount(tmp_path) as mount,
+        file_daemon(
+            rundir, mount, "--default-verdict", "allow", "--decision-deadline", "60"
+        ) as daemon_proc,
+    ):
+        stuck = decider(rundir, "time.sleep(60)\n")
+        try:
+            wait_connected(stuck)
+            openers = [
+                subprocess.Popen(["cat", str(mount / "data.txt")], stdout=subprocess.PIPE)
+                for _ in range(5)
+            ]
+            time.sleep(0.5)
+            assert all(o.poll() is None for o in openers)  # all waiting on the stuck decider
+            t0 = time.monotonic()
+            daemon_proc.kill()
+            for opener in openers:
+                out, _ = opener.communicate(timeout=10)
+                assert out == b"data\n"
+            assert time.monotonic() - t0 < 2
+        finally:
+            stuck.kill()
+            stuck.communicate(timeout=10)

@@ -109,6 +109,7 @@ class FileSource:
 
     def status(self) -> dict[str, Any]:
         return {
+            "watching": self._group is not None,
             "events": self.events,
             "allowed": self.allowed,
             "denied": self.denied,
