@@ -806,35 +806,13 @@ class Journal:
 
         Committed events only: what is still queued shows up within a commit interval.
         """
-        where, args = query.chunk_sql()
-        order = "DESC" if query.newest_first else "ASC"
-        db = self._reader()
         found = 0
-        bound: int | None = None
-        while True:
-            page_where, page_args = where, list(args)
-            if bound is not None:
-                page_where += " AND first < ?" if query.newest_first else " AND first > ?"
-                page_args.append(bound)
-            rows = db.execute(
-                f"SELECT first, seqs, offsets, sources, data FROM chunks WHERE {page_where}"
-                f" ORDER BY first {order} LIMIT 64",
-                page_args,
-            ).fetchall()
-            if not rows:
-                return
-            for first, *chunk in rows:
-                events = list(chunk_items(*chunk))
-                if query.newest_first:
-                    events.reverse()
-                for _, _, item in events:
-                    event = msgpack.unpackb(item, raw=False, strict_map_key=False)
-                    if query.matches(event):
-                        found += 1
-                        yield event
-                        if found >= query.limit:
-                            return
-                bound = first
+        for _, event in self._walk(query):
+            if event is not None:
+                found += 1
+                yield event
+                if found >= query.limit:
+                    return
 
     def scan(
         self, query: Query, *, max_bytes: int, budget_s: float

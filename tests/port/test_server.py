@@ -18,7 +18,7 @@ import pytest
 
 import kport
 from kport import protocol
-from tests.conftest import spawn_client
+from tests.conftest import run_as_nobody, spawn_client
 
 T = TypeVar("T")
 pytestmark = pytest.mark.timeout(120)
@@ -113,32 +113,17 @@ def test_socket_has_its_permissions_and_owner(rundir: Path) -> None:
 
 def connect_as_nobody(rundir: Path, name: str) -> str:
     """Fork a child that drops to nobody and connects; what happened, as one line."""
-    import pwd
 
-    nobody = pwd.getpwnam("nobody")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no asyncio, no threads, just the sync client
+    def action() -> str:
         try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            try:
-                kport.connect(name, runtime_dir=rundir, timeout=5).close()
-                line = "connected"
-            except kport.AccessDenied as err:
-                line = f"AccessDenied {err}"
-            except Exception as err:  # noqa: BLE001 - reported to the parent
-                line = f"other {type(err).__name__} {err}"
-            os.write(write_end, line.encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
+            kport.connect(name, runtime_dir=rundir, timeout=5).close()
+        except kport.AccessDenied as err:
+            return f"AccessDenied {err}"
+        except Exception as err:  # noqa: BLE001 - reported to the parent
+            return f"other {type(err).__name__} {err}"
+        return "connected"
+
+    return run_as_nobody(action)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
