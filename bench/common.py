@@ -1,7 +1,9 @@
-"""What every benchmark shares: percentiles, a printed table, and JSON results on disk."""
+"""What every benchmark shares: percentiles, a printed table, JSON results on disk, and the
+two ends of a kport notify stream (flow control on the producer, counting on the consumer)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -58,3 +60,37 @@ def save_results(name: str, result: dict[str, Any], directory: str | None = None
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     Console().print(f"results saved to {path}")
     return path
+
+
+async def flow_control(port: Any, conn: Any) -> None:
+    """Once the client's queue is half full, let the writer drain it to a quarter: a
+    producer that outruns its consumer measures drops, not throughput."""
+    high = port.queue_limit // 2
+    if conn.queue_depth >= high:
+        while conn.queue_depth >= high // 2:
+            await asyncio.sleep(0)
+
+
+async def drained(conn: Any) -> None:
+    """Wait until everything queued for ``conn`` is written (or it has gone)."""
+    while conn.queue_depth and not conn.closed:
+        await asyncio.sleep(0.001)
+
+
+def count_notifications(port_name: str, rundir: str, count: int, timeout: float) -> dict[str, Any]:
+    """Receive ``count`` notifications (lost ones count too); timed from first to last."""
+    import kport
+
+    received = lost = 0
+    first = last = 0.0
+    with kport.connect(port_name, runtime_dir=rundir) as conn:
+        while received + lost < count:
+            for msg in conn.get_messages(4096, timeout=timeout):
+                if msg.kind == "notify":
+                    if not received:
+                        first = time.perf_counter()
+                    received += 1
+                else:
+                    lost += msg.data["count"]
+            last = time.perf_counter()
+    return {"received": received, "lost": lost, "seconds": last - first}

@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
 
-from bench.common import Table, save_results
+from bench.common import Table, count_notifications, drained, flow_control, save_results
 
 BATCH = 256
 
@@ -74,16 +74,12 @@ def _producer(rundir: str, state: str | None, count: int, ready: Any, out: Pipe)
         while not port.connections:
             await asyncio.sleep(0.001)
         conn = port.connections[0]
-        high = port.queue_limit // 2
         cpu0 = time.process_time()
         for start in range(0, count, BATCH):
             daemon.deliver([proc_event(i) for i in range(start, min(start + BATCH, count))])
-            if conn.queue_depth >= high:  # flow control: let the writer drain
-                while conn.queue_depth >= high // 2:
-                    await asyncio.sleep(0)
+            await flow_control(port, conn)
         delivered_at = time.perf_counter()
-        while conn.queue_depth and not conn.closed:
-            await asyncio.sleep(0.001)
+        await drained(conn)
         cpu = time.process_time() - cpu0
         durable_lag = 0.0
         status: dict[str, Any] = {}
@@ -102,21 +98,7 @@ def _producer(rundir: str, state: str | None, count: int, ready: Any, out: Pipe)
 
 
 def _consumer(rundir: str, count: int, out: Pipe) -> None:
-    import kport
-
-    received = lost = 0
-    with kport.connect("proc", runtime_dir=rundir) as conn:
-        first = last = 0.0
-        while received + lost < count:
-            for msg in conn.get_messages(4096, timeout=60):
-                if msg.kind == "notify":
-                    if not received:
-                        first = time.perf_counter()
-                    received += 1
-                else:
-                    lost += msg.data["count"]
-            last = time.perf_counter()
-    out.send({"received": received, "lost": lost, "seconds": last - first})
+    out.send(count_notifications("proc", rundir, count, timeout=60))
 
 
 def delivery(count: int, with_journal: bool) -> dict[str, Any]:

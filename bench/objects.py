@@ -34,7 +34,7 @@ from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
 import kport
-from bench.common import Table, percentile, save_results
+from bench.common import Table, drained, flow_control, percentile, save_results
 
 FORK = mp.get_context("fork")
 
@@ -338,15 +338,11 @@ def _port_producer(rundir: str, count: int, ready: MpEvent) -> None:
                 raise RuntimeError("port notify: no consumer connected")
             await asyncio.sleep(0.001)
         conn = port.connections[0]
-        high = port.queue_limit // 2
         for batch in _batches(count):
             for record in batch:
                 port.notify(conn, record)
-                if conn.queue_depth >= high:  # flow control: let the writer drain
-                    while conn.queue_depth >= high // 2:
-                        await asyncio.sleep(0)
-        while conn.queue_depth and not conn.closed:
-            await asyncio.sleep(0.001)
+                await flow_control(port, conn)
+        await drained(conn)
         while not conn.closed:
             await asyncio.sleep(0.005)
         await port.shutdown()

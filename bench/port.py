@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from bench.common import Table, percentile, save_results
+from bench.common import Table, count_notifications, drained, flow_control, percentile, save_results
 
 _HDR = struct.Struct(">I")
 
@@ -59,14 +59,10 @@ def _kport_producer(rundir: str, count: int, ready: Any) -> None:
         while not port.connections:
             await asyncio.sleep(0.001)
         conn = port.connections[0]
-        high = port.queue_limit // 2
         for ev in events(count):
             port.notify(conn, ev)
-            if conn.queue_depth >= high:  # flow control: let the writer drain
-                while conn.queue_depth >= high // 2:
-                    await asyncio.sleep(0)
-        while conn.queue_depth and not conn.closed:
-            await asyncio.sleep(0.001)
+            await flow_control(port, conn)
+        await drained(conn)
         while not conn.closed:
             await asyncio.sleep(0.005)
         await port.shutdown()
@@ -75,21 +71,7 @@ def _kport_producer(rundir: str, count: int, ready: Any) -> None:
 
 
 def _kport_consumer(rundir: str, count: int, out: Pipe) -> None:
-    import kport
-
-    received = lost = 0
-    with kport.connect("bench", runtime_dir=rundir) as conn:
-        first = msg_time = 0.0
-        while received + lost < count:
-            for msg in conn.get_messages(4096, timeout=30):
-                if msg.kind == "notify":
-                    if not received:
-                        first = time.perf_counter()
-                    received += 1
-                else:
-                    lost += msg.data["count"]
-            msg_time = time.perf_counter()
-    out.send({"received": received, "lost": lost, "seconds": msg_time - first})
+    out.send(count_notifications("bench", rundir, count, timeout=30))
 
 
 def _raw_producer(sock: socket.socket, count: int) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import fnmatch
 import logging
 import os
@@ -46,6 +45,7 @@ from typing import Any, Final
 import msgpack
 import zstandard
 
+from kport import paths
 from kport.errors import NameCollision
 from kport.port.history import Gap, Page
 
@@ -385,15 +385,11 @@ class Journal:
     def _take_lock(self) -> None:
         """One writer per journal: a second daemon on the same file is refused, not mixed in."""
         lock_path = self.path.with_name(f".{self.path.name}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        self._lock_fd = paths.try_lock(lock_path)
+        if self._lock_fd is None:
             raise NameCollision(
                 f"journal {self.path} is in use by another process (lock {lock_path})"
-            ) from None
-        self._lock_fd = fd
+            )
 
     def _close_files(self) -> None:
         if self._db is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -68,3 +69,15 @@ def validate_port_name(name: str) -> None:
         )
     if name.startswith("."):
         raise ValueError(f"port name {name!r} may not start with '.'")
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive flock on ``path`` (created 0600): its fd, or None if another process
+    holds it. The lock goes when the fd is closed, or with the process."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

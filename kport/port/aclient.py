@@ -100,12 +100,7 @@ class AsyncConnection:
                     [rbuf], handles.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
                 )
             except (BlockingIOError, InterruptedError):
-                readable = loop.create_future()
-                loop.add_reader(sock.fileno(), readable.set_result, None)
-                try:
-                    await readable
-                finally:
-                    loop.remove_reader(sock.fileno())
+                await handles.fd_ready(loop, sock.fileno())
                 continue
             fds = handles.fds_from_ancillary(ancdata) if ancdata else None
             if fds is not None and flags & socket.MSG_CTRUNC:
@@ -216,19 +211,8 @@ class AsyncConnection:
         loop = asyncio.get_running_loop()
         try:
             if fds:
-                while True:
-                    try:
-                        sent = self._sock.sendmsg([frame], handles.rights(fds))
-                        break
-                    except (BlockingIOError, InterruptedError):
-                        writable = loop.create_future()
-                        loop.add_writer(self._sock.fileno(), writable.set_result, None)
-                        try:
-                            await writable
-                        finally:
-                            loop.remove_writer(self._sock.fileno())
-                frame = frame[sent:]
-            if frame:
+                await handles.send_with_fds(loop, self._sock, frame, fds)
+            else:
                 await loop.sock_sendall(self._sock, frame)
         except OSError as err:
             raise PortClosed(f"port {self.port!r}: write failed: {err.strerror}") from err
@@ -271,12 +255,7 @@ async def _recv_with_fds(
             )
             return data, handles.fds_from_ancillary(ancdata)
         except (BlockingIOError, InterruptedError):
-            readable = loop.create_future()
-            loop.add_reader(sock.fileno(), readable.set_result, None)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(sock.fileno())
+            await handles.fd_ready(loop, sock.fileno())
 
 
 class aconnect:

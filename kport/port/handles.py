@@ -10,6 +10,7 @@ own reference (its own fds), valid after the sender closes its copy or exits.
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -147,3 +148,34 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     """Ancillary data that sends ``fds`` with sendmsg."""
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+async def fd_ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool = False) -> None:
+    """Wait on ``loop`` until ``fd`` is readable (or writable)."""
+    ready = loop.create_future()
+    if write:
+        loop.add_writer(fd, ready.set_result, None)
+    else:
+        loop.add_reader(fd, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def send_with_fds(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, frame: bytes, fds: Sequence[int]
+) -> None:
+    """Send ``frame`` on a non-blocking socket with ``fds`` on its first byte, waiting
+    while the socket buffer is full."""
+    while True:
+        try:
+            sent = sock.sendmsg([frame], rights(fds))
+            break
+        except (BlockingIOError, InterruptedError):
+            await fd_ready(loop, sock.fileno(), write=True)
+    if sent < len(frame):
+        await loop.sock_sendall(sock, frame[sent:])

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import contextvars
 import errno
-import fcntl
 import inspect
 import itertools
 import logging
@@ -424,14 +423,11 @@ class ServerPort:
         rundir.mkdir(parents=True, exist_ok=True, mode=0o755)
         lock_path = rundir / f".{self.path.name}.lock"
         while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = paths.try_lock(lock_path)
+            if fd is None:
                 raise NameCollision(
                     f"port {self.name!r} is already served by a live process (it holds {lock_path})"
-                ) from None
+                )
             # The lock file may have been unlinked by a server that was stopping while we
             # waited: then lock the new file instead.
             try:
@@ -850,22 +846,8 @@ class ServerPort:
 
     async def _send_object(self, conn: ServerConnection, fds: list[int], frame: bytes) -> None:
         """One OBJECT frame with its fds on its first byte; the fds (our dups) are closed."""
-        loop = asyncio.get_running_loop()
-        sock = conn._sock
         try:
-            while True:
-                try:
-                    sent = sock.sendmsg([frame], handles.rights(fds))
-                    break
-                except (BlockingIOError, InterruptedError):  # a full socket buffer: wait
-                    writable = loop.create_future()
-                    loop.add_writer(sock.fileno(), writable.set_result, None)
-                    try:
-                        await writable
-                    finally:
-                        loop.remove_writer(sock.fileno())
-            if sent < len(frame):
-                await loop.sock_sendall(sock, frame[sent:])
+            await handles.send_with_fds(asyncio.get_running_loop(), conn._sock, frame, fds)
             conn.sent += 1
         finally:
             for fd in fds:

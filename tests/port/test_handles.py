@@ -7,30 +7,17 @@ import json
 import os
 import socket
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import kport
 from kport.port import handles
-from tests.conftest import spawn_client
+from tests.conftest import run, spawn_client, wait_for
 
-T = TypeVar("T")
 pytestmark = pytest.mark.timeout(120)
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def finish(child: Any) -> str:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import kport
 from kport import protocol
 from kport.journal import Journal, SourceHistory, row_of
-from tests.conftest import spawn_client
+from tests.conftest import run, spawn_client
 
-T = TypeVar("T")
 pytestmark = pytest.mark.timeout(120)
 
 CLIENT = """
@@ -33,10 +31,6 @@ with kport.connect("h", runtime_dir=sys.argv[1], since=since) as conn:
                 break
 print(json.dumps(out))
 """
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def emit(port: kport.ServerPort, journal: Journal, seq: int) -> None:

@@ -10,30 +10,16 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import kport
 from kport import protocol
-from tests.conftest import run_as_nobody, spawn_client
+from tests.conftest import run, run_as_nobody, spawn_client, wait_for
 
-T = TypeVar("T")
 pytestmark = pytest.mark.timeout(120)
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 def test_notify_request_send_between_processes(rundir: Path) -> None:
