@@ -5,6 +5,7 @@ The public API, re-exported from the modules that implement it.
 
 from kport.errors import (
     AccessDenied,
+    BadRequest,
     KportError,
     LocalProtocolError,
     NameCollision,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "AsyncConnection",
+    "BadRequest",
     "Connection",
     "Event",
     "KportError",

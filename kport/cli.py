@@ -228,6 +228,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> int:
+    """Add (or remove) a file watch in the running daemon, and list what is watched."""
+    if args.command == "unwatch":
+        request = {"op": "unwatch", "path": os.path.abspath(args.path)}
+    else:
+        mark = "mount" if args.mount else "filesystem" if args.filesystem else "path"
+        request = {"op": "watch", "path": os.path.abspath(args.path), "mark": mark}
+    with kport.connect("control", runtime_dir=args.runtime_dir) as conn:
+        result = conn.send(request, timeout=10)
+    for watch in result["watches"]:
+        print(f"{watch['mark']:<10} {watch['path']}")
+    if not result["watches"]:
+        print("nothing is watched", file=sys.stderr)
+    return 0
+
+
 def _objects(args: argparse.Namespace) -> int:
     import json
 
@@ -372,6 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--runtime-dir", help="where the ports' sockets are")
     status.set_defaults(func=_status)
+
+    watch = sub.add_parser("watch", help="watch file access under PATH now (root)")
+    watch.add_argument("path", help="a file; a directory (its entries); a mount point (whole)")
+    whole = watch.add_mutually_exclusive_group()
+    whole.add_argument("--mount", action="store_true", help="the whole mount PATH is on")
+    whole.add_argument(
+        "--filesystem", action="store_true", help="the whole filesystem (all its mounts)"
+    )
+    watch.add_argument("--runtime-dir", help="where the ports' sockets are")
+    watch.set_defaults(func=_watch)
+    unwatch = sub.add_parser("unwatch", help="stop watching PATH (root)")
+    unwatch.add_argument("path")
+    unwatch.add_argument("--runtime-dir", help="where the ports' sockets are")
+    unwatch.set_defaults(func=_watch)
 
     objects = sub.add_parser("objects", help="the named objects of a namespace (root)")
     objects.add_argument("--namespace", default="objects", help="the namespace's port")

@@ -9,6 +9,8 @@ from typing import Any
 
 import tomli_w
 
+from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
+
 
 class ConfigError(ValueError):
     """The configuration file is not valid; the message names the file and the key."""
@@ -35,8 +37,19 @@ class ProcConfig:
 @dataclass
 class FileConfig:
     enabled: bool = False
-    #: paths to watch: a mount point is marked whole, a directory for its entries
+    #: paths to watch: a file; a directory for its entries; a mount point whole
     paths: list[str] = field(default_factory=list)
+    #: mounts to watch whole, wherever these paths are
+    mounts: list[str] = field(default_factory=list)
+    #: filesystems to watch whole (every mount of them), named by a path on each
+    filesystems: list[str] = field(default_factory=list)
+    #: permission events decided by the rules: open_perm, open_exec_perm, access_perm
+    permissions: list[str] = field(default_factory=lambda: ["open_perm", "open_exec_perm"])
+    #: notifications reported: open, open_exec, access, modify, close_write,
+    #: close_nowrite, create, delete, move, attrib
+    events: list[str] = field(
+        default_factory=lambda: ["close_write", "create", "delete", "move", "attrib"]
+    )
     #: rules files, read in order after the remembered rules; reloaded on change
     rules: list[str] = field(default_factory=list)
     #: where "remember" writes rules; "" is <state dir>/file-remembered.toml
@@ -186,5 +199,11 @@ def check_file(cfg: FileConfig, where: str) -> None:
         raise ConfigError(f"{where}: file.default_action must be allow, deny, ask or log")
     if cfg.default_verdict not in ("allow", "deny"):
         raise ConfigError(f"{where}: file.default_verdict must be allow or deny")
+    for key, known in (("permissions", PERMISSION_KINDS), ("events", NOTIFY_KINDS)):
+        bad = [k for k in getattr(cfg, key) if k not in known]
+        if bad:
+            raise ConfigError(
+                f"{where}: file.{key}: unknown kinds {bad} (known: {', '.join(known)})"
+            )
     if not 0.01 <= cfg.decision_deadline_s <= 3600:
         raise ConfigError(f"{where}: file.decision_deadline_s must be 0.01 to 3600 seconds")

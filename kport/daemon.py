@@ -22,7 +22,7 @@ from typing import Any
 
 from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
-from kport.errors import KportError, Timeout
+from kport.errors import BadRequest, KportError, Timeout
 from kport.journal import Journal, Query, Row, SourceHistory, row_of
 from kport.objects import Namespace
 from kport.port.security import Security
@@ -230,9 +230,13 @@ class Daemon:
             on_disconnect=self._decider_changed,
         )
         self.rates["file"] = Rate()
+        proc = self.sources.get("proc")
         self.sources["file"] = FileSource(
             self._from_thread,
-            paths=cfg.paths,
+            watches=file_source.watches_of(cfg.paths, cfg.mounts, cfg.filesystems),
+            permissions=cfg.permissions,
+            events=cfg.events,
+            processes=proc.table.get if isinstance(proc, ProcSource) else None,
             rules=self.file_rules,
             ask=self._ask_from_thread,
             default_verdict=cfg.default_verdict == "allow",
@@ -408,7 +412,35 @@ class Daemon:
         op = data.get("op") if isinstance(data, dict) else None
         if op == "status":
             return self.status()
-        raise ValueError(f"unknown control request {data!r:.60}; known ops: status")
+        if op in ("watch", "unwatch"):
+            return self._watch(op, data)
+        raise ValueError(f"unknown control request {data!r:.60}; known ops: status, watch, unwatch")
+
+    def _watch(self, op: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Add or remove a file watch while running: ``{"op": "watch", "path": ABSOLUTE,
+        "mark": "path" | "mount" | "filesystem"}``, ``{"op": "unwatch", "path": ...}``."""
+        source = self.sources.get("file")
+        if not isinstance(source, FileSource):
+            raise BadRequest(
+                "file access is not enabled in this daemon: set [file] enabled = true, "
+                "or start it with kport serve --watch PATH"
+            )
+        path = data.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise BadRequest(f"{op}: path must be an absolute path, not {path!r:.80}")
+        if op == "unwatch":
+            source.unwatch(path)
+        else:
+            mark = data.get("mark", "path")
+            if mark not in ("path", "mount", "filesystem"):
+                raise BadRequest(f"watch: mark must be path, mount or filesystem, not {mark!r}")
+            if not os.path.exists(path):
+                raise BadRequest(f"watch: {path} does not exist")
+            try:
+                source.watch(file_source.Watch(path, mark))
+            except OSError as err:
+                raise BadRequest(f"watch: {err}") from err
+        return {"watches": source.status()["watches"]}
 
     def status(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ class ErrorCode(enum.IntEnum):
     NAME_COLLISION = 13
     OBJECT_TYPE_MISMATCH = 14
     NO_HISTORY = 15
+    BAD_REQUEST = 16
 
 
 class KportError(Exception):
@@ -135,6 +136,12 @@ class NoHistory(KportError):
     code = ErrorCode.NO_HISTORY
 
 
+class BadRequest(KportError, ValueError):
+    """The request cannot be carried out as asked; the message says what was wrong."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
 _BY_CODE: dict[int, type[KportError]] = {
     ErrorCode.PROTOCOL: RemoteProtocolError,
     ErrorCode.VERSION: VersionMismatch,
@@ -151,6 +158,7 @@ _BY_CODE: dict[int, type[KportError]] = {
     ErrorCode.NAME_COLLISION: NameCollision,
     ErrorCode.OBJECT_TYPE_MISMATCH: ObjectTypeMismatch,
     ErrorCode.NO_HISTORY: NoHistory,
+    ErrorCode.BAD_REQUEST: BadRequest,
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import os
 import struct
 from collections.abc import Callable
@@ -43,13 +44,16 @@ FAN_Q_OVERFLOW: Final = 0x00004000
 FAN_OPEN_PERM: Final = 0x00010000
 FAN_ACCESS_PERM: Final = 0x00020000
 FAN_OPEN_EXEC_PERM: Final = 0x00040000
+FAN_RENAME: Final = 0x10000000  # one event with the old and the new name (Linux 5.17)
 FAN_EVENT_ON_CHILD: Final = 0x08000000
 FAN_ONDIR: Final = 0x40000000
 FAN_CLOSE: Final = FAN_CLOSE_WRITE | FAN_CLOSE_NOWRITE
 FAN_MOVE: Final = FAN_MOVED_FROM | FAN_MOVED_TO
 FAN_PERMISSION_EVENTS: Final = FAN_OPEN_PERM | FAN_ACCESS_PERM | FAN_OPEN_EXEC_PERM
 #: Events about a directory entry: reported only by name groups, refused on mount marks.
-FAN_DIRENT_EVENTS: Final = FAN_CREATE | FAN_DELETE | FAN_MOVE | FAN_DELETE_SELF | FAN_MOVE_SELF
+FAN_DIRENT_EVENTS: Final = (
+    FAN_CREATE | FAN_DELETE | FAN_MOVE | FAN_RENAME | FAN_DELETE_SELF | FAN_MOVE_SELF
+)
 
 # fanotify_init flags.
 FAN_CLOEXEC: Final = 0x00000001
@@ -112,6 +116,7 @@ KINDS: Final[dict[int, str]] = {
     FAN_MOVED_TO: "moved_to",
     FAN_DELETE_SELF: "delete_self",
     FAN_MOVE_SELF: "move_self",
+    FAN_RENAME: "rename",
     FAN_OPEN_PERM: "open_perm",
     FAN_OPEN_EXEC_PERM: "open_exec_perm",
     FAN_ACCESS_PERM: "access_perm",
@@ -391,6 +396,16 @@ def _fsid_of(path: bytes) -> tuple[int, int]:
 # --- groups and events ----------------------------------------------------------------
 
 
+_DELETED: Final = " (deleted)"
+
+
+def _unlinked(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
 @dataclasses.dataclass(slots=True)
 class FanotifyEvent:
     """One event, decoded. It owns ``fd`` (the file, opened by the kernel, or -1).
@@ -405,6 +420,10 @@ class FanotifyEvent:
     fd: int
     path: str | None
     name: str | None
+    #: a rename's old path (``path`` is the new one); None for every other event
+    old_path: str | None
+    #: the file was unlinked by the time the event was read (``path`` is its last name)
+    deleted: bool
     is_dir: bool
     overflow: bool
     permission: bool
@@ -467,6 +486,16 @@ class FanotifyGroup:
             call = f"fanotify_init({_flag_names(flags, _INIT_FLAG_NAMES, 'FAN_CLASS_NOTIF')})"
             raise _os_error(call)
         self._fd = fd
+
+    def move_above(self, fd: int) -> None:
+        """Give the group an fd number above ``fd``. A dying process closes its fds from
+        the highest number down; see :class:`kport.sources.file.FileSource` for why the
+        order of two groups' closes matters."""
+        old = self._open_fd()
+        if old > fd:
+            return
+        self._fd = fcntl.fcntl(old, fcntl.F_DUPFD_CLOEXEC, fd + 1)
+        os.close(old)
 
     def fileno(self) -> int:
         """The group's fd: readable when events are queued (for selectors and asyncio)."""
@@ -556,21 +585,28 @@ class FanotifyGroup:
     ) -> FanotifyEvent:
         path: str | None = None
         name: str | None = None
+        old_path: str | None = None
+        deleted = False
         if raw.fd >= 0:
             try:
                 path = os.readlink(f"/proc/self/fd/{raw.fd}")
             except OSError:
                 path = None
-        file_ids = [record for record in raw.records if isinstance(record, FileId)]
-        if file_ids:
-            # One record per event in the groups kport makes (FAN_RENAME, not marked here,
-            # would bring two: the old name first).
-            record = file_ids[0]
+            if path is not None and path.endswith(_DELETED) and _unlinked(raw.fd):
+                path, deleted = path[: -len(_DELETED)], True
+        for record in raw.records:
+            if not isinstance(record, FileId):
+                continue
+            # One record per event, except FAN_RENAME's two: the old name, then the new.
             key = (record.fsid, record.handle_type, record.handle)
             if key not in paths:
                 paths[key] = self._resolve(record)
             base, name = paths[key], record.name
-            path = base if base is None or name in (None, ".") else os.path.join(base, name)
+            full = base if base is None or name in (None, ".") else os.path.join(base, name)
+            if record.info_type == FAN_EVENT_INFO_TYPE_OLD_DFID_NAME:
+                old_path = full
+            else:
+                path = full
         return FanotifyEvent(
             mask=raw.mask,
             kinds=kinds_of(raw.mask),
@@ -578,6 +614,8 @@ class FanotifyGroup:
             fd=raw.fd,
             path=path,
             name=name,
+            old_path=old_path,
+            deleted=deleted,
             is_dir=bool(raw.mask & FAN_ONDIR),
             overflow=bool(raw.mask & FAN_Q_OVERFLOW),
             permission=bool(raw.mask & FAN_PERMISSION_EVENTS),

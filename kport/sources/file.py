@@ -1,14 +1,19 @@
 """The file source: fanotify events, permission decisions by rules or by a decision client.
 
-A reader thread takes each permission event, decides, and writes the verdict before
-anything else happens to it (no logging, no journal, no delivery first). The daemon's
-own process and the decision clients' processes are allowed at once, so a decision
-client that opens a watched file while it decides never waits on itself. Rules decide
-in the thread (cached per process identity, path and kind); an ``ask`` goes to the
-daemon's ``ask`` callback, which must answer through ``done`` by its deadline, and the
-number of asks in flight is bounded: beyond it the default verdict is written at once.
-When the source stops, its fanotify group closes and the kernel lets every pending
-opener through, so a stopping or crashing daemon never leaves an opener hanging.
+Two fanotify groups: a content group for the permission events (and the notifications
+that carry an fd: open, access, modify, close_write, close_nowrite, open_exec), and a
+name-reporting group for the events that name a directory entry (create, delete, move,
+attrib). A reader thread takes each permission event, decides, and writes the verdict
+before anything else happens to it (no logging, no journal, no delivery first). The
+daemon's own process and the decision clients' processes are allowed at once, so a
+decision client that opens a watched file while it decides never waits on itself; the
+daemon's own notifications are dropped (its journal may live on a watched filesystem).
+Rules decide in the thread (cached per process identity, path and kind); an ``ask`` goes
+to the daemon's ``ask`` callback, which must answer through ``done`` by its deadline, and
+the number of asks in flight is bounded: beyond it the default verdict is written at
+once. ``allow`` is silent, ``log`` allows and reports, ``deny`` and asks are reported.
+When the source stops, its groups close and the kernel lets every pending opener
+through, so a stopping or crashing daemon never leaves an opener hanging.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
-from kport import procinfo
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
+from kport.subjects import Subjects, TableLookup
 
 log = logging.getLogger("kport.file")
 
@@ -35,14 +41,79 @@ Ask = Callable[[Event, Done], None]
 
 #: permission requests waiting for a decision client at once, at most
 MAX_ASKS: Final = 256
-PERMISSION_MASK: Final = fan.FAN_OPEN_PERM | fan.FAN_OPEN_EXEC_PERM
-NOTIFY_MASK: Final = fan.FAN_CLOSE_WRITE | fan.FAN_MODIFY
-KINDS: Final = ("open_perm", "open_exec_perm", "access_perm", "modify", "close_write")
+
+#: permission kinds → event bits (the content group)
+PERMISSION_KINDS: Final[dict[str, int]] = {
+    "open_perm": fan.FAN_OPEN_PERM,
+    "open_exec_perm": fan.FAN_OPEN_EXEC_PERM,
+    "access_perm": fan.FAN_ACCESS_PERM,
+}
+#: notifications that carry an fd (the content group)
+FD_KINDS: Final[dict[str, int]] = {
+    "open": fan.FAN_OPEN,
+    "open_exec": fan.FAN_OPEN_EXEC,
+    "access": fan.FAN_ACCESS,
+    "modify": fan.FAN_MODIFY,
+    "close_write": fan.FAN_CLOSE_WRITE,
+    "close_nowrite": fan.FAN_CLOSE_NOWRITE,
+}
+#: notifications that name a directory entry (the name-reporting group)
+NAME_KINDS: Final[dict[str, int]] = {
+    "create": fan.FAN_CREATE,
+    "delete": fan.FAN_DELETE,
+    "move": fan.FAN_RENAME,
+    "attrib": fan.FAN_ATTRIB,
+}
+NOTIFY_KINDS: Final = {**FD_KINDS, **NAME_KINDS}
+KINDS: Final = (*PERMISSION_KINDS, *NOTIFY_KINDS)
+DEFAULT_PERMISSIONS: Final = ("open_perm", "open_exec_perm")
+DEFAULT_EVENTS: Final = ("close_write", "create", "delete", "move", "attrib")
+
+MarkOf = Literal["path", "mount", "filesystem"]
 
 
-def mark_kind(path: str) -> str:
-    """A mount point is marked whole; anything else as an inode (a directory's children)."""
-    return "mount" if os.path.ismount(path) else "inode"
+@dataclass(frozen=True)
+class Watch:
+    """What is watched: a file, a directory's entries, a mount, or a whole filesystem."""
+
+    path: str
+    mark: MarkOf = "path"
+
+    def content_mark(self) -> tuple[fan.MarkKind, int]:
+        """The mark kind in the content group, and the extra mask bits it needs."""
+        if self.mark == "filesystem":
+            return "filesystem", 0
+        if self.mark == "mount" or os.path.ismount(self.path):
+            return "mount", 0
+        return "inode", fan.FAN_EVENT_ON_CHILD if os.path.isdir(self.path) else 0
+
+    def names_mark(self) -> tuple[fan.MarkKind, int, str | None]:
+        """The mark kind in the name group, its extra mask bits, and the prefix events
+        must be under (a mount is marked as its filesystem: the kernel refuses name
+        events on mount marks)."""
+        kind, extra = self.content_mark()
+        if kind == "mount":
+            return "filesystem", fan.FAN_ONDIR, self.path
+        if kind == "filesystem":
+            return "filesystem", fan.FAN_ONDIR, None
+        return "inode", extra | fan.FAN_ONDIR, None
+
+
+def watches_of(
+    paths: Iterable[str], mounts: Iterable[str] = (), filesystems: Iterable[str] = ()
+) -> list[Watch]:
+    return [
+        *(Watch(os.path.abspath(p)) for p in paths),
+        *(Watch(os.path.abspath(p), "mount") for p in mounts),
+        *(Watch(os.path.abspath(p), "filesystem") for p in filesystems),
+    ]
+
+
+def _mask(kinds: Iterable[str], table: dict[str, int]) -> int:
+    mask = 0
+    for kind in kinds:
+        mask |= table.get(kind, 0)
+    return mask
 
 
 class FileSource:
@@ -54,62 +125,164 @@ class FileSource:
         self,
         emit: Emit,
         *,
-        paths: list[str],
+        paths: Iterable[str] = (),
+        watches: Iterable[Watch] = (),
         rules: RuleSet,
         ask: Ask | None,
         default_verdict: bool,
         trusted: Callable[[], frozenset[int]] = frozenset,
+        permissions: Iterable[str] = DEFAULT_PERMISSIONS,
+        events: Iterable[str] = DEFAULT_EVENTS,
+        processes: TableLookup | None = None,
     ) -> None:
+        unknown = [k for k in permissions if k not in PERMISSION_KINDS]
+        unknown += [k for k in events if k not in NOTIFY_KINDS]
+        if unknown:
+            raise ValueError(
+                f"unknown file event kinds {unknown}: permission kinds are "
+                f"{', '.join(PERMISSION_KINDS)}; notifications are {', '.join(NOTIFY_KINDS)}"
+            )
         self.emit = emit
-        self.paths = list(paths)
+        self.watches: list[Watch] = [*watches_of(paths), *watches]
         self.rules = rules
         self.ask = ask
         self.default_verdict = default_verdict
         self.trusted = trusted
+        self.permissions = tuple(permissions)
+        self.events_reported = tuple(events)
+        self.subjects = Subjects(processes)
         self.own_pid = os.getpid()
+        self._content_mask = _mask(self.permissions, PERMISSION_KINDS) | _mask(events, FD_KINDS)
+        self._names_mask = _mask(events, NAME_KINDS)
         self.events = 0
         self.allowed = 0
         self.denied = 0
         self.asked = 0
         self.defaulted = 0
         self.lost = 0
+        self.unanswerable = 0
         self._asks = 0
         self._asks_lock = threading.Lock()
-        self._group: fan.FanotifyGroup | None = None
+        self._marks_lock = threading.Lock()
+        self._content: fan.FanotifyGroup | None = None
+        self._names: fan.FanotifyGroup | None = None
+        #: name-group events outside these prefixes are dropped (a mount marked as its fs)
+        self._prefixes: dict[str, int] = {}
+        self._under: tuple[str, ...] = ()  # the prefixes, as the reader thread reads them
+        self._whole: int = 0
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        group = fan.FanotifyGroup(permissions=True)
         try:
-            for path in self.paths:
-                kind = mark_kind(path)
-                mask = PERMISSION_MASK | NOTIFY_MASK
-                if kind == "inode" and os.path.isdir(path):
-                    mask |= fan.FAN_EVENT_ON_CHILD
-                group.mark(path, mask, kind=kind)  # type: ignore[arg-type]
-                log.info("file: watching %s (%s mark)", path, kind)
+            if self._names_mask:
+                self._names = fan.FanotifyGroup(permissions=False, report_names=True)
+            if self._content_mask:
+                self._content = fan.FanotifyGroup(permissions=True)
+                if self._names is not None:
+                    # An opener waiting for a permission answer pins every group's marks
+                    # on that file, and closing a group waits for those pins to go. So the
+                    # permission group must close first, or a killed daemon deadlocks the
+                    # opener and itself in the kernel: stop() closes it first, and a dying
+                    # process closes its fds from the highest number down.
+                    self._content.move_above(self._names.fileno())
+            for watch in self.watches:
+                self._mark(watch)
         except BaseException:
-            group.close()
+            self._close_groups()
             raise
-        self._group = group
         self._thread = threading.Thread(target=self._run, name="kport-file", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop reading and close the group: the kernel lets pending openers through."""
+        """Stop reading and close the groups: the kernel lets pending openers through."""
         os.write(self._stop_w, b"x")
         if self._thread is not None:
             self._thread.join(5)
-        if self._group is not None:
-            self._group.close()
-            self._group = None
+        self._close_groups()
         for fd in (self._stop_r, self._stop_w):
             os.close(fd)
 
+    def _close_groups(self) -> None:
+        for group in (self._content, self._names):
+            if group is not None:
+                group.close()
+        self._content = self._names = None
+
+    # --- marks, added and removed while running -------------------------------------
+
+    def watch(self, watch: Watch) -> None:
+        """Start watching ``watch`` (now, while running). Raises OSError naming the path."""
+        with self._marks_lock:
+            if watch in self.watches:
+                return
+            self._mark(watch)
+            self.watches.append(watch)
+
+    def unwatch(self, path: str) -> list[Watch]:
+        """Stop watching ``path`` (whichever way it is watched); the watches removed."""
+        path = os.path.abspath(path)
+        with self._marks_lock:
+            gone = [w for w in self.watches if w.path == path]
+            if not gone:
+                raise ValueError(f"{path} is not watched (watched: {self.paths or 'nothing'})")
+            self.watches = [w for w in self.watches if w.path != path]
+            for watch in gone:
+                self._mark(watch, remove=True)
+            for watch in self.watches:  # a removed filesystem mark may have been shared
+                self._mark(watch)
+        return gone
+
+    @property
+    def paths(self) -> list[str]:
+        return [w.path for w in self.watches]
+
+    def _mark(self, watch: Watch, *, remove: bool = False) -> None:
+        verb = "no longer watching" if remove else "watching"
+        if self._content is not None:
+            kind, extra = watch.content_mark()
+            self._try_mark(self._content, watch.path, self._content_mask | extra, kind, remove)
+            log.info("file: %s %s (%s mark)", verb, watch.path, kind)
+        if self._names is not None:
+            kind, extra, prefix = watch.names_mark()
+            mask = self._names_mask | extra
+            if kind == "inode" and not os.path.isdir(watch.path):
+                mask = (self._names_mask & fan.FAN_ATTRIB) and fan.FAN_ATTRIB
+            if mask:
+                self._try_mark(self._names, watch.path, mask, kind, remove)
+            if prefix is None and kind == "filesystem":
+                self._whole += -1 if remove else 1
+            elif prefix is not None:
+                count = self._prefixes.get(prefix, 0) + (-1 if remove else 1)
+                if count > 0:
+                    self._prefixes[prefix] = count
+                else:
+                    self._prefixes.pop(prefix, None)
+                self._under = tuple(p.rstrip("/") + "/" for p in self._prefixes)
+
+    @staticmethod
+    def _try_mark(
+        group: fan.FanotifyGroup, path: str, mask: int, kind: fan.MarkKind, remove: bool
+    ) -> None:
+        try:
+            group.mark(path, mask, kind=kind, remove=remove)
+        except OSError:
+            if not remove:
+                raise  # removing a mark that is gone already (the file was deleted) is done
+
+    def _named_here(self, path: str | None) -> bool:
+        """Is a name-group event inside what is watched? (A mount's filesystem mark
+        reports every mount of that filesystem.)"""
+        under = self._under
+        if self._whole or not under:
+            return True
+        if path is None:
+            return False
+        return path.startswith(under) or path + "/" in under
+
     def status(self) -> dict[str, Any]:
         return {
-            "watching": self._group is not None,
+            "watching": self._content is not None or self._names is not None,
             "events": self.events,
             "allowed": self.allowed,
             "denied": self.denied,
@@ -118,73 +291,100 @@ class FileSource:
             "asks_in_flight": self._asks,
             "lost": self.lost,
             "paths": self.paths,
+            "watches": [{"path": w.path, "mark": w.mark} for w in self.watches],
+            "permissions": list(self.permissions),
+            "reported": list(self.events_reported),
             "rules": len(self.rules.rules),
             "rules_error": self.rules.error,
             "cache": {"hits": self.rules.hits, "misses": self.rules.misses},
+            "processes": {"hits": self.subjects.hits, "misses": self.subjects.misses},
         }
 
     # --- the reader thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        group = self._group
-        assert group is not None
+        groups = {g.fileno(): g for g in (self._content, self._names) if g is not None}
         poller = select.poll()
-        poller.register(group.fileno(), select.POLLIN)
+        for fd in groups:
+            poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         while True:
-            ready = {fd for fd, _ in poller.poll(1000)}
+            ready = [fd for fd, _ in poller.poll(1000)]
             if self._stop_r in ready:
                 return
             self.rules.reload_if_changed()
-            if group.fileno() not in ready:
-                continue
+            for fd in ready:
+                self._read(groups[fd])
+
+    def _read(self, group: fan.FanotifyGroup) -> None:
+        try:
+            events = group.read_events()
+        except (OSError, ValueError):
+            log.exception("file: reading fanotify events failed")
+            return
+        batch: list[Event] = []
+        for event in events:
             try:
-                events = group.read_events()
-            except (OSError, ValueError):
-                log.exception("file: reading fanotify events failed")
-                continue
-            batch: list[Event] = []
-            for event in events:
-                try:
-                    out = self._handle(group, event)
-                except Exception:  # one odd event must not stop the source; answer it
-                    log.exception("file: handling an event failed; allowing it")
+                out = self._handle(group, event)
+            except Exception:  # one odd event must not stop the source; answer it
+                log.exception("file: handling an event failed; answering the default")
+                if event.permission:
                     self._answer(group, event, self.default_verdict)
-                    out = None
-                if out is not None:
-                    batch.append(out)
-            if batch:
-                self.emit(batch)
+                event.close()
+                out = None
+            if out is not None:
+                batch.append(out)
+        if batch:
+            self.emit(batch)
 
     def _handle(self, group: fan.FanotifyGroup, event: fan.FanotifyEvent) -> Event | None:
         self.events += 1
         if event.overflow:
             self.lost += 1
-            return {"source": "file", "kind": "lost", "count": None, "reason": "fanotify overflow"}
-        kind = next((k for k in event.kinds if k.endswith("_perm")), None)
-        if kind is None:  # a notification: describe it, close its fd
-            record = self._describe(event, event.kinds[0] if event.kinds else "?")
+            which = "permission" if group is self._content else "name"
+            return {
+                "source": "file",
+                "kind": "lost",
+                "count": None,
+                "reason": f"the kernel's fanotify queue ({which} group) overflowed",
+                "ktime": time.monotonic_ns(),
+            }
+        if not event.permission:
             event.close()
-            return record
+            if event.pid == self.own_pid:
+                return None  # our own writes (the journal): reporting them would feed back
+            if group is self._names and not self._named_here(event.path):
+                return None
+            return self._notification(event)
+        kind = next(k for k in event.kinds if k in PERMISSION_KINDS)
         pid = event.pid
         if pid == self.own_pid or pid in self.trusted():
             self._answer(group, event, True)  # never wait on ourselves or a decider
             return None
-        record = self._describe(event, kind)
+        path = event.path
+        info = self.subjects.get(pid)
+        # Unreadable (a kernel thread has no exe): rules still decide, on what is known,
+        # and nothing is cached for it.
+        key = (pid, info["start_time"], info["exe"], path, kind) if info else None
+        info = info or {}
         subject = Subject(
             kind=kind,
-            path=record["path"],
-            exe=record.get("exe"),
-            uid=record.get("uid"),
-            gid=record.get("gid"),
-            ancestors=tuple(record.get("ancestors") or ()),
+            path=path,
+            exe=info.get("exe"),
+            uid=info.get("uid"),
+            gid=info.get("gid"),
+            ancestors=tuple(info.get("ancestors") or ()),
         )
-        decision = self.rules.decide(subject, (pid, record.get("start_time"), record["path"], kind))
+        decision = self.rules.decide(subject, key)
+        if decision.action == "allow":
+            self._answer(group, event, True)
+            return None
+        record = self._record(kind, path, pid, info)
         record["rule"] = decision.rule
         if decision.action == "ask":
             self._ask(group, event, record)
             return None
-        allow = decision.action != "deny"
+        allow = decision.action == "log"
         self._answer(group, event, allow)  # the verdict first, everything else after
         record["verdict"] = "allow" if allow else "deny"
         return record
@@ -193,6 +393,7 @@ class FileSource:
         try:
             group.respond(event.fd, allow)
         except (OSError, ValueError) as err:  # the group closed: the kernel let it through
+            self.unanswerable += 1
             log.debug("file: could not answer pid %d: %s", event.pid, err)
         finally:
             event.close()
@@ -224,9 +425,11 @@ class FileSource:
             self._finish(group, event, record, allow, why)
 
         assert self.ask is not None
-        request = {k: record[k] for k in ("kind", "path", "pid", "start_time", "exe", "user")}
-        request["uid"] = record.get("uid")
+        request = {
+            k: record.get(k) for k in ("kind", "path", "pid", "start_time", "exe", "uid", "user")
+        }
         request["cmdline"] = record.get("argv")
+        request["ancestors"] = record.get("ancestors")
         self.ask(request, done)
 
     def _finish(
@@ -242,19 +445,36 @@ class FileSource:
         record["decided_by"] = why
         self.emit([record])
 
-    def _describe(self, event: fan.FanotifyEvent, kind: str) -> Event:
-        info = procinfo.describe(event.pid) or {}
-        record: Event = {
+    def _notification(self, event: fan.FanotifyEvent) -> Event:
+        kinds = [k for k in event.kinds if k in NOTIFY_KINDS or k == "rename"]
+        kind = "move" if "rename" in kinds else (kinds[0] if kinds else "?")
+        info = self.subjects.get(event.pid) if event.pid > 0 else None
+        record = self._record(kind, event.path, event.pid, info or {})
+        if len(kinds) > 1:  # the kernel merges events on one file that are still queued
+            record["kinds"] = ["move" if k == "rename" else k for k in kinds]
+        if event.is_dir:
+            record["dir"] = True
+        if event.old_path is not None:
+            record["from"] = event.old_path
+        if event.deleted:
+            record["deleted"] = True
+        if info is None:
+            record["gone"] = True
+        return record
+
+    @staticmethod
+    def _record(kind: str, path: str | None, pid: int, info: dict[str, Any]) -> Event:
+        return {
             "source": "file",
             "kind": kind,
-            "path": event.path,
-            "pid": event.pid,
+            "path": path,
+            "pid": pid,
             "start_time": info.get("start_time"),
             "exe": info.get("exe"),
             "argv": info.get("argv"),
             "uid": info.get("uid"),
             "gid": info.get("gid"),
             "user": info.get("user"),
+            "ancestors": info.get("ancestors"),
             "ktime": time.monotonic_ns(),
         }
-        return record

@@ -151,6 +151,22 @@ def test_fd_events_open_modify_close(tmpfs: Path, owned: list[FanotifyEvent]) ->
         group.fileno()
 
 
+@needs_root
+def test_a_file_unlinked_before_the_read_keeps_its_name(
+    tmpfs: Path, owned: list[FanotifyEvent]
+) -> None:
+    target = tmpfs / "short-lived (deleted)"  # a real name may end like that too
+    kept = tmpfs / "kept (deleted)"
+    with FanotifyGroup(permissions=False) as group:
+        group.mark(tmpfs, fa.FAN_CLOSE_WRITE, kind="mount")
+        target.write_text("x")
+        kept.write_text("x")
+        target.unlink()
+        collect(group, owned, lambda evs: len(evs) >= 2)
+    got = {(e.path, e.deleted) for e in owned}
+    assert got == {(str(target), True), (str(kept), False)}
+
+
 # --- 2. name events from file handles -------------------------------------------------
 
 
@@ -184,6 +200,21 @@ def test_name_events_give_directory_and_name(name_fs: Path) -> None:
         (str(name_fs / "newdir"), "newdir", True): {"create"},
     }
     assert all(e.pid == os.getpid() and e.fd == fa.FAN_NOFD for e in events)
+
+
+@needs_root
+def test_a_rename_is_one_event_with_both_paths(name_fs: Path) -> None:
+    sub = name_fs / "sub"
+    sub.mkdir()
+    (name_fs / "old").write_text("x")
+    events: list[FanotifyEvent] = []
+    with FanotifyGroup(permissions=False, report_names=True) as group:
+        group.mark(name_fs, fa.FAN_RENAME | fa.FAN_ONDIR, kind="filesystem")
+        (name_fs / "old").rename(sub / "renamed")
+        collect(group, events, bool)
+    assert [(e.kinds, e.old_path, e.path, e.name) for e in events] == [
+        (["rename"], str(name_fs / "old"), str(sub / "renamed"), "renamed")
+    ]
 
 
 @needs_root

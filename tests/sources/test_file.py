@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kport.rules import RuleSet
-from kport.sources.file import Done, FileSource
+from kport.sources.file import Done, FileSource, Watch
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -52,7 +52,7 @@ class Collected:
 
     def verdicts(self, path: Path) -> list[str]:
         with self.lock:
-            return [e["verdict"] for e in self.events if e.get("path") == str(path)]
+            return [e["verdict"] for e in self.events if "verdict" in e and e["path"] == str(path)]
 
 
 def rules_file(tmp_path: Path, text: str) -> RuleSet:
@@ -65,8 +65,10 @@ def test_rules_decide_and_the_verdict_comes_with_the_event(tmp_path: Path, mount
     rules = rules_file(
         tmp_path,
         f'default = "allow"\n[[rule]]\nname = "no secrets"\naction = "deny"\n'
-        f'path = "{mount}/secret*"\n',
+        f'path = "{mount}/secret*"\n'
+        f'[[rule]]\nname = "plain, on the record"\naction = "log"\npath = "{mount}/plain*"\n',
     )
+    (mount / "quiet.txt").write_text("q\n")
     got = Collected()
     source = FileSource(got, paths=[str(mount)], rules=rules, ask=None, default_verdict=True)
     source.start()
@@ -86,7 +88,10 @@ def test_rules_decide_and_the_verdict_comes_with_the_event(tmp_path: Path, mount
         while "deny" not in got.verdicts(mount / "secret.txt") and time.monotonic() < deadline:
             time.sleep(0.02)
         assert "deny" in got.verdicts(mount / "secret.txt")
-        assert "allow" in got.verdicts(mount / "plain.txt")
+        assert "allow" in got.verdicts(mount / "plain.txt")  # "log": allowed, and reported
+        assert cat(mount / "quiet.txt").stdout == "q\n"  # "allow" (the default): silent
+        time.sleep(0.2)
+        assert got.verdicts(mount / "quiet.txt") == []
         event = next(e for e in got.events if e.get("verdict") == "deny")
         assert event["rule"] == "no secrets" and event["exe"] and event["start_time"]
         # The same process asking again is answered from the cache.
@@ -197,3 +202,145 @@ def test_stopping_releases_an_opener_that_waits_for_an_answer(tmp_path: Path, mo
     assert time.monotonic() - t0 < 2 and out == b"hello\n"
     for done in pending:
         done(True, "late")  # an answer after the stop harms nothing
+
+
+# --- notifications, watches, ancestry --------------------------------------------------
+
+CHANGES = """
+import os, sys, time
+base = sys.argv[1]
+with open(os.path.join(base, "new.txt"), "w") as f:
+    f.write("x")
+time.sleep(0.5)  # an fd event's path is read when the event is: before the rename
+os.chmod(os.path.join(base, "new.txt"), 0o600)
+os.rename(os.path.join(base, "new.txt"), os.path.join(base, "moved.txt"))
+os.unlink(os.path.join(base, "moved.txt"))
+os.mkdir(os.path.join(base, "newdir"))
+"""
+
+
+def wait_for_events(got: Collected, done: Any, timeout: float = 5) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with got.lock:
+            events = list(got.events)
+        if done(events):
+            return events
+        time.sleep(0.02)
+    return events
+
+
+@pytest.mark.parametrize("where", ["mount", "directory"])
+def test_notifications_name_the_entry_and_the_process(
+    tmp_path: Path, mount: Path, where: str
+) -> None:
+    base = mount if where == "mount" else mount / "sub"
+    base.mkdir(exist_ok=True)
+    got = Collected()
+    source = FileSource(
+        got,
+        paths=[str(base)],
+        rules=rules_file(tmp_path, 'default = "allow"\n'),
+        ask=None,
+        default_verdict=True,
+        events=["create", "delete", "move", "attrib", "modify", "close_write"],
+    )
+    source.start()
+    try:
+        child = subprocess.run(["python3", "-c", CHANGES, str(base)], check=True)
+        assert child.returncode == 0
+        events = wait_for_events(got, lambda evs: any(e.get("dir") for e in evs))
+    finally:
+        source.stop()
+    # Events on one file still queued together arrive as one, with every kind.
+    seen = [(k, e["path"], e.get("from")) for e in events for k in e.get("kinds", [e["kind"]])]
+    for expected in [
+        ("create", str(base / "new.txt"), None),
+        ("modify", str(base / "new.txt"), None),
+        ("close_write", str(base / "new.txt"), None),
+        ("attrib", str(base / "new.txt"), None),
+        ("move", str(base / "moved.txt"), str(base / "new.txt")),
+        ("delete", str(base / "moved.txt"), None),
+        ("create", str(base / "newdir"), None),
+    ]:
+        assert expected in seen, f"{expected} not in {seen}"
+    # Every one names the process that did it: the child, not this test.
+    assert {e["pid"] for e in events} == {e["pid"] for e in events if e["pid"] != os.getpid()}
+    assert all(e["exe"] and "python" in e["exe"] and e["start_time"] for e in events)
+    assert not any(e["kind"] == "lost" for e in events)
+
+
+def test_a_source_drops_its_own_notifications(tmp_path: Path, mount: Path) -> None:
+    got = Collected()
+    source = FileSource(
+        got,
+        paths=[str(mount)],
+        rules=rules_file(tmp_path, 'default = "allow"\n'),
+        ask=None,
+        default_verdict=True,
+    )
+    source.start()
+    try:
+        (mount / "ours.txt").write_text("x")  # this process is the source's own
+        subprocess.run(["touch", str(mount / "theirs.txt")], check=True)
+        events = wait_for_events(got, lambda evs: any("theirs" in e["path"] for e in evs))
+    finally:
+        source.stop()
+    assert any("theirs" in e["path"] for e in events)
+    assert not any("ours" in e["path"] for e in events)
+
+
+def test_watches_are_added_and_removed_while_running(tmp_path: Path, mount: Path) -> None:
+    (mount / "a").mkdir()
+    (mount / "a" / "f.txt").write_text("a\n")
+    got = Collected()
+    source = FileSource(
+        got,
+        rules=rules_file(tmp_path, 'default = "deny"\n'),
+        ask=None,
+        default_verdict=True,
+    )
+    source.start()
+    try:
+        assert cat(mount / "a" / "f.txt").returncode == 0  # nothing watched yet
+        source.watch(Watch(str(mount / "a")))
+        assert source.paths == [str(mount / "a")]
+        assert cat(mount / "a" / "f.txt").returncode != 0  # the rules decide now
+        subprocess.run(["touch", str(mount / "a" / "g.txt")], check=True)
+        assert wait_for_events(got, lambda evs: any(e["kind"] == "create" for e in evs))
+        assert source.unwatch(str(mount / "a")) == [Watch(str(mount / "a"))]
+        assert cat(mount / "a" / "f.txt").returncode == 0
+        with pytest.raises(ValueError, match="is not watched"):
+            source.unwatch(str(mount / "a"))
+        with pytest.raises(OSError, match="nowhere"):
+            source.watch(Watch(str(mount / "nowhere")))
+        assert source.paths == []
+    finally:
+        source.stop()
+
+
+def test_rules_can_match_the_parent_chain(tmp_path: Path, mount: Path) -> None:
+    shell = os.path.realpath("/bin/sh")
+    rules = rules_file(
+        tmp_path,
+        f'default = "allow"\n[[rule]]\nname = "not from a shell"\naction = "deny"\n'
+        f'ancestors = ["{shell}"]\npath = "{mount}/secret*"\n',
+    )
+    got = Collected()
+    source = FileSource(got, paths=[str(mount)], rules=rules, ask=None, default_verdict=True)
+    source.start()
+    try:
+        assert cat(mount / "secret.txt").returncode == 0  # cat's parent is this python
+        # `; true` keeps the shell alive as cat's parent (no exec of the last command).
+        via_shell = subprocess.run(
+            ["/bin/sh", "-c", f"cat {mount / 'secret.txt'}; true"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert "Permission denied" in via_shell.stderr or "not permitted" in via_shell.stderr
+        events = wait_for_events(got, lambda evs: any(e.get("verdict") == "deny" for e in evs))
+        denied = next(e for e in events if e.get("verdict") == "deny")
+        assert denied["rule"] == "not from a shell" and denied["ancestors"][0] == shell
+    finally:
+        source.stop()

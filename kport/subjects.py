@@ -1,0 +1,122 @@
+"""Who is asking: the process behind a file access or a packet, cached per identity.
+
+A decision must name the right process, and must be quick. Each lookup reads the two
+things that tell one program run from another under the same pid: the start time (pid
+reuse) and the executable (an ``exec`` keeps pid and start time). Everything else —
+argv, uid, gid, user, the parent chain — is read once per identity: from the proc
+source's table when it runs (it is filled at exec time, before the process could open
+anything), from /proc otherwise. A process that changes its uid without an exec keeps
+the uid it was first seen with until its next exec.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final
+
+from kport import procinfo
+
+Info = dict[str, Any]
+#: the proc source's table lookup: pid → its entry (exe, argv, uid, start_time, ppid...)
+TableLookup = Callable[[int], Info | None]
+
+#: identities kept at once; the least recently seen goes first
+CACHE_SIZE: Final = 4096
+#: how far up the parent chain ancestry goes
+ANCESTRY_LIMIT: Final = 32
+
+
+class Subjects:
+    """Process details by pid, checked against the process's identity on every lookup."""
+
+    def __init__(self, table: TableLookup | None = None) -> None:
+        self.table = table
+        self._cache: OrderedDict[int, Info] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def identity(self, pid: int) -> tuple[int, str] | None:
+        """(start_time, exe) of ``pid`` now, or None if it is gone (or a kernel thread)."""
+        start = procinfo.start_time(pid)
+        exe = procinfo.exe(pid)
+        if start is None or exe is None:
+            return None
+        return start, exe
+
+    def get(self, pid: int) -> Info | None:
+        """What kport reports about ``pid``: start_time, exe, argv, uid, gid, user,
+        ppid and ancestors (executables up the parent chain, nearest first); None if the
+        process is gone. The identity is checked, the rest comes from cache when it may."""
+        identity = self.identity(pid)
+        if identity is None:
+            return self._gone(pid)
+        cached = self._cache.get(pid)
+        if cached is not None and (cached["start_time"], cached["exe"]) == identity:
+            self.hits += 1
+            self._cache.move_to_end(pid)
+            return cached
+        self.misses += 1
+        info = self._read(pid, identity)
+        if info is None:
+            return self._gone(pid)
+        self._cache[pid] = info
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return info
+
+    def forget(self, pid: int) -> None:
+        self._cache.pop(pid, None)
+
+    def _gone(self, pid: int) -> Info | None:
+        """A process that exited before it could be read: the table may still know it."""
+        self._cache.pop(pid, None)
+        entry = self.table(pid) if self.table else None
+        if entry is None:
+            return None
+        info = {k: entry.get(k) for k in ("start_time", "exe", "argv", "uid", "gid", "user")}
+        info["ppid"] = entry.get("ppid")
+        info["ancestors"] = self._ancestors(entry.get("ppid"))
+        info["gone"] = True
+        return info
+
+    def _read(self, pid: int, identity: tuple[int, str]) -> Info | None:
+        start, exe = identity
+        entry = self.table(pid) if self.table else None
+        if (
+            entry is not None
+            and entry.get("start_time") == start
+            and entry.get("exe") == exe
+            and entry.get("uid") is not None
+        ):
+            info = {k: entry.get(k) for k in ("argv", "uid", "gid", "user", "ppid")}
+        else:
+            described = procinfo.describe(pid, start)
+            if described is None:
+                return None
+            info = {k: described.get(k) for k in ("argv", "uid", "gid", "user", "ppid")}
+        info["start_time"] = start
+        info["exe"] = exe
+        info["ancestors"] = self._ancestors(info.get("ppid"))
+        return info
+
+    def _ancestors(self, ppid: int | None) -> list[str]:
+        """The executables of the parent chain, nearest first (unreadable ones left out)."""
+        chain: list[str] = []
+        seen: set[int] = set()
+        pid = ppid
+        while pid and pid not in seen and len(seen) < ANCESTRY_LIMIT:
+            seen.add(pid)
+            entry = self.table(pid) if self.table else None
+            if entry is not None and entry.get("exe"):
+                chain.append(entry["exe"])
+                pid = entry.get("ppid")
+                continue
+            stat = procinfo.read_stat(pid)
+            if stat is None:
+                break
+            exe = procinfo.exe(pid)
+            if exe is not None:
+                chain.append(exe)
+            pid = stat.ppid
+        return chain

@@ -1,0 +1,73 @@
+"""Process details for decisions: identity checked per lookup, the rest cached, the table
+used when it knows the process, and a process gone before the lookup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from kport import procinfo
+from kport.subjects import Subjects
+
+
+def test_a_lookup_names_the_process_and_its_parents() -> None:
+    subjects = Subjects()
+    info = subjects.get(os.getpid())
+    assert info is not None
+    assert info["exe"] == os.path.realpath(sys.executable)
+    assert info["start_time"] == procinfo.start_time(os.getpid())
+    assert info["uid"] == os.geteuid() and info["argv"] and info["ppid"] == os.getppid()
+    assert info["ancestors"][0] == procinfo.exe(os.getppid())
+    assert subjects.get(os.getpid()) is info and (subjects.hits, subjects.misses) == (1, 1)
+
+
+def test_an_exec_is_a_new_identity() -> None:
+    # The child reads a line, then execs `cat`: same pid, same start time, another program.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os; input(); os.execv('/bin/cat', ['cat'])"],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None
+    try:
+        subjects = Subjects()
+        deadline = time.monotonic() + 10
+        while (before := subjects.get(child.pid)) is None:
+            assert time.monotonic() < deadline
+        assert "python" in before["exe"]
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        while (after := subjects.get(child.pid)) is not None and after["exe"] == before["exe"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert after is not None and after["exe"] == os.path.realpath("/bin/cat")
+        assert after["argv"] == ["cat"] and after["start_time"] == before["start_time"]
+    finally:
+        child.stdin.close()
+        child.kill()
+        child.wait()
+
+
+def test_a_process_gone_is_none_or_what_the_table_knew() -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    table = {child.pid: {**(procinfo.describe(child.pid) or {}), "ppid": os.getpid()}}
+    child.kill()
+    child.wait()
+    assert Subjects().get(child.pid) is None
+    info = Subjects(table.get).get(child.pid)
+    assert info is not None and info["gone"] is True
+    assert info["exe"] == os.path.realpath("/usr/bin/sleep") and info["argv"] == ["sleep", "60"]
+    assert info["ancestors"][0] == procinfo.exe(os.getpid())
+
+
+def test_the_table_is_used_when_it_knows_the_identity() -> None:
+    pid = os.getpid()
+    described = procinfo.describe(pid)
+    assert described is not None
+    table = {pid: {**described, "argv": ["from", "the", "table"]}}
+    assert (Subjects(table.get).get(pid) or {})["argv"] == ["from", "the", "table"]
+    # A table entry for another identity (a reused pid) is not used.
+    table[pid]["start_time"] -= 1
+    assert (Subjects(table.get).get(pid) or {})["argv"] == described["argv"]
