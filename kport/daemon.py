@@ -429,7 +429,10 @@ class Daemon:
         if not isinstance(path, str) or not os.path.isabs(path):
             raise BadRequest(f"{op}: path must be an absolute path, not {path!r:.80}")
         if op == "unwatch":
-            source.unwatch(path)
+            try:
+                source.unwatch(path)
+            except ValueError as err:
+                raise BadRequest(f"unwatch: {err}") from err
         else:
             mark = data.get("mark", "path")
             if mark not in ("path", "mount", "filesystem"):

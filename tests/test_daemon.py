@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -643,3 +644,85 @@ def test_a_killed_daemon_leaves_no_opener_hanging(rundir: Path, tmp_path: Path) 
         finally:
             stuck.kill()
             stuck.communicate(timeout=10)
+
+
+def next_file_event(conn: kport.Connection, match: Any, timeout: float = 10) -> dict[str, Any]:
+    """The first event on ``conn`` that ``match`` accepts (others are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no matching event in time"
+        msg = conn.get_message(timeout=left)
+        if not msg.is_lost and match(msg.data):
+            return dict(msg.data)
+
+
+def test_watches_change_while_running_and_notifications_reach_port_and_journal(
+    rundir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    with watched_mount(tmp_path) as mount, file_daemon(rundir, mount):
+        conn = kport.connect("file", runtime_dir=str(rundir))
+        try:
+            assert cli.main(["watch", str(other), "--runtime-dir", str(rundir)]) == 0
+            assert f"path       {other}" in capsys.readouterr().out
+            subprocess.run(["touch", str(other / "x")], check=True)
+            event = next_file_event(conn, lambda e: e["kind"] == "create")
+            assert event["path"] == str(other / "x") and event["exe"].endswith("touch")
+            assert cli.main(["unwatch", str(other), "--runtime-dir", str(rundir)]) == 0
+            subprocess.run(["touch", str(other / "y"), str(mount / "marker")], check=True)
+            event = next_file_event(conn, lambda e: e["kind"] == "create")
+            assert event["path"] == str(mount / "marker")  # nothing from other/ any more
+            # Bad requests are refused by name, and the daemon goes on.
+            assert cli.main(["watch", str(tmp_path / "nowhere"), "--runtime-dir", str(rundir)])
+            assert "nowhere does not exist" in capsys.readouterr().err
+            with kport.connect("control", runtime_dir=str(rundir)) as control:
+                with pytest.raises(kport.BadRequest, match="absolute path"):
+                    control.send({"op": "watch", "path": "relative"}, timeout=5)
+                with pytest.raises(kport.BadRequest, match="is not watched"):
+                    control.send({"op": "unwatch", "path": str(other)}, timeout=5)
+            status = kport_status(rundir)["sources"]["file"]
+            assert status["paths"] == [str(mount)]
+        finally:
+            conn.close()
+        wait_until(
+            lambda: any(
+                e["path"] == str(other / "x")
+                for e in kport.history(sources=["file"], runtime_dir=str(rundir), limit=1000)
+                if e["kind"] == "create"
+            )
+        )
+
+
+def test_a_full_fanotify_queue_is_a_lost_event(rundir: Path, tmp_path: Path) -> None:
+    limit_file = Path("/proc/sys/fs/fanotify/max_queued_events")
+    limit = limit_file.read_text()
+    with watched_mount(tmp_path) as mount:
+        files = [mount / f"f{i}" for i in range(200)]
+        for path in files:
+            path.write_text("x")
+        serving = contextlib.ExitStack()
+        limit_file.write_text("64")  # read when a group is made: only the daemon's get it
+        try:
+            daemon = serving.enter_context(file_daemon(rundir, mount))
+        finally:
+            limit_file.write_text(limit)
+        with serving:
+            conn = kport.connect("file", runtime_dir=str(rundir))
+            daemon.send_signal(signal.SIGSTOP)  # it reads nothing: the kernel's queue fills
+            try:
+                for path in files:
+                    path.chmod(0o600)  # attrib events, and no permission event to wait on
+            finally:
+                daemon.send_signal(signal.SIGCONT)
+            lost = next_file_event(conn, lambda e: e["kind"] == "lost")
+            assert "overflowed" in lost["reason"]
+            assert kport_status(rundir)["sources"]["file"]["lost"] >= 1
+            conn.close()
+            wait_until(  # and the journal keeps it
+                lambda: any(
+                    e["kind"] == "lost"
+                    for e in kport.history(sources=["file"], runtime_dir=str(rundir), limit=1000)
+                )
+            )

@@ -69,6 +69,21 @@ KINDS: Final = (*PERMISSION_KINDS, *NOTIFY_KINDS)
 DEFAULT_PERMISSIONS: Final = ("open_perm", "open_exec_perm")
 DEFAULT_EVENTS: Final = ("close_write", "create", "delete", "move", "attrib")
 
+#: a merged event is named by the first of its kinds in this order (create + attrib:
+#: create); all of them are in its "kinds"
+_PRECEDENCE: Final = (
+    "create",
+    "move",
+    "delete",
+    "close_write",
+    "modify",
+    "attrib",
+    "close_nowrite",
+    "open_exec",
+    "open",
+    "access",
+)
+
 MarkOf = Literal["path", "mount", "filesystem"]
 
 
@@ -87,16 +102,23 @@ class Watch:
             return "mount", 0
         return "inode", fan.FAN_EVENT_ON_CHILD if os.path.isdir(self.path) else 0
 
-    def names_mark(self) -> tuple[fan.MarkKind, int, str | None]:
-        """The mark kind in the name group, its extra mask bits, and the prefix events
-        must be under (a mount is marked as its filesystem: the kernel refuses name
-        events on mount marks)."""
+    def names_mark(self) -> tuple[fan.MarkKind, int]:
+        """The mark kind in the name group and its extra mask bits. A mount is marked as
+        its filesystem (the kernel refuses name events on mount marks), so the events of
+        its other mounts must be dropped: see :meth:`scope`."""
         kind, extra = self.content_mark()
-        if kind == "mount":
-            return "filesystem", fan.FAN_ONDIR, self.path
+        if kind in ("mount", "filesystem"):
+            return "filesystem", fan.FAN_ONDIR
+        return "inode", extra | fan.FAN_ONDIR
+
+    def scope(self) -> str | None:
+        """What a name event's path must start with to be this watch's (None: anything)."""
+        kind, _ = self.content_mark()
         if kind == "filesystem":
-            return "filesystem", fan.FAN_ONDIR, None
-        return "inode", extra | fan.FAN_ONDIR, None
+            return None
+        if kind == "mount" or os.path.isdir(self.path):
+            return self.path.rstrip("/") + "/"
+        return self.path
 
 
 def watches_of(
@@ -166,10 +188,8 @@ class FileSource:
         self._marks_lock = threading.Lock()
         self._content: fan.FanotifyGroup | None = None
         self._names: fan.FanotifyGroup | None = None
-        #: name-group events outside these prefixes are dropped (a mount marked as its fs)
-        self._prefixes: dict[str, int] = {}
-        self._under: tuple[str, ...] = ()  # the prefixes, as the reader thread reads them
-        self._whole: int = 0
+        #: name events must be under one of these (None: no need to check)
+        self._scopes: tuple[str, ...] | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
 
@@ -188,6 +208,7 @@ class FileSource:
                     self._content.move_above(self._names.fileno())
             for watch in self.watches:
                 self._mark(watch)
+            self._rescope()
         except BaseException:
             self._close_groups()
             raise
@@ -218,6 +239,7 @@ class FileSource:
                 return
             self._mark(watch)
             self.watches.append(watch)
+            self._rescope()
 
     def unwatch(self, path: str) -> list[Watch]:
         """Stop watching ``path`` (whichever way it is watched); the watches removed."""
@@ -231,6 +253,7 @@ class FileSource:
                 self._mark(watch, remove=True)
             for watch in self.watches:  # a removed filesystem mark may have been shared
                 self._mark(watch)
+            self._rescope()
         return gone
 
     @property
@@ -244,21 +267,19 @@ class FileSource:
             self._try_mark(self._content, watch.path, self._content_mask | extra, kind, remove)
             log.info("file: %s %s (%s mark)", verb, watch.path, kind)
         if self._names is not None:
-            kind, extra, prefix = watch.names_mark()
+            kind, extra = watch.names_mark()
             mask = self._names_mask | extra
             if kind == "inode" and not os.path.isdir(watch.path):
                 mask = (self._names_mask & fan.FAN_ATTRIB) and fan.FAN_ATTRIB
             if mask:
                 self._try_mark(self._names, watch.path, mask, kind, remove)
-            if prefix is None and kind == "filesystem":
-                self._whole += -1 if remove else 1
-            elif prefix is not None:
-                count = self._prefixes.get(prefix, 0) + (-1 if remove else 1)
-                if count > 0:
-                    self._prefixes[prefix] = count
-                else:
-                    self._prefixes.pop(prefix, None)
-                self._under = tuple(p.rstrip("/") + "/" for p in self._prefixes)
+
+    def _rescope(self) -> None:
+        scopes = [w.scope() for w in self.watches]
+        if None in scopes or not any(w.content_mark()[0] == "mount" for w in self.watches):
+            self._scopes = None  # no filesystem mark stands in for a mount: nothing extra
+        else:
+            self._scopes = tuple(s for s in scopes if s is not None)
 
     @staticmethod
     def _try_mark(
@@ -270,15 +291,13 @@ class FileSource:
             if not remove:
                 raise  # removing a mark that is gone already (the file was deleted) is done
 
-    def _named_here(self, path: str | None) -> bool:
-        """Is a name-group event inside what is watched? (A mount's filesystem mark
-        reports every mount of that filesystem.)"""
-        under = self._under
-        if self._whole or not under:
+    def _in_scope(self, path: str | None) -> bool:
+        """Is a name event inside what is watched? (A mount's filesystem mark reports
+        every mount of that filesystem.)"""
+        scopes = self._scopes
+        if scopes is None:
             return True
-        if path is None:
-            return False
-        return path.startswith(under) or path + "/" in under
+        return path is not None and (path.startswith(scopes) or path + "/" in scopes)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -353,7 +372,7 @@ class FileSource:
             event.close()
             if event.pid == self.own_pid:
                 return None  # our own writes (the journal): reporting them would feed back
-            if group is self._names and not self._named_here(event.path):
+            if group is self._names and not self._in_scope(event.path):
                 return None
             return self._notification(event)
         kind = next(k for k in event.kinds if k in PERMISSION_KINDS)
@@ -446,12 +465,12 @@ class FileSource:
         self.emit([record])
 
     def _notification(self, event: fan.FanotifyEvent) -> Event:
-        kinds = [k for k in event.kinds if k in NOTIFY_KINDS or k == "rename"]
-        kind = "move" if "rename" in kinds else (kinds[0] if kinds else "?")
+        named = {"move" if k == "rename" else k for k in event.kinds}
+        kinds = [k for k in _PRECEDENCE if k in named]
         info = self.subjects.get(event.pid) if event.pid > 0 else None
-        record = self._record(kind, event.path, event.pid, info or {})
+        record = self._record(kinds[0] if kinds else "?", event.path, event.pid, info or {})
         if len(kinds) > 1:  # the kernel merges events on one file that are still queued
-            record["kinds"] = ["move" if k == "rename" else k for k in kinds]
+            record["kinds"] = kinds
         if event.is_dir:
             record["dir"] = True
         if event.old_path is not None:
