@@ -56,22 +56,32 @@ def describe(request: dict[str, Any]) -> str:
 def ask_terminal(msg: Message, out: TextIO) -> dict[str, Any] | None:
     """Ask at the terminal until the request's deadline; None if it passes."""
     out.write(describe(msg.data) + "\n")
+    live = out.isatty()
+    shown = None
     while True:
         left = msg.time_left()
         if left is None or left <= 0:
-            out.write("  (deadline passed: kport applies its default)\n")
+            out.write("\n  (deadline passed: kport applies its default)\n")
             return None
-        out.write(f"  allow or deny? [a/d, A/D to remember] ({left:.0f} s) ")
-        out.flush()
-        ready, _, _ = select.select([sys.stdin], [], [], left)
+        if shown != int(left) and (live or shown is None):
+            # On a terminal the countdown ticks in place; elsewhere it is written once.
+            shown = int(left)
+            out.write(f"\r  allow or deny? [a/d, A/D to remember] ({shown:3d} s) ")
+            out.flush()
+        ready, _, _ = select.select([sys.stdin], [], [], min(left, left - int(left) or 1.0))
         if not ready:
             continue
-        line = sys.stdin.readline().strip()
-        if line in ("a", "d", "A", "D"):
+        line = sys.stdin.readline()
+        if not line:  # end of input: nobody is left to answer
+            out.write("\n  (no more input: kport applies its default)\n")
+            return None
+        answer = line.strip()
+        if answer in ("a", "d", "A", "D"):
             return {
-                "verdict": "allow" if line.lower() == "a" else "deny",
-                "remember": line.isupper(),
+                "verdict": "allow" if answer.lower() == "a" else "deny",
+                "remember": answer.isupper(),
             }
+        shown = None  # asked again below what was typed
 
 
 def run(*, policy: str | None, runtime_dir: str | None, count: int = 0) -> int:

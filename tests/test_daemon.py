@@ -726,3 +726,42 @@ def test_a_full_fanotify_queue_is_a_lost_event(rundir: Path, tmp_path: Path) -> 
                     for e in kport.history(sources=["file"], runtime_dir=str(rundir), limit=1000)
                 )
             )
+
+
+def test_kport_decide_asks_at_the_terminal(rundir: Path, tmp_path: Path) -> None:
+    with (
+        watched_mount(tmp_path) as mount,
+        file_daemon(rundir, mount, "--default-verdict", "allow", "--decision-deadline", "20"),
+    ):
+        (mount / "other.txt").write_text("other\n")
+        person = subprocess.Popen(
+            [sys.executable, "-m", "kport.cli", "decide", "--runtime-dir", str(rundir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert person.stdin is not None and person.stdout is not None
+        try:
+            assert "waiting for file access requests" in person.stdout.readline()
+            wait_until(lambda: len(kport_status(rundir)["ports"]["file-decide"]["connections"]))
+            with ThreadPoolExecutor(2) as pool:
+                denied = pool.submit(cat, mount / "data.txt")
+                shown = person.stdout.readline()
+                assert shown.startswith("open_perm") and str(mount / "data.txt") in shown
+                assert "cat" in person.stdout.readline()  # by pid ... (user): the command
+                person.stdin.write("d\n")
+                person.stdin.flush()
+                assert denied.result(timeout=10)[0] != 0
+                allowed = pool.submit(cat, mount / "other.txt")
+                while str(mount / "other.txt") not in person.stdout.readline():
+                    pass
+                person.stdin.write("A\n")  # allow, and remember it
+                person.stdin.flush()
+                assert allowed.result(timeout=10)[0] == 0
+            remembered = rundir / "state" / "file-remembered.toml"
+            wait_until(remembered.exists)
+            assert str(mount / "other.txt") in remembered.read_text()
+            assert '"allow"' in remembered.read_text()
+        finally:
+            person.kill()
+            person.communicate(timeout=10)
