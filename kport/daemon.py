@@ -219,7 +219,9 @@ class Daemon:
         cfg = self.config.file
         remembered = cfg.remembered or str(self.state_dir / "file-remembered.toml")
         self.file_rules = RuleSet(
-            [remembered, *cfg.rules], default=cfg.default_action, kinds=file_source.KINDS
+            [remembered, *cfg.rules],
+            default=cfg.default_action,
+            kinds=tuple(file_source.PERMISSION_KINDS),
         )
         self.file_remembered = remembered
         history = SourceHistory(journal, ("file", "kport")) if journal else None

@@ -65,7 +65,6 @@ NAME_KINDS: Final[dict[str, int]] = {
     "attrib": fan.FAN_ATTRIB,
 }
 NOTIFY_KINDS: Final = {**FD_KINDS, **NAME_KINDS}
-KINDS: Final = (*PERMISSION_KINDS, *NOTIFY_KINDS)
 DEFAULT_PERMISSIONS: Final = ("open_perm", "open_exec_perm")
 DEFAULT_EVENTS: Final = ("close_write", "create", "delete", "move", "attrib")
 
