@@ -24,11 +24,11 @@ class Stat:
     start_time: int  # clock ticks after boot
 
 
-def _read(path: str) -> bytes | None:
+def _read(path: str, dir_fd: int | None = None) -> bytes | None:
     """A small /proc file's bytes, or None. os.open/os.read: the builtin open() builds a
     buffered file object per call and cost several times more on the event path."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -41,7 +41,15 @@ def _read(path: str) -> bytes | None:
 
 def read_stat(pid: int) -> Stat | None:
     """The fields of /proc/<pid>/stat kport uses, or None if the process is gone."""
-    raw = _read(f"/proc/{pid}/stat")
+    return _parse_stat(_read(f"/proc/{pid}/stat"))
+
+
+def read_stat_at(proc_dir: int) -> Stat | None:
+    """:func:`read_stat` through an open /proc/<pid> directory fd (that process, or None)."""
+    return _parse_stat(_read("stat", proc_dir))
+
+
+def _parse_stat(raw: bytes | None) -> Stat | None:
     if raw is None:
         return None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.

@@ -310,14 +310,20 @@ class RuleSet:
         log.info("rules reloaded: %d rules, default %s", len(self.rules), self.default)
         return True
 
+    def cached(self, cache_key: Any) -> Decision | None:
+        """The decision cached for ``cache_key``, if any (the subject need not be built)."""
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            self.hits += 1
+            self._cache.move_to_end(cache_key)
+        return cached
+
     def decide(self, subject: Subject, cache_key: Any = None) -> Decision:
         """The first matching rule's action, or the default. With ``cache_key`` (the
         process identity, path and kind), a repeated question is answered from cache."""
         if cache_key is not None:
-            cached = self._cache.get(cache_key)
+            cached = self.cached(cache_key)
             if cached is not None:
-                self.hits += 1
-                self._cache.move_to_end(cache_key)
                 return cached
         self.misses += 1
         decision = Decision(self.default, "default")

@@ -11,6 +11,7 @@ the uid it was first seen with until its next exec.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
@@ -23,6 +24,8 @@ TableLookup = Callable[[int], Info | None]
 
 #: identities kept at once; the least recently seen goes first
 CACHE_SIZE: Final = 4096
+#: processes pinned by an open /proc/<pid> fd at once (one fd each)
+PINNED: Final = 256
 #: how far up the parent chain ancestry goes
 ANCESTRY_LIMIT: Final = 32
 
@@ -33,16 +36,50 @@ class Subjects:
     def __init__(self, table: TableLookup | None = None) -> None:
         self.table = table
         self._cache: OrderedDict[int, Info] = OrderedDict()
+        #: pid → (its /proc directory fd, its start time), the oldest first
+        self._pinned: dict[int, tuple[int, int]] = {}
         self.hits = 0
         self.misses = 0
 
     def identity(self, pid: int) -> tuple[int, str] | None:
-        """(start_time, exe) of ``pid`` now, or None if it is gone (or a kernel thread)."""
-        start = procinfo.start_time(pid)
-        exe = procinfo.exe(pid)
-        if start is None or exe is None:
+        """(start_time, exe) of ``pid`` now, or None if it is gone (or a kernel thread).
+
+        A /proc/<pid> directory fd pins its process: a read through it fails once that
+        process is gone, even if the pid names another by then. So a pinned pid costs one
+        readlink (has it exec'd?) instead of reading its start time again."""
+        pinned = self._pinned.get(pid)
+        if pinned is not None:
+            dirfd, start = pinned
+            try:
+                return start, os.readlink("exe", dir_fd=dirfd)
+            except OSError:
+                self._unpin(pid)  # gone: the pid may name another process now
+        try:
+            dirfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
             return None
-        return start, exe
+        try:
+            stat = procinfo.read_stat_at(dirfd)
+            exe = os.readlink("exe", dir_fd=dirfd)
+        except OSError:
+            stat = None
+        if stat is None:
+            os.close(dirfd)
+            return None
+        self._pinned[pid] = (dirfd, stat.start_time)
+        if len(self._pinned) > PINNED:
+            self._unpin(next(iter(self._pinned)))
+        return stat.start_time, exe
+
+    def _unpin(self, pid: int) -> None:
+        pinned = self._pinned.pop(pid, None)
+        if pinned is not None:
+            os.close(pinned[0])
+
+    def close(self) -> None:
+        """Close the pinned /proc fds."""
+        for pid in list(self._pinned):
+            self._unpin(pid)
 
     def get(self, pid: int) -> Info | None:
         """What kport reports about ``pid``: start_time, exe, argv, uid, gid, user,

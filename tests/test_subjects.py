@@ -75,3 +75,25 @@ def test_the_table_is_used_when_it_knows_the_identity() -> None:
     # A table entry for another identity (a reused pid) is not used.
     table[pid]["start_time"] -= 1
     assert (Subjects(table.get).get(pid) or {})["argv"] == described["argv"]
+
+
+def test_a_pinned_process_that_exits_is_gone_and_its_fd_closed() -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    deadline = time.monotonic() + 10
+    while procinfo.exe(child.pid) != os.path.realpath("/usr/bin/sleep"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    subjects = Subjects()
+    fds = len(os.listdir("/proc/self/fd"))
+    assert subjects.identity(child.pid) == (
+        procinfo.start_time(child.pid),
+        os.path.realpath("/usr/bin/sleep"),
+    )
+    assert len(os.listdir("/proc/self/fd")) == fds + 1  # its /proc directory, pinned
+    child.kill()
+    child.wait()
+    assert subjects.identity(child.pid) is None
+    assert len(os.listdir("/proc/self/fd")) == fds
+    subjects.identity(os.getpid())
+    subjects.close()
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -41,6 +41,8 @@ Ask = Callable[[Event, Done], None]
 
 #: permission requests waiting for a decision client at once, at most
 MAX_ASKS: Final = 256
+#: how often the rules files are checked for changes, at most
+RULES_CHECK_S: Final = 0.5
 
 #: permission kinds → event bits (the content group)
 PERMISSION_KINDS: Final[dict[str, int]] = {
@@ -220,6 +222,7 @@ class FileSource:
         if self._thread is not None:
             self._thread.join(5)
         self._close_groups()
+        self.subjects.close()
         for fd in (self._stop_r, self._stop_w):
             os.close(fd)
 
@@ -326,11 +329,15 @@ class FileSource:
         for fd in groups:
             poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        checked = 0.0
         while True:
             ready = [fd for fd, _ in poller.poll(1000)]
             if self._stop_r in ready:
                 return
-            self.rules.reload_if_changed()
+            now = time.monotonic()
+            if now - checked >= RULES_CHECK_S:  # a stat per file: not once per event
+                checked = now
+                self.rules.reload_if_changed()
             for fd in ready:
                 self._read(groups[fd])
 
@@ -385,15 +392,17 @@ class FileSource:
         # and nothing is cached for it.
         key = (pid, info["start_time"], info["exe"], path, kind) if info else None
         info = info or {}
-        subject = Subject(
-            kind=kind,
-            path=path,
-            exe=info.get("exe"),
-            uid=info.get("uid"),
-            gid=info.get("gid"),
-            ancestors=tuple(info.get("ancestors") or ()),
-        )
-        decision = self.rules.decide(subject, key)
+        decision = None if key is None else self.rules.cached(key)
+        if decision is None:
+            subject = Subject(
+                kind=kind,
+                path=path,
+                exe=info.get("exe"),
+                uid=info.get("uid"),
+                gid=info.get("gid"),
+                ancestors=tuple(info.get("ancestors") or ()),
+            )
+            decision = self.rules.decide(subject, key)
         if decision.action == "allow":
             self._answer(group, event, True)
             return None
