@@ -15,7 +15,7 @@ from typing import Any
 import kport
 from kport.errors import KportError
 
-BENCHMARKS = ("port", "proc", "journal", "objects")
+BENCHMARKS = ("port", "proc", "journal", "objects", "file")
 
 
 def _bench(args: argparse.Namespace) -> int:
