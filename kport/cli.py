@@ -183,11 +183,28 @@ def _status(args: argparse.Namespace) -> int:
             f"{s['rate']:.1f}",
             str(s["events"]),
             str(s["lost"]),
-            str(s["resyncs"]),
-            str(s["table"]),
-            str(s["backlog"]),
+            str(s.get("resyncs", "-")),
+            str(s.get("table", "-")),
+            str(s.get("backlog", "-")),
         )
     console.print(sources)
+    file = status["sources"].get("file")
+    if file:
+        cache = file["cache"]
+        console.print(
+            f"file access: {file['allowed']} allowed, {file['denied']} denied, "
+            f"{file['asked']} asked ({file['asks_in_flight']} in flight), "
+            f"{file['defaulted']} given the default verdict; rules: {file['rules']}, "
+            f"decision cache {cache['hits']} hits / {cache['misses']} misses",
+            soft_wrap=True,
+        )
+        if file["rules_error"]:
+            console.print(
+                f"  RULES NOT RELOADED (the ones in force stay): {file['rules_error']}",
+                soft_wrap=True,
+            )
+        for watch in file["watches"]:
+            console.print(f"  watching {watch['path']} ({watch['mark']})", soft_wrap=True)
     journal = status.get("journal")
     if journal and "path" not in journal:
         console.print(f"journal: NOT DURABLE: {journal['error']}")

@@ -238,7 +238,7 @@ class Daemon:
             watches=file_source.watches_of(cfg.paths, cfg.mounts, cfg.filesystems),
             permissions=cfg.permissions,
             events=cfg.events,
-            processes=proc.table.get if isinstance(proc, ProcSource) else None,
+            processes=proc.table.lookup if isinstance(proc, ProcSource) else None,
             rules=self.file_rules,
             ask=self._ask_from_thread,
             default_verdict=cfg.default_verdict == "allow",

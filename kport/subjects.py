@@ -106,8 +106,11 @@ class Subjects:
         self._cache.pop(pid, None)
 
     def _gone(self, pid: int) -> Info | None:
-        """A process that exited before it could be read: the table may still know it."""
-        self._cache.pop(pid, None)
+        """A process that exited before it could be read (a notification is read after
+        the fact): what was last seen of that pid here, or what the table knew."""
+        seen = self._cache.pop(pid, None)
+        if seen is not None:
+            return {**seen, "gone": True}
         entry = self.table(pid) if self.table else None
         if entry is None:
             return None

@@ -684,6 +684,10 @@ def test_watches_change_while_running_and_notifications_reach_port_and_journal(
                     control.send({"op": "unwatch", "path": str(other)}, timeout=5)
             status = kport_status(rundir)["sources"]["file"]
             assert status["paths"] == [str(mount)]
+            capsys.readouterr()
+            assert cli.main(["status", "--runtime-dir", str(rundir)]) == 0
+            shown = capsys.readouterr().out
+            assert f"watching {mount} (path)" in shown and "file access:" in shown
         finally:
             conn.close()
         wait_until(

@@ -97,3 +97,20 @@ def test_a_pinned_process_that_exits_is_gone_and_its_fd_closed() -> None:
     subjects.identity(os.getpid())
     subjects.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_process_seen_before_it_exited_is_still_named() -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    deadline = time.monotonic() + 10
+    while procinfo.argv(child.pid) != ["sleep", "60"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    subjects = Subjects()
+    seen = subjects.get(child.pid)
+    child.kill()
+    child.wait()
+    gone = subjects.get(child.pid)  # a notification read after the fact
+    assert seen is not None and gone is not None and gone["gone"] is True
+    assert gone["exe"] == seen["exe"] and gone["argv"] == ["sleep", "60"]
+    assert subjects.get(child.pid) is None  # once: the pid may be another's later
+    subjects.close()

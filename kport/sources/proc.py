@@ -15,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -24,6 +25,8 @@ from kport.sources import netlink_proc
 log = logging.getLogger("kport.proc")
 
 HANDOFF_LIMIT: Final = 200_000
+#: exited processes the table remembers, the most recent ones
+EXITED: Final = 4096
 _ENRICHED: Final = (
     "exe",
     "argv",
@@ -45,12 +48,30 @@ class ProcessTable:
 
     def __init__(self) -> None:
         self.procs: dict[int, Event] = {}
+        #: the last EXITED processes, by pid: an event read after its process exited
+        #: (a file notification) can still name it
+        self.exited: OrderedDict[int, Event] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.procs)
 
     def get(self, pid: int) -> Event | None:
         return self.procs.get(pid)
+
+    def lookup(self, pid: int) -> Event | None:
+        """The live process ``pid``, else the last one that exited with that pid."""
+        entry = self.procs.get(pid)
+        return entry if entry is not None else self.exited.get(pid)
+
+    def remove(self, pid: int) -> Event | None:
+        """Take ``pid`` out of the table at its exit, keeping it among the recently exited."""
+        entry = self.procs.pop(pid, None)
+        if entry is not None:
+            self.exited[pid] = entry
+            self.exited.move_to_end(pid)
+            if len(self.exited) > EXITED:
+                self.exited.popitem(last=False)
+        return entry
 
     def ancestry(self, pid: int, limit: int = 64) -> list[dict[str, Any]]:
         """The parent chain of ``pid``, nearest first: [{pid, start_time, exe}, ...]."""
@@ -308,7 +329,7 @@ class ProcSource:
             event["tid"] = pid
             self._identify(event, tgid, self.table.get(tgid))
             return event
-        entry = self.table.procs.pop(pid, None)
+        entry = self.table.remove(pid)
         self._identify(event, pid, entry)
         start = event.get("start_time")
         if start is not None:

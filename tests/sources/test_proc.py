@@ -6,7 +6,7 @@ import os
 import subprocess
 from typing import Any
 
-from kport.sources.proc import ProcSource
+from kport.sources.proc import EXITED, ProcessTable, ProcSource
 
 
 def test_lost_then_resync_repairs_the_table() -> None:
@@ -40,3 +40,17 @@ def test_ancestry_walks_the_parent_chain() -> None:
     chain = source.table.ancestry(os.getpid())
     assert chain[0]["pid"] == os.getppid()
     assert chain[-1]["pid"] in (1, 0) or len(chain) == 64
+
+
+def test_the_table_remembers_the_last_exited_processes() -> None:
+    table = ProcessTable()
+    for pid in range(1, EXITED + 3):
+        table.procs[pid] = {"pid": pid, "exe": f"/bin/p{pid}"}
+        assert table.remove(pid) == {"pid": pid, "exe": f"/bin/p{pid}"}
+    assert table.get(EXITED + 2) is None  # not live
+    assert table.lookup(EXITED + 2) == {"pid": EXITED + 2, "exe": f"/bin/p{EXITED + 2}"}
+    assert table.lookup(1) is None and table.lookup(2) is None  # the oldest are let go
+    assert len(table.exited) == EXITED
+    table.procs[3] = {"pid": 3, "exe": "/bin/live"}
+    assert table.lookup(3) == {"pid": 3, "exe": "/bin/live"}  # the live one first
+    assert table.remove(99_999) is None
