@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -219,6 +220,20 @@ os.mkdir(os.path.join(base, "newdir"))
 """
 
 
+@contextlib.contextmanager
+def running(tmp_path: Path, rules: str, **options: Any) -> Iterator[tuple[FileSource, Collected]]:
+    """A started file source with ``rules`` (TOML text), collecting what it emits."""
+    got = Collected()
+    source = FileSource(
+        got, rules=rules_file(tmp_path, rules), ask=None, default_verdict=True, **options
+    )
+    source.start()
+    try:
+        yield source, got
+    finally:
+        source.stop()
+
+
 def wait_for_events(got: Collected, done: Any, timeout: float = 5) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -236,22 +251,11 @@ def test_notifications_name_the_entry_and_the_process(
 ) -> None:
     base = mount if where == "mount" else mount / "sub"
     base.mkdir(exist_ok=True)
-    got = Collected()
-    source = FileSource(
-        got,
-        paths=[str(base)],
-        rules=rules_file(tmp_path, 'default = "allow"\n'),
-        ask=None,
-        default_verdict=True,
-        events=["create", "delete", "move", "attrib", "modify", "close_write"],
-    )
-    source.start()
-    try:
+    kinds = ["create", "delete", "move", "attrib", "modify", "close_write"]
+    with running(tmp_path, 'default = "allow"\n', paths=[str(base)], events=kinds) as (_, got):
         child = subprocess.run(["python3", "-c", CHANGES, str(base)], check=True)
         assert child.returncode == 0
         events = wait_for_events(got, lambda evs: any(e.get("dir") for e in evs))
-    finally:
-        source.stop()
     # Events on one file still queued together arrive as one, with every kind.
     seen = [(k, e["path"], e.get("from")) for e in events for k in e.get("kinds", [e["kind"]])]
     for expected in [
@@ -271,21 +275,10 @@ def test_notifications_name_the_entry_and_the_process(
 
 
 def test_a_source_drops_its_own_notifications(tmp_path: Path, mount: Path) -> None:
-    got = Collected()
-    source = FileSource(
-        got,
-        paths=[str(mount)],
-        rules=rules_file(tmp_path, 'default = "allow"\n'),
-        ask=None,
-        default_verdict=True,
-    )
-    source.start()
-    try:
+    with running(tmp_path, 'default = "allow"\n', paths=[str(mount)]) as (_, got):
         (mount / "ours.txt").write_text("x")  # this process is the source's own
         subprocess.run(["touch", str(mount / "theirs.txt")], check=True)
         events = wait_for_events(got, lambda evs: any("theirs" in e["path"] for e in evs))
-    finally:
-        source.stop()
     assert any("theirs" in e["path"] for e in events)
     assert not any("ours" in e["path"] for e in events)
 
@@ -293,15 +286,7 @@ def test_a_source_drops_its_own_notifications(tmp_path: Path, mount: Path) -> No
 def test_watches_are_added_and_removed_while_running(tmp_path: Path, mount: Path) -> None:
     (mount / "a").mkdir()
     (mount / "a" / "f.txt").write_text("a\n")
-    got = Collected()
-    source = FileSource(
-        got,
-        rules=rules_file(tmp_path, 'default = "deny"\n'),
-        ask=None,
-        default_verdict=True,
-    )
-    source.start()
-    try:
+    with running(tmp_path, 'default = "deny"\n') as (source, got):
         assert cat(mount / "a" / "f.txt").returncode == 0  # nothing watched yet
         source.watch(Watch(str(mount / "a")))
         assert source.paths == [str(mount / "a")]
@@ -315,21 +300,15 @@ def test_watches_are_added_and_removed_while_running(tmp_path: Path, mount: Path
         with pytest.raises(OSError, match="nowhere"):
             source.watch(Watch(str(mount / "nowhere")))
         assert source.paths == []
-    finally:
-        source.stop()
 
 
 def test_rules_can_match_the_parent_chain(tmp_path: Path, mount: Path) -> None:
     shell = os.path.realpath("/bin/sh")
-    rules = rules_file(
-        tmp_path,
+    rules = (
         f'default = "allow"\n[[rule]]\nname = "not from a shell"\naction = "deny"\n'
-        f'ancestors = ["{shell}"]\npath = "{mount}/secret*"\n',
+        f'ancestors = ["{shell}"]\npath = "{mount}/secret*"\n'
     )
-    got = Collected()
-    source = FileSource(got, paths=[str(mount)], rules=rules, ask=None, default_verdict=True)
-    source.start()
-    try:
+    with running(tmp_path, rules, paths=[str(mount)]) as (_, got):
         assert cat(mount / "secret.txt").returncode == 0  # cat's parent is this python
         # `; true` keeps the shell alive as cat's parent (no exec of the last command).
         via_shell = subprocess.run(
@@ -342,5 +321,3 @@ def test_rules_can_match_the_parent_chain(tmp_path: Path, mount: Path) -> None:
         events = wait_for_events(got, lambda evs: any(e.get("verdict") == "deny" for e in evs))
         denied = next(e for e in events if e.get("verdict") == "deny")
         assert denied["rule"] == "not from a shell" and denied["ancestors"][0] == shell
-    finally:
-        source.stop()
