@@ -18,6 +18,7 @@ through, so a stopping or crashing daemon never leaves an opener hanging.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -189,6 +190,8 @@ class FileSource:
         self._marks_lock = threading.Lock()
         self._content: fan.FanotifyGroup | None = None
         self._names: fan.FanotifyGroup | None = None
+        #: watches whose filesystem cannot report names (no file handles)
+        self.unnamed: set[str] = set()
         #: name events must be under one of these (None: no need to check)
         self._scopes: tuple[str, ...] | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
@@ -273,8 +276,20 @@ class FileSource:
             mask = self._names_mask | extra
             if kind == "inode" and not os.path.isdir(watch.path):
                 mask = (self._names_mask & fan.FAN_ATTRIB) and fan.FAN_ATTRIB
-            if mask:
+            if not mask:
+                return
+            try:
                 self._try_mark(self._names, watch.path, mask, kind, remove)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.ENODEV):
+                    raise
+                # A filesystem without file handles (ramfs, some FUSE) cannot name
+                # entries: its opens are still decided and reported, its names are not.
+                self.unnamed.add(watch.path)
+                log.warning("file: no create/delete/move/attrib events for %s: %s", watch, err)
+            else:
+                if remove:
+                    self.unnamed.discard(watch.path)
 
     def _rescope(self) -> None:
         scopes = [w.scope() for w in self.watches]
@@ -314,6 +329,7 @@ class FileSource:
             "paths": self.paths,
             "watches": [{"path": w.path, "mark": w.mark} for w in self.watches],
             "permissions": list(self.permissions),
+            "without_names": sorted(self.unnamed),
             "reported": list(self.events_reported),
             "rules": len(self.rules.rules),
             "rules_error": self.rules.error,

@@ -321,3 +321,21 @@ def test_rules_can_match_the_parent_chain(tmp_path: Path, mount: Path) -> None:
         events = wait_for_events(got, lambda evs: any(e.get("verdict") == "deny" for e in evs))
         denied = next(e for e in events if e.get("verdict") == "deny")
         assert denied["rule"] == "not from a shell" and denied["ancestors"][0] == shell
+
+
+def test_a_filesystem_without_file_handles_is_still_decided(tmp_path: Path) -> None:
+    point = tmp_path / "ramfs"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(point)], check=True)
+    try:
+        (point / "secret.txt").write_text("s\n")
+        rules = f'default = "allow"\n[[rule]]\naction = "deny"\npath = "{point}/secret*"\n'
+        with running(tmp_path, rules, paths=[str(point)]) as (source, got):
+            assert source.status()["without_names"] == [str(point)]  # ramfs has no handles
+            assert cat(point / "secret.txt").returncode != 0  # opens are decided all the same
+            subprocess.run(["sh", "-c", f"echo x > {point / 'new.txt'}"], check=True)
+            events = wait_for_events(got, lambda evs: any(e["kind"] == "close_write" for e in evs))
+            assert any(e["kind"] == "close_write" and e["path"].endswith("new.txt") for e in events)
+            assert source.unwatch(str(point)) and source.status()["without_names"] == []
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
