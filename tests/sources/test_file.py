@@ -339,3 +339,23 @@ def test_a_filesystem_without_file_handles_is_still_decided(tmp_path: Path) -> N
             assert source.unwatch(str(point)) and source.status()["without_names"] == []
     finally:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_access_perm_decides_each_read(tmp_path: Path, mount: Path) -> None:
+    rules = f'default = "allow"\n[[rule]]\naction = "deny"\npath = "{mount}/secret*"\n'
+    with running(tmp_path, rules, paths=[str(mount)], permissions=["access_perm"]) as (_, got):
+        reader = subprocess.run(
+            [
+                "python3",
+                "-c",
+                "import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\nprint('opened')\n"
+                "try:\n    os.read(fd, 10)\nexcept PermissionError:\n    print('read denied')",
+                str(mount / "secret.txt"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert reader.stdout.split("\n")[:2] == ["opened", "read denied"]  # open is not asked
+        events = wait_for_events(got, lambda evs: any(e.get("verdict") == "deny" for e in evs))
+        assert any(e["kind"] == "access_perm" and e["verdict"] == "deny" for e in events)
