@@ -242,7 +242,12 @@ class FileSource:
         with self._marks_lock:
             if watch in self.watches:
                 return
-            self._mark(watch)
+            try:
+                self._mark(watch)
+            except OSError:
+                self._mark(watch, remove=True)  # no half-made watch: neither group keeps it
+                self._renew()
+                raise
             self.watches.append(watch)
             self._rescope()
 
@@ -256,10 +261,17 @@ class FileSource:
             self.watches = [w for w in self.watches if w.path != path]
             for watch in gone:
                 self._mark(watch, remove=True)
-            for watch in self.watches:  # a removed filesystem mark may have been shared
-                self._mark(watch)
+            self._renew()
             self._rescope()
         return gone
+
+    def _renew(self) -> None:
+        """Mark every watch again: a filesystem mark just removed may have been shared."""
+        for watch in self.watches:
+            try:
+                self._mark(watch)
+            except OSError as err:  # its path is gone since: the kernel dropped it too
+                log.warning("file: could not renew the marks of %s: %s", watch.path, err)
 
     @property
     def paths(self) -> list[str]:
