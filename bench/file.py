@@ -271,6 +271,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(10)
 
 
+def _spawn_kport(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``kport ARGS`` from this checkout, its output to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "kport.cli", *args], stdout=out, stderr=out)
+
+
 @contextlib.contextmanager
 def _kport(workdir: Path, name: str, file_config: dict[str, Any]) -> Iterator[tuple[int, str]]:
     """A kport daemon watching file access as ``file_config`` says; yields (pid, rundir)."""
@@ -286,23 +292,8 @@ def _kport(workdir: Path, name: str, file_config: dict[str, Any]) -> Iterator[tu
         )
     )
     log = base / "serve.log"
-    with log.open("wb") as out:
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kport.cli",
-                "serve",
-                "--runtime-dir",
-                str(rundir),
-                "--state-dir",
-                str(statedir),
-                "--config",
-                str(config),
-            ],
-            stdout=out,
-            stderr=out,
-        )
+    serve = ["serve", "--runtime-dir", str(rundir), "--state-dir", str(statedir)]
+    daemon = _spawn_kport([*serve, "--config", str(config)], log)
     try:
         _wait("kport serve", (rundir / "file.sock").exists, daemon, log)
         _wait(
@@ -320,21 +311,7 @@ def _kport(workdir: Path, name: str, file_config: dict[str, Any]) -> Iterator[tu
 def _decider(rundir: str, workdir: Path) -> Iterator[int]:
     """``kport decide --policy allow``, connected; yields its pid."""
     log = workdir / "decide.log"
-    with log.open("wb") as out:
-        decider = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kport.cli",
-                "decide",
-                "--policy",
-                "allow",
-                "--runtime-dir",
-                rundir,
-            ],
-            stdout=out,
-            stderr=out,
-        )
+    decider = _spawn_kport(["decide", "--policy", "allow", "--runtime-dir", rundir], log)
     try:
         _wait(
             "kport decide",
