@@ -4,6 +4,7 @@ small asyncio helpers the port tests use."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -78,3 +79,19 @@ def run_as_nobody(action: Callable[[], str]) -> str:
         out = f.read().decode()
     os.waitpid(pid, 0)
     return out
+
+
+@contextlib.contextmanager
+def mounted(point: Path, *how: str) -> Iterator[Path]:
+    """``mount HOW... POINT`` (POINT made if missing), lazily unmounted afterwards."""
+    point.mkdir(exist_ok=True)
+    subprocess.run(["mount", *how, str(point)], check=True, capture_output=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def mount_tmpfs(point: Path, size: str = "8m") -> contextlib.AbstractContextManager[Path]:
+    """A private tmpfs of ``size`` at ``point`` (see :func:`mounted`)."""
+    return mounted(point, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")

@@ -21,7 +21,7 @@ import pytest
 import kport
 from kport import cli
 from kport.journal import SOURCES, chunk_items
-from tests.conftest import spawn_client
+from tests.conftest import mount_tmpfs, spawn_client
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -377,39 +377,36 @@ def test_query_command(daemon: subprocess.Popen[str], rundir: Path) -> None:
 
 
 def test_durability_off_and_back_on_reaches_clients(rundir: Path, tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
-    config = tmp_path / "kport.toml"
-    config.write_text(f'[journal]\npath = "{small}/journal.db"\n')
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)),
-            *("--config", str(config)),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until((rundir / "proc.sock").exists)
-        with kport.connect("proc", runtime_dir=rundir) as conn:
-            filler = small / "filler"
-            with contextlib.suppress(OSError), open(filler, "wb") as f:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            with Storm():
-                off = next_journal_event(conn)
-            assert off["durable"] is False and "full" in off["reason"], off
-            assert kport_status(rundir)["journal"]["durable"] is False
-            filler.unlink()
-            on = next_journal_event(conn)
-            assert on["durable"] is True and on["seq"] > off["seq"]
-            assert kport_status(rundir)["journal"]["durable"] is True
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=20)
-        subprocess.run(["umount", "-l", str(small)], check=False)
+    with mount_tmpfs(tmp_path / "small", "4m") as small:
+        config = tmp_path / "kport.toml"
+        config.write_text(f'[journal]\npath = "{small}/journal.db"\n')
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "kport.cli", "serve", "--runtime-dir", str(rundir)),
+                *("--config", str(config)),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until((rundir / "proc.sock").exists)
+            with kport.connect("proc", runtime_dir=rundir) as conn:
+                filler = small / "filler"
+                with contextlib.suppress(OSError), open(filler, "wb") as f:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                with Storm():
+                    off = next_journal_event(conn)
+                assert off["durable"] is False and "full" in off["reason"], off
+                assert kport_status(rundir)["journal"]["durable"] is False
+                filler.unlink()
+                on = next_journal_event(conn)
+                assert on["durable"] is True and on["seq"] > off["seq"]
+                assert kport_status(rundir)["journal"]["durable"] is True
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
     assert "durability is off" in err and "durability is back on" in err
 
 
@@ -475,14 +472,9 @@ def test_the_daemon_hosts_named_objects(daemon: subprocess.Popen[str], rundir: P
 
 @contextlib.contextmanager
 def watched_mount(tmp_path: Path) -> Iterator[Path]:
-    point = tmp_path / "watched"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(point)], check=True)
-    try:
+    with mount_tmpfs(tmp_path / "watched") as point:
         (point / "data.txt").write_text("data\n")
         yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from hypothesis import strategies as st
 from kport import journal as journal_module
 from kport.errors import NameCollision
 from kport.journal import SOURCES, Journal, Query, SourceHistory, chunk_items, chunk_of, row_of
+from tests.conftest import mount_tmpfs
 
 OLD_NS = 1_000_000_000 * 3600  # 1970, far past any retention
 
@@ -220,10 +220,7 @@ def test_retention_by_size_keeps_the_newest(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_disk_full_turns_durability_off_and_back_on(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
-    try:
+    with mount_tmpfs(tmp_path / "small", "2m") as mnt:
         states: list[tuple[bool, str]] = []
         j = Journal(
             mnt / "j.db",
@@ -256,8 +253,6 @@ def test_disk_full_turns_durability_off_and_back_on(tmp_path: Path) -> None:
         assert states[-1][0] is True and j.durable
         assert read_all(j, 0, 3000) == (list(range(1, 3001)), [])
         j.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_an_unwritable_journal_reports_durability_off(tmp_path: Path) -> None:

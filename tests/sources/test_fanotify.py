@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from kport.sources import fanotify as fa
 from kport.sources.fanotify import FanotifyEvent, FanotifyGroup
+from tests.conftest import mount_tmpfs, mounted
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify and mount need root")
 slow = pytest.mark.timeout(120)
@@ -35,22 +36,16 @@ def _run(*argv: str) -> None:
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A private 16 MiB tmpfs, lazily unmounted afterwards."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    _run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt))
-    try:
+    with mount_tmpfs(tmp_path / "mnt", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture(params=["tmpfs", "ext4"])
 def name_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """A private tmpfs, or a loop-mounted ext4 image: the name test runs on both."""
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
     if request.param == "tmpfs":
-        _run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt))
+        how: tuple[str, ...] = ("-t", "tmpfs", "-o", "size=16m", "tmpfs")
     else:
         if shutil.which("mkfs.ext4") is None:
             pytest.skip("no mkfs.ext4 to make an ext4 image")
@@ -58,14 +53,13 @@ def name_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         with open(image, "wb") as f:
             f.truncate(16 * 1024 * 1024)
         _run("mkfs.ext4", "-q", "-F", str(image))
+        how = ("-o", "loop", str(image))
+    with contextlib.ExitStack() as stack:
         try:
-            _run("mount", "-o", "loop", str(image), str(mnt))
+            stack.enter_context(mounted(mnt, *how))
         except subprocess.CalledProcessError as err:
-            pytest.skip(f"cannot loop-mount an ext4 image: {err.stderr.decode().strip()}")
-    try:
+            pytest.skip(f"cannot mount {request.param}: {err.stderr.decode().strip()}")
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 
 from kport.rules import RuleSet
 from kport.sources.file import Done, FileSource, Watch
+from tests.conftest import mount_tmpfs, mounted
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -24,15 +25,10 @@ pytestmark = [
 
 @pytest.fixture
 def mount(tmp_path: Path) -> Iterator[Path]:
-    point = tmp_path / "watched"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(point)], check=True)
-    try:
+    with mount_tmpfs(tmp_path / "watched") as point:
         (point / "plain.txt").write_text("hello\n")
         (point / "secret.txt").write_text("s3cret\n")
         yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def cat(path: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -324,10 +320,7 @@ def test_rules_can_match_the_parent_chain(tmp_path: Path, mount: Path) -> None:
 
 
 def test_a_filesystem_without_file_handles_is_still_decided(tmp_path: Path) -> None:
-    point = tmp_path / "ramfs"
-    point.mkdir()
-    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(point)], check=True)
-    try:
+    with mounted(tmp_path / "ramfs", "-t", "ramfs", "ramfs") as point:
         (point / "secret.txt").write_text("s\n")
         rules = f'default = "allow"\n[[rule]]\naction = "deny"\npath = "{point}/secret*"\n'
         with running(tmp_path, rules, paths=[str(point)]) as (source, got):
@@ -337,8 +330,6 @@ def test_a_filesystem_without_file_handles_is_still_decided(tmp_path: Path) -> N
             events = wait_for_events(got, lambda evs: any(e["kind"] == "close_write" for e in evs))
             assert any(e["kind"] == "close_write" and e["path"].endswith("new.txt") for e in events)
             assert source.unwatch(str(point)) and source.status()["without_names"] == []
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def test_access_perm_decides_each_read(tmp_path: Path, mount: Path) -> None:
