@@ -102,9 +102,6 @@ class Subjects:
             self._cache.popitem(last=False)
         return info
 
-    def forget(self, pid: int) -> None:
-        self._cache.pop(pid, None)
-
     def _gone(self, pid: int) -> Info | None:
         """A process that exited before it could be read (a notification is read after
         the fact): what was last seen of that pid here, or what the table knew."""

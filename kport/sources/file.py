@@ -184,7 +184,6 @@ class FileSource:
         self.asked = 0
         self.defaulted = 0
         self.lost = 0
-        self.unanswerable = 0
         self._asks = 0
         self._asks_lock = threading.Lock()
         self._marks_lock = threading.Lock()
@@ -448,7 +447,6 @@ class FileSource:
         try:
             group.respond(event.fd, allow)
         except (OSError, ValueError) as err:  # the group closed: the kernel let it through
-            self.unanswerable += 1
             log.debug("file: could not answer pid %d: %s", event.pid, err)
         finally:
             event.close()
