@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from typing import Any
 
+from kport import procinfo
 from kport.sources.proc import EXITED, ProcessTable, ProcSource
 
 
@@ -18,6 +20,10 @@ def test_lost_then_resync_repairs_the_table() -> None:
         assert entry["start_time"] is not None, pid
     # The table now misses a live process and holds a dead one.
     child = subprocess.Popen(["sleep", "5"])
+    deadline = time.monotonic() + 10
+    while procinfo.argv(child.pid) != ["sleep", "5"]:  # Popen returns before argv is in place
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     ghost = max(source.table.procs) + 1_000_000
     source.table.procs[ghost] = {"start_time": 1, "exe": "/ghost", "ppid": 1}
     try:
