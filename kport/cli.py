@@ -56,12 +56,18 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.file.enabled = True
         cfg.file.paths += [os.path.abspath(p) for p in args.watch]
         cfg.file.default_action = "ask"
+    if args.firewall:
+        cfg.net.enabled = True
+        cfg.net.default_action = "ask"
     if args.decision_deadline is not None:
         cfg.file.decision_deadline_s = args.decision_deadline
+        cfg.net.decision_deadline_s = args.decision_deadline
     if args.default_verdict:
         cfg.file.default_verdict = args.default_verdict
+        cfg.net.default_verdict = args.default_verdict
     try:
         config_mod.check_file(cfg.file, "command line")
+        config_mod.check_net(cfg.net, "command line")
     except config_mod.ConfigError as err:
         print(f"kport serve: {err}", file=sys.stderr)
         return 2
@@ -144,7 +150,9 @@ def _decide(args: argparse.Namespace) -> int:
     from kport import decide
 
     try:
-        return decide.run(policy=args.policy, runtime_dir=args.runtime_dir, count=args.count)
+        return decide.run(
+            policy=args.policy, runtime_dir=args.runtime_dir, count=args.count, ports=args.port
+        )
     except ValueError as err:
         print(f"kport decide: {err}", file=sys.stderr)
         return 2
@@ -346,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch file access under PATH and ask a decision client (repeatable)",
     )
     serve.add_argument(
+        "--firewall",
+        action="store_true",
+        help="ask a decision client about every new outbound connection (NFQUEUE)",
+    )
+    serve.add_argument(
         "--decision-deadline", type=float, metavar="SECONDS", help="how long a decider has"
     )
     serve.add_argument(
@@ -375,11 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--runtime-dir", help="where the ports' sockets are")
     tail.set_defaults(func=_tail)
 
-    dec = sub.add_parser("decide", help="answer file access requests (a terminal, or a policy)")
+    dec = sub.add_parser(
+        "decide", help="answer file access and connection prompts (a terminal, or a policy)"
+    )
     dec.add_argument(
         "--policy", metavar="allow|deny|FILE.py", help="answer by this, not at the terminal"
     )
     dec.add_argument("--count", type=int, default=0, help="stop after this many answers")
+    dec.add_argument(
+        "--port",
+        action="append",
+        choices=("file-decide", "net-decide"),
+        help="answer only this decision port (repeatable; default: every one kport serves)",
+    )
     dec.add_argument("--runtime-dir", help="where the ports' sockets are")
     dec.set_defaults(func=_decide)
 

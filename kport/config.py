@@ -64,6 +64,38 @@ class FileConfig:
 
 
 @dataclass
+class NetConfig:
+    enabled: bool = False
+    #: the NFQUEUE number kport reads (another firewall may hold one: choose another)
+    queue: int = 4747
+    #: how packets reach the queue: auto (nft if its queue expression exists, else
+    #: iptables-nft), nft, iptables
+    backend: str = "auto"
+    #: decide new inbound connections too (outbound ones always)
+    inbound: bool = False
+    #: decide connections over the loopback interface too
+    loopback: bool = False
+    #: read DNS answers, so that events and rules know host names
+    dns: bool = True
+    #: with kport not reading (stopped, crashed) or its queue full, packets pass
+    #: (true) or are dropped (false: fail-closed, nothing leaves without kport)
+    fail_open: bool = True
+    #: packets the kernel holds for kport at once
+    queue_length: int = 4096
+    #: rules files, read in order after the remembered rules; reloaded on change
+    rules: list[str] = field(default_factory=list)
+    #: where "always" answers write rules; "" is <state dir>/net-remembered.toml
+    remembered: str = ""
+    #: the action when no rule matches: allow | deny | reject | ask | log
+    default_action: str = "allow"
+    #: how long a decision client has to answer
+    decision_deadline_s: float = 10.0
+    #: the verdict when it does not answer in time, goes away, or none is connected:
+    #: allow | deny | reject
+    default_verdict: str = "allow"
+
+
+@dataclass
 class JournalConfig:
     enabled: bool = True
     #: the database file; "" is <state dir>/journal.db
@@ -93,6 +125,7 @@ class Config:
     proc: ProcConfig = field(default_factory=ProcConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     file: FileConfig = field(default_factory=FileConfig)
+    net: NetConfig = field(default_factory=NetConfig)
     ports: dict[str, PortConfig] = field(
         default_factory=lambda: {
             "proc": PortConfig(groups=["kport"]),
@@ -100,6 +133,8 @@ class Config:
             "objects": PortConfig(groups=["kport"]),
             "file": PortConfig(groups=["kport"]),
             "file-decide": PortConfig(groups=["kport-admin"]),
+            "net": PortConfig(groups=["kport"]),
+            "net-decide": PortConfig(groups=["kport-admin"]),
             "control": PortConfig(),
         }
     )
@@ -170,13 +205,14 @@ def load(path: str | Path | None) -> Config:
                     raise ConfigError(f"{path}: [ports.{name}] must be a table")
                 target = config.ports.setdefault(name, PortConfig())
                 _fill(target, port, f"{path}: ports.{name}")
-        elif section in ("daemon", "proc", "journal", "file"):
+        elif section in ("daemon", "proc", "journal", "file", "net"):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             _fill(getattr(config, section), value, f"{path}: {section}")
         else:
             raise ConfigError(
-                f"{path}: unknown section [{section}] (known: daemon, proc, journal, file, ports)"
+                f"{path}: unknown section [{section}] "
+                "(known: daemon, proc, journal, file, net, ports)"
             )
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
@@ -188,6 +224,7 @@ def load(path: str | Path | None) -> Config:
     if not 1 <= config.journal.commit_interval_ms <= 60_000:
         raise ConfigError(f"{path}: journal.commit_interval_ms must be 1 to 60000")
     check_file(config.file, str(path))
+    check_net(config.net, str(path))
     if config.daemon.log_format not in ("text", "json"):
         raise ConfigError(f"{path}: daemon.log_format must be 'text' or 'json'")
     return config
@@ -207,3 +244,19 @@ def check_file(cfg: FileConfig, where: str) -> None:
             )
     if not 0.01 <= cfg.decision_deadline_s <= 3600:
         raise ConfigError(f"{where}: file.decision_deadline_s must be 0.01 to 3600 seconds")
+
+
+def check_net(cfg: NetConfig, where: str) -> None:
+    """Raise ConfigError for a [net] section that cannot work."""
+    if cfg.default_action not in ("allow", "deny", "reject", "ask", "log"):
+        raise ConfigError(f"{where}: net.default_action must be allow, deny, reject, ask or log")
+    if cfg.default_verdict not in ("allow", "deny", "reject"):
+        raise ConfigError(f"{where}: net.default_verdict must be allow, deny or reject")
+    if cfg.backend not in ("auto", "nft", "iptables"):
+        raise ConfigError(f"{where}: net.backend must be auto, nft or iptables")
+    if not 0 <= cfg.queue <= 65535:
+        raise ConfigError(f"{where}: net.queue must be 0 to 65535")
+    if not 1 <= cfg.queue_length <= 1_000_000:
+        raise ConfigError(f"{where}: net.queue_length must be 1 to 1000000")
+    if not 0.01 <= cfg.decision_deadline_s <= 3600:
+        raise ConfigError(f"{where}: net.decision_deadline_s must be 0.01 to 3600 seconds")

@@ -22,16 +22,20 @@ from typing import Any
 
 from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
-from kport.errors import BadRequest, KportError, Timeout
+from kport.decisions import Decisions
+from kport.errors import BadRequest
 from kport.journal import Journal, Query, Row, SourceHistory, row_of
 from kport.objects import Namespace
 from kport.port.security import Security
 from kport.port.server import ServerConnection, ServerPort
 from kport.rules import RuleSet
 from kport.sources import file as file_source
-from kport.sources.file import Done as FileDone
+from kport.sources import net as net_source
 from kport.sources.file import FileSource
+from kport.sources.firewall import Plan
+from kport.sources.net import NetSource
 from kport.sources.proc import ProcSource
+from kport.sources.sockets import all_processes
 
 log = logging.getLogger("kport.daemon")
 
@@ -119,11 +123,12 @@ class Daemon:
         self.seq = 0
         self.started = time.time()
         self.ports: dict[str, ServerPort] = {}
-        self.sources: dict[str, ProcSource | FileSource] = {}
-        self._deciders: frozenset[int] = frozenset()
-        self._asks: set[asyncio.Task[None]] = set()
-        self._next_decider = 0
+        self.sources: dict[str, ProcSource | FileSource | NetSource] = {}
+        #: decision port name → its asks
+        self.decisions: dict[str, Decisions] = {}
         self.file_rules: RuleSet | None = None
+        self.net_rules = RuleSet(domain="net")
+        self.net_remembered = ""
         self.rates: dict[str, Rate] = {}
         self.filtered = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,6 +185,10 @@ class Daemon:
             self.sources["proc"] = ProcSource(self._from_thread, threads=self.config.proc.threads)
         if self.config.file.enabled:
             self._setup_file(journal)
+        if self.config.net.enabled:
+            self._setup_net(journal)
+        for name, decisions in self.decisions.items():
+            decisions.attach(self.ports[name], self._loop)
         for port in self.ports.values():
             port.seq = self.seq  # a replay asked for before the first new event covers it all
         started: list[ServerPort] = []
@@ -200,8 +209,8 @@ class Daemon:
             log.info("stopping")
             for source in self.sources.values():
                 source.stop()
-            for task in list(self._asks):
-                task.cancel()  # each answers its opener with the default on the way out
+            for decisions in self.decisions.values():
+                decisions.cancel()  # each answers its opener with the default on the way out
             for port in started:
                 await port.shutdown(reason="kport serve stopped")
             self._queries.shutdown(wait=False, cancel_futures=True)
@@ -226,13 +235,14 @@ class Daemon:
         self.file_remembered = remembered
         history = SourceHistory(journal, ("file", "kport")) if journal else None
         self._port("file", one_way=True, history=history)
-        self._port(
-            "file-decide",
-            on_connect=self._decider_changed,
-            on_disconnect=self._decider_changed,
-        )
         self.rates["file"] = Rate()
         proc = self.sources.get("proc")
+        decisions = self.decisions["file-decide"] = Decisions(
+            deadline_s=cfg.decision_deadline_s,
+            default_verdict=cfg.default_verdict,
+            on_reply=self._remember_file,
+        )
+        self._port("file-decide", on_connect=decisions.changed, on_disconnect=decisions.changed)
         self.sources["file"] = FileSource(
             self._from_thread,
             watches=file_source.watches_of(cfg.paths, cfg.mounts, cfg.filesystems),
@@ -240,72 +250,81 @@ class Daemon:
             events=cfg.events,
             processes=proc.table.lookup if isinstance(proc, ProcSource) else None,
             rules=self.file_rules,
-            ask=self._ask_from_thread,
+            ask=decisions.ask_from_thread,
             default_verdict=cfg.default_verdict == "allow",
-            trusted=lambda: self._deciders,
+            trusted=lambda: decisions.deciders,
         )
 
-    def _decider_changed(self, conn: ServerConnection) -> None:
-        # Read by the file source's thread: always replaced whole, never changed in place.
-        port = self.ports["file-decide"]
-        pids = {c.pid for c in port.connections}
-        if not conn.closed:
-            pids.add(conn.pid)
+    async def _remember_file(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        """A file decision client's "remember": a rule for that path (and executable)."""
+        if not reply.get("remember") or self.file_rules is None:
+            return
+        rule = {"action": reply["verdict"], "path": request["path"], "name": "remembered"}
+        if request.get("exe"):
+            rule["exe"] = request["exe"]
+        await asyncio.to_thread(self.file_rules.remember, self.file_remembered, rule)
+
+    # --- the firewall ------------------------------------------------------------------
+
+    def _setup_net(self, journal: Journal | None) -> None:
+        cfg = self.config.net
+        remembered = cfg.remembered or str(self.state_dir / "net-remembered.toml")
+        self.net_rules = RuleSet([remembered, *cfg.rules], default=cfg.default_action, domain="net")
+        self.net_remembered = remembered
+        history = SourceHistory(journal, ("net", "kport")) if journal else None
+        self._port("net", one_way=True, history=history)
+        decisions = self.decisions["net-decide"] = Decisions(
+            deadline_s=cfg.decision_deadline_s,
+            default_verdict=cfg.default_verdict,
+            verdicts=net_source.VERDICTS,
+            on_reply=self._remember_net,
+        )
+        self._port("net-decide", on_connect=decisions.changed, on_disconnect=decisions.changed)
+        self.rates["net"] = Rate()
+        proc = self.sources.get("proc")
+        table = proc.table if isinstance(proc, ProcSource) else None
+        plan = Plan(
+            queue=cfg.queue,
+            inbound=cfg.inbound,
+            loopback=cfg.loopback,
+            fail_open=cfg.fail_open,
+            dns=cfg.dns,
+        )
+        self.sources["net"] = NetSource(
+            self._from_thread,
+            plan=plan,
+            backend=cfg.backend,
+            rules=self.net_rules,
+            ask=decisions.ask_from_thread,
+            default_verdict=cfg.default_verdict,
+            trusted=lambda: decisions.deciders,
+            processes=table.lookup if table is not None else None,
+            candidates=table.candidates if table is not None else all_processes,
+            queue_length=cfg.queue_length,
+        )
+
+    async def _remember_net(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        """A network decision client's duration: "once" (nothing more), "restart" (a
+        rule in memory), a number of minutes (a rule in memory that ends), or "always"
+        (``remember``: a rule written to the remembered file)."""
+        duration = reply.get("duration", "always" if reply.get("remember") else "once")
+        if duration == "once":
+            return
+        rule = reply.get("rule")
+        if not isinstance(rule, dict):
+            rule = net_source.rule_for(request)
+        rule = {**rule, "action": reply["verdict"]}
+        if duration == "always":
+            rule.setdefault("name", "remembered")
+            await asyncio.to_thread(self.net_rules.remember, self.net_remembered, rule)
+        elif duration == "restart":
+            self.net_rules.add_temporary(rule)
+        elif isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0:
+            self.net_rules.add_temporary(rule, minutes=float(duration))
         else:
-            pids.discard(conn.pid)
-        self._deciders = frozenset(pids)
-
-    def _ask_from_thread(self, request: dict[str, Any], done: FileDone) -> None:
-        loop = self._loop
-        verdict = self.config.file.default_verdict == "allow"
-        if loop is None or loop.is_closed():
-            done(verdict, "kport is stopping")
-            return
-        try:
-            loop.call_soon_threadsafe(self._start_ask, request, done)
-        except RuntimeError:
-            done(verdict, "kport is stopping")
-
-    def _start_ask(self, request: dict[str, Any], done: FileDone) -> None:
-        task = asyncio.get_running_loop().create_task(self._ask(request, done))
-        self._asks.add(task)
-        task.add_done_callback(self._asks.discard)
-
-    async def _ask(self, request: dict[str, Any], done: FileDone) -> None:
-        """One permission request to a decision client; every way out calls ``done``."""
-        cfg = self.config.file
-        default = cfg.default_verdict == "allow"
-        port = self.ports["file-decide"]
-        conns = [c for c in port.connections if not c.closed]
-        if not conns:
-            done(default, "no decision client")
-            return
-        conn = conns[self._next_decider % len(conns)]
-        self._next_decider += 1
-        try:
-            reply = await port.request(conn, request, timeout=cfg.decision_deadline_s)
-        except Timeout:
-            done(default, f"no answer within {cfg.decision_deadline_s:g} s")
-            return
-        except KportError as err:
-            done(default, f"the decision client went away: {err}")
-            return
-        except BaseException:
-            done(default, "kport is stopping")
-            raise
-        verdict = reply.get("verdict") if isinstance(reply, dict) else None
-        if verdict not in ("allow", "deny"):
-            done(default, f"the decision client answered {reply!r:.60}, not allow or deny")
-            return
-        done(verdict == "allow", "decided")
-        if reply.get("remember") and self.file_rules is not None:
-            rule = {"action": verdict, "path": request["path"], "name": "remembered"}
-            if request.get("exe"):
-                rule["exe"] = request["exe"]
-            try:
-                await asyncio.to_thread(self.file_rules.remember, self.file_remembered, rule)
-            except (OSError, ValueError) as err:
-                log.error("file: could not remember %s: %s", rule, err)
+            raise ValueError(
+                f"duration must be once, restart, always or minutes, not {duration!r:.40}"
+            )
 
     # --- events ------------------------------------------------------------------------
 

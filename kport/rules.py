@@ -1,6 +1,6 @@
 """Rules that decide file and network access: ordered, first match wins, reloaded safely.
 
-A rules file is TOML::
+A rules file is TOML (file access)::
 
     default = "allow"            # when no rule matches: allow | deny | ask | log
 
@@ -14,6 +14,20 @@ A rules file is TOML::
     groups = ["staff"]           # names or gids
     ancestors = ["/usr/sbin/sshd"]  # any process up the parent chain
 
+Network rules (``RuleSet(..., domain="net")``) add ``reject`` (refuse at once, where
+``deny`` drops) and match on the connection::
+
+    [[rule]]
+    action = "allow"
+    exe = ["/usr/bin/curl"]
+    cmdline = ["*--insecure*"]   # the command line, joined by spaces (``*`` matches all)
+    hosts = ["*.debian.org"]     # the DNS name the address was looked up as
+    addresses = ["10.0.0.0/8", "2001:db8::1"]
+    ports = [443, "8000-8100"]
+    protocols = ["tcp"]          # tcp | udp | icmp | icmpv6 | ...
+    interfaces = ["eth0"]
+    direction = "out"            # out | in
+
 Every field given must match; a rule with none matches everything. Loading is all or
 nothing: a file with any error keeps the rules in force and the error names the file,
 the line and what is wrong. Decisions are cached per (process identity, path, kind),
@@ -22,11 +36,14 @@ and the cache is dropped whenever the rules change.
 
 from __future__ import annotations
 
+import fnmatch
 import grp
+import ipaddress
 import logging
 import os
 import pwd
 import re
+import time
 import tomllib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,7 +54,21 @@ from typing import Any, Final
 log = logging.getLogger("kport.rules")
 
 ACTIONS: Final = ("allow", "deny", "ask", "log")
-_FIELDS: Final = ("name", "action", "kinds", "path", "exe", "users", "groups", "ancestors")
+NET_ACTIONS: Final = ("allow", "deny", "reject", "ask", "log")
+_COMMON: Final = ("name", "action", "exe", "users", "groups", "ancestors")
+_FIELDS: Final = {
+    "file": (*_COMMON, "kinds", "path"),
+    "net": (
+        *_COMMON,
+        "cmdline",
+        "hosts",
+        "addresses",
+        "ports",
+        "protocols",
+        "interfaces",
+        "direction",
+    ),
+}
 CACHE_SIZE: Final = 65536
 
 
@@ -87,6 +118,14 @@ class Subject:
     groups: frozenset[int] = frozenset()
     #: the executables up the parent chain, nearest first
     ancestors: tuple[str, ...] = ()
+    # a connection's
+    cmdline: str | None = None
+    host: str | None = None
+    address: str | None = None
+    port: int | None = None
+    protocol: str | None = None
+    interface: str | None = None
+    direction: str | None = None
 
 
 @dataclass
@@ -99,6 +138,16 @@ class Rule:
     uids: frozenset[int] = frozenset()
     gids: frozenset[int] = frozenset()
     ancestors: tuple[re.Pattern[str], ...] = ()
+    cmdline: tuple[re.Pattern[str], ...] = ()
+    hosts: tuple[re.Pattern[str], ...] = ()
+    addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    protocols: frozenset[str] = frozenset()
+    interfaces: frozenset[str] = frozenset()
+    direction: str | None = None
+    #: a rule kept in memory only ("until restart", "for N minutes"): when it ends,
+    #: as time.monotonic(); None: never
+    expires: float | None = None
     #: where it came from, for messages: "file:line"
     origin: str = ""
     source: dict[str, Any] = field(default_factory=dict)
@@ -118,8 +167,35 @@ class Rule:
             return False
         if self.gids and not (self.gids & (subject.groups | {subject.gid})):
             return False
-        return not self.ancestors or any(
+        if self.ancestors and not any(
             p.match(exe) for exe in subject.ancestors for p in self.ancestors
+        ):
+            return False
+        return self._matches_net(subject)
+
+    def _matches_net(self, subject: Subject) -> bool:
+        if self.protocols and subject.protocol not in self.protocols:
+            return False
+        if self.direction and subject.direction != self.direction:
+            return False
+        if self.ports and not (
+            subject.port is not None and any(lo <= subject.port <= hi for lo, hi in self.ports)
+        ):
+            return False
+        if self.interfaces and subject.interface not in self.interfaces:
+            return False
+        if self.hosts and not (
+            subject.host is not None and any(p.match(subject.host) for p in self.hosts)
+        ):
+            return False
+        if self.addresses:
+            if subject.address is None:
+                return False
+            address = ipaddress.ip_address(subject.address)
+            if not any(address in net for net in self.addresses):
+                return False
+        return not self.cmdline or (
+            subject.cmdline is not None and any(p.match(subject.cmdline) for p in self.cmdline)
         )
 
 
@@ -154,14 +230,54 @@ def _strings(data: Mapping[str, Any], key: str) -> list[str]:
     return value
 
 
-def make_rule(data: Mapping[str, Any], origin: str = "", kinds: Iterable[str] = ()) -> Rule:
+def _ports(values: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(values, list):
+        values = [values]
+    out: list[tuple[int, int]] = []
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool):
+            low = high = value
+        elif isinstance(value, str) and re.fullmatch(r"\d+(-\d+)?", value.strip()):
+            low_s, _, high_s = value.strip().partition("-")
+            low, high = int(low_s), int(high_s or low_s)
+        else:
+            raise ValueError(f'ports are numbers or ranges like "8000-8100", not {value!r}')
+        if not 0 <= low <= high <= 65535:
+            raise ValueError(f"port range {value!r} is outside 0-65535 or backwards")
+        out.append((low, high))
+    return tuple(out)
+
+
+def _networks(values: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ValueError(f"addresses: {value!r} is not an IP address or CIDR") from None
+    return tuple(out)
+
+
+def _wildcards(values: list[str]) -> tuple[re.Pattern[str], ...]:
+    """Shell-style patterns where ``*`` matches anything (command lines, host names)."""
+    return tuple(re.compile(fnmatch.translate(v)) for v in values)
+
+
+def make_rule(
+    data: Mapping[str, Any], origin: str = "", kinds: Iterable[str] = (), domain: str = "file"
+) -> Rule:
     """A Rule from its mapping; anything wrong is a ValueError saying what."""
-    unknown = sorted(set(data) - set(_FIELDS))
+    known = _FIELDS[domain]
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(_FIELDS)})")
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(known)})")
+    actions = NET_ACTIONS if domain == "net" else ACTIONS
     action = data.get("action")
-    if action not in ACTIONS:
-        raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+    if not isinstance(action, str) or action not in actions:
+        raise ValueError(f"action must be one of {', '.join(actions)}, not {action!r}")
+    direction = data.get("direction")
+    if direction not in (None, "in", "out"):
+        raise ValueError(f"direction must be in or out, not {direction!r}")
     known_kinds = frozenset(kinds)
     rule_kinds = frozenset(_strings(data, "kinds"))
     if known_kinds and rule_kinds - known_kinds:
@@ -183,6 +299,13 @@ def make_rule(data: Mapping[str, Any], origin: str = "", kinds: Iterable[str] = 
         uids=_ids(users, "users", lambda n: pwd.getpwnam(n).pw_uid),
         gids=_ids(groups, "groups", lambda n: grp.getgrnam(n).gr_gid),
         ancestors=tuple(glob_regex(p) for p in _strings(data, "ancestors")),
+        cmdline=_wildcards(_strings(data, "cmdline")),
+        hosts=_wildcards([h.lower() for h in _strings(data, "hosts")]),
+        addresses=_networks(_strings(data, "addresses")),
+        ports=_ports(data.get("ports", [])),
+        protocols=frozenset(p.lower() for p in _strings(data, "protocols")),
+        interfaces=frozenset(_strings(data, "interfaces")),
+        direction=direction,
         origin=origin,
         source=dict(data),
     )
@@ -197,8 +320,11 @@ def _rule_lines(text: str) -> list[int]:
     ]
 
 
-def parse(text: str, origin: str, kinds: Iterable[str] = ()) -> tuple[list[Rule], str | None]:
+def parse(
+    text: str, origin: str, kinds: Iterable[str] = (), domain: str = "file"
+) -> tuple[list[Rule], str | None]:
     """Rules and the default action (None if the file sets none) from a file's text."""
+    actions = NET_ACTIONS if domain == "net" else ACTIONS
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -207,13 +333,13 @@ def parse(text: str, origin: str, kinds: Iterable[str] = ()) -> tuple[list[Rule]
     if unknown:
         raise RulesError(f"{origin}: unknown top-level key {unknown[0]!r} (known: default, rule)")
     default = data.get("default")
-    if default is not None and default not in ACTIONS:
+    if default is not None and default not in actions:
         line = next(
             (n for n, t in enumerate(text.splitlines(), 1) if t.strip().startswith("default")),
             0,
         )
         raise RulesError(
-            f"{origin}:{line}: default must be one of {', '.join(ACTIONS)}, not {default!r}"
+            f"{origin}:{line}: default must be one of {', '.join(actions)}, not {default!r}"
         )
     entries = data.get("rule", [])
     if not isinstance(entries, list):
@@ -226,7 +352,7 @@ def parse(text: str, origin: str, kinds: Iterable[str] = ()) -> tuple[list[Rule]
         try:
             if not isinstance(entry, dict):
                 raise ValueError("a rule must be a table")
-            rules.append(make_rule(entry, where, kinds))
+            rules.append(make_rule(entry, where, kinds, domain))
         except ValueError as err:
             raise RulesError(f"{where}: rule {index + 1}: {err}") from None
     return rules, default
@@ -246,14 +372,21 @@ class RuleSet:
         *,
         default: str = "allow",
         kinds: Iterable[str] = (),
+        domain: str = "file",
     ) -> None:
-        if default not in ACTIONS:
-            raise ValueError(f"default must be one of {', '.join(ACTIONS)}, not {default!r}")
+        actions = NET_ACTIONS if domain == "net" else ACTIONS
+        if default not in actions:
+            raise ValueError(f"default must be one of {', '.join(actions)}, not {default!r}")
+        self.domain = domain
         self.paths = [Path(p) for p in paths]
         self.kinds = frozenset(kinds)
         self.base_default = default
         self.default = default
         self.rules: list[Rule] = []
+        #: rules held in memory only, before the files' rules ("until restart", "for N
+        #: minutes"); the soonest end of one, as time.monotonic()
+        self.temporary: list[Rule] = []
+        self._next_expiry: float | None = None
         #: bumped on every change; cached decisions from another generation are stale
         self.generation = 0
         self.error: str | None = None
@@ -285,7 +418,7 @@ class RuleSet:
                 continue
             except OSError as err:
                 raise RulesError(f"{path}: cannot read: {err.strerror}") from err
-            file_rules, file_default = parse(text, str(path), self.kinds)
+            file_rules, file_default = parse(text, str(path), self.kinds, self.domain)
             rules += file_rules
             default = file_default or default
         self.rules, self.default = rules, default
@@ -312,6 +445,8 @@ class RuleSet:
 
     def cached(self, cache_key: Any) -> Decision | None:
         """The decision cached for ``cache_key``, if any (the subject need not be built)."""
+        if self._next_expiry is not None and time.monotonic() >= self._next_expiry:
+            self._expire()
         cached = self._cache.get(cache_key)
         if cached is not None:
             self.hits += 1
@@ -327,19 +462,48 @@ class RuleSet:
                 return cached
         self.misses += 1
         decision = Decision(self.default, "default")
-        for index, rule in enumerate(self.rules):
+        for rule in self.temporary:
             if rule.matches(subject):
-                decision = Decision(rule.action, rule.name or f"rule {index + 1} ({rule.origin})")
+                decision = Decision(rule.action, rule.name or rule.origin)
                 break
+        else:
+            for index, rule in enumerate(self.rules):
+                if rule.matches(subject):
+                    name = rule.name or f"rule {index + 1} ({rule.origin})"
+                    decision = Decision(rule.action, name)
+                    break
         if cache_key is not None:
             self._cache[cache_key] = decision
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return decision
 
+    def add_temporary(self, rule: Mapping[str, Any], minutes: float | None = None) -> Rule:
+        """Put ``rule`` before every other, in memory only: until the daemon stops, or
+        for ``minutes``. The cache is dropped: decisions made before it may differ."""
+        origin = "until restart" if minutes is None else f"for {minutes:g} minutes"
+        made = make_rule(rule, origin, self.kinds, self.domain)
+        if minutes is not None:
+            made.expires = time.monotonic() + minutes * 60
+            if self._next_expiry is None or made.expires < self._next_expiry:
+                self._next_expiry = made.expires
+        self.temporary.insert(0, made)
+        self.generation += 1
+        self._cache.clear()
+        return made
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        self.temporary = [r for r in self.temporary if r.expires is None or r.expires > now]
+        ends = [r.expires for r in self.temporary if r.expires is not None]
+        self._next_expiry = min(ends) if ends else None
+        self.generation += 1
+        self._cache.clear()
+        log.info("rules: a temporary rule ended; %d remain", len(self.temporary))
+
     def remember(self, path: str | os.PathLike[str], rule: Mapping[str, Any]) -> None:
         """Add ``rule`` at the top of the file ``path`` (atomically) and reload."""
-        make_rule(rule, str(path), self.kinds)  # refuse a bad one before writing
+        make_rule(rule, str(path), self.kinds, self.domain)  # refuse a bad one before writing
         target = Path(path)
         try:
             old = target.read_text()

@@ -5,6 +5,8 @@ need=""
 python3 -c 'import venv, ensurepip' 2>/dev/null || need="$need python3-venv"
 command -v python3 >/dev/null 2>&1 || need="$need python3"
 for cmd in make gcc; do command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"; done
+# the firewall's filter rules (iptables-nft, with the xtables NFQUEUE target)
+command -v iptables-restore >/dev/null 2>&1 || need="$need iptables"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "kport setup: missing Debian packages:$need (run as root, or install them)" >&2

@@ -738,7 +738,8 @@ def test_kport_decide_asks_at_the_terminal(rundir: Path, tmp_path: Path) -> None
         )
         assert person.stdin is not None and person.stdout is not None
         try:
-            assert "waiting for file access requests" in person.stdout.readline()
+            banner = person.stdout.readline()
+            assert "answering file-decide" in banner and "net-decide" not in banner
             wait_until(lambda: len(kport_status(rundir)["ports"]["file-decide"]["connections"]))
             with ThreadPoolExecutor(2) as pool:
                 denied = pool.submit(cat, mount / "data.txt")

@@ -36,8 +36,8 @@ log = logging.getLogger("kport.file")
 
 Event = dict[str, Any]
 Emit = Callable[[list[Event]], None]
-#: ask(request, done): done(allow, why) must be called exactly once, from any thread
-Done = Callable[[bool, str], None]
+#: ask(request, done): done(verdict, why) must be called exactly once, from any thread
+Done = Callable[[str, str], None]
 Ask = Callable[[Event, Done], None]
 
 #: permission requests waiting for a decision client at once, at most
@@ -468,14 +468,14 @@ class FileSource:
         self.asked += 1
         answered = threading.Lock()
 
-        def done(allow: bool, why: str) -> None:
+        def done(verdict: str, why: str) -> None:
             if not answered.acquire(blocking=False):
                 return  # answered already
             with self._asks_lock:
                 self._asks -= 1
             if why != "decided":
                 self.defaulted += 1
-            self._finish(group, event, record, allow, why)
+            self._finish(group, event, record, verdict == "allow", why)
 
         assert self.ask is not None
         request = {

@@ -63,6 +63,14 @@ class ProcessTable:
         entry = self.procs.get(pid)
         return entry if entry is not None else self.exited.get(pid)
 
+    def candidates(self, uid: int | None) -> list[int]:
+        """Every live pid, those of ``uid`` first and the most recently started first
+        among them: who most likely owns a socket ``uid`` just opened."""
+        entries = list(self.procs.items())  # the reader thread may add to it meanwhile
+        entries.sort(key=lambda item: item[1].get("start_time") or 0, reverse=True)
+        mine = [pid for pid, entry in entries if entry.get("uid") == uid]
+        return mine + [pid for pid, entry in entries if entry.get("uid") != uid]
+
     def remove(self, pid: int) -> Event | None:
         """Take ``pid`` out of the table at its exit, keeping it among the recently exited."""
         entry = self.procs.pop(pid, None)

@@ -117,7 +117,7 @@ def test_asks_are_answered_by_the_callback_or_by_the_default(tmp_path: Path, mou
 
     def ask(request: dict[str, Any], done: Done) -> None:
         asked.append(request)
-        verdict = not request["path"].endswith("secret.txt")
+        verdict = "deny" if request["path"].endswith("secret.txt") else "allow"
         threading.Timer(0.05, done, (verdict, "decided")).start()  # from another thread
 
     got = Collected()

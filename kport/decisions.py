@@ -1,0 +1,127 @@
+"""A decision port's side of the daemon: asking connected decision clients, with a
+deadline and a default verdict, for a source's thread that waits on the answer.
+
+A source calls :meth:`Decisions.ask_from_thread` with a request and a ``done``
+callback; every way out calls ``done(verdict, why)`` exactly once: the client's answer,
+the deadline passing, the client going away, no client at all, or the daemon stopping.
+A client that missed its deadline is told so with a ``missed`` notification, so that a
+prompt on its screen does not look as if it still mattered. The processes of the
+connected decision clients are in :attr:`deciders`, for the sources to let through at
+once (a decision client must never wait on its own question).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from kport.errors import KportError, Timeout
+from kport.port.server import ServerConnection, ServerPort
+
+log = logging.getLogger("kport.decisions")
+
+#: done(verdict, why): why is "decided" when the client answered
+Done = Callable[[str, str], None]
+#: called after a client's answer was applied: (request, reply)
+OnReply = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
+
+
+class Decisions:
+    """Requests to the clients of one decision port, round robin among them."""
+
+    def __init__(
+        self,
+        *,
+        deadline_s: float,
+        default_verdict: str,
+        verdicts: Iterable[str] = ("allow", "deny"),
+        on_reply: OnReply | None = None,
+    ) -> None:
+        self.deadline_s = deadline_s
+        self.default_verdict = default_verdict
+        self.verdicts = tuple(verdicts)
+        self.on_reply = on_reply
+        self.port: ServerPort | None = None
+        #: pids of the connected decision clients; replaced whole, never changed in place
+        #: (read by the sources' threads)
+        self.deciders: frozenset[int] = frozenset()
+        self.missed = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, port: ServerPort, loop: asyncio.AbstractEventLoop) -> None:
+        self.port = port
+        self._loop = loop
+
+    def changed(self, conn: ServerConnection) -> None:
+        """on_connect / on_disconnect of the port."""
+        assert self.port is not None
+        pids = {c.pid for c in self.port.connections}
+        if conn.closed:
+            pids.discard(conn.pid)
+        else:
+            pids.add(conn.pid)
+        self.deciders = frozenset(pids)
+
+    def ask_from_thread(self, request: dict[str, Any], done: Done) -> None:
+        """Ask a decision client; ``done`` is called from the event loop's thread (or
+        from this one, at once, if the daemon is stopping)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            done(self.default_verdict, "kport is stopping")
+            return
+        try:
+            loop.call_soon_threadsafe(self._start, request, done)
+        except RuntimeError:
+            done(self.default_verdict, "kport is stopping")
+
+    def _start(self, request: dict[str, Any], done: Done) -> None:
+        task = asyncio.get_running_loop().create_task(self._ask(request, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        """Stop every ask: each answers its caller with the default on the way out."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _ask(self, request: dict[str, Any], done: Done) -> None:
+        default = self.default_verdict
+        port = self.port
+        conns = [c for c in port.connections if not c.closed] if port is not None else []
+        if port is None or not conns:
+            done(default, "no decision client")
+            return
+        conn = conns[self._next % len(conns)]
+        self._next += 1
+        try:
+            reply = await port.request(conn, request, timeout=self.deadline_s)
+        except Timeout:
+            done(default, f"no answer within {self.deadline_s:g} s")
+            self.missed += 1
+            with contextlib.suppress(KportError):
+                port.notify(conn, {"kind": "missed", "request": request, "verdict": default})
+            return
+        except KportError as err:
+            done(default, f"the decision client went away: {err}")
+            return
+        except BaseException:
+            done(default, "kport is stopping")
+            raise
+        verdict = reply.get("verdict") if isinstance(reply, dict) else None
+        if verdict not in self.verdicts:
+            done(default, f"the decision client answered {reply!r:.60}, not {self._choices()}")
+            return
+        done(verdict, "decided")
+        if self.on_reply is not None:
+            try:
+                await self.on_reply(request, reply)
+            except (OSError, ValueError) as err:
+                log.error("could not apply the answer %r: %s", reply, err)
+
+    def _choices(self) -> str:
+        return " or ".join(self.verdicts)

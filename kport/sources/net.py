@@ -1,0 +1,493 @@
+"""The network source: a personal firewall on NFQUEUE, decided by rules or by a client.
+
+kport's own filter rules (:mod:`kport.sources.firewall`) send each new connection's
+first packet to an NFQUEUE, and a reader thread takes each one: who sent it (the socket
+through sock_diag, its process through /proc, see :mod:`kport.sources.sockets`), what
+the rules say (cached per process identity, destination and protocol), and the verdict,
+written before anything is reported. An ``ask`` holds the packet and goes to the
+daemon's ``ask`` callback with a deadline; other traffic goes on meanwhile, and a
+retransmitted SYN of a connection already being asked about waits on the same answer
+instead of asking twice. ``reject`` marks the packet and sends it back through kport's
+chain, which answers it with a TCP reset or ICMP unreachable: the program learns at
+once, where ``deny`` (a drop) leaves it waiting.
+
+Every decision is reported (kind ``allowed``, ``denied``, ``rejected``, or ``asked``
+while a client is asked), with the process, the addresses, and the host name the
+address was looked up as, from DNS answers seen on the way in. A watchdog thread puts
+kport's filter rules back if they vanish. Stopping removes exactly those rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final
+
+from kport.rules import RuleSet, Subject
+from kport.sources import firewall, nfqueue
+from kport.sources import packet as packets
+from kport.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket
+from kport.sources.sockets import Candidates, Owners, SocketDiag, all_processes
+from kport.subjects import Subjects, TableLookup
+
+log = logging.getLogger("kport.net")
+
+Event = dict[str, Any]
+Emit = Callable[[list[Event]], None]
+#: done(verdict, why): verdict is allow | deny | reject
+Done = Callable[[str, str], None]
+Ask = Callable[[Event, Done], None]
+
+#: connections waiting for a decision client at once, at most; beyond, the default
+MAX_ASKS: Final = 256
+RULES_CHECK_S: Final = 0.5
+#: how often the watchdog checks that kport's filter rules are in place
+WATCHDOG_S: Final = 2.0
+#: addresses remembered from DNS answers
+DNS_CACHE: Final = 8192
+VERDICTS: Final = ("allow", "deny", "reject")
+
+
+class NetSource:
+    """NFQUEUE ``queue`` with kport's filter rules (see the module docstring)."""
+
+    name: Final = "net"
+
+    def __init__(
+        self,
+        emit: Emit,
+        *,
+        plan: firewall.Plan,
+        rules: RuleSet,
+        ask: Ask | None,
+        default_verdict: str,
+        backend: str = "auto",
+        trusted: Callable[[], frozenset[int]] = frozenset,
+        processes: TableLookup | None = None,
+        candidates: Candidates = all_processes,
+        queue_length: int = 4096,
+    ) -> None:
+        if default_verdict not in VERDICTS:
+            raise ValueError(f"default verdict must be one of {VERDICTS}, not {default_verdict!r}")
+        self.emit = emit
+        self.plan = plan
+        self.rules = rules
+        self.ask = ask
+        self.default_verdict = default_verdict
+        self.prefer = backend
+        self.trusted = trusted
+        self.queue_length = queue_length
+        self.subjects = Subjects(processes)
+        self.owners = Owners(candidates)
+        self.diag: SocketDiag | None = None
+        self.backend: firewall.Backend | None = None
+        self.queue: nfqueue.Queue | None = None
+        self.own_pid = os.getpid()
+        self.packets = 0
+        self.allowed = 0
+        self.denied = 0
+        self.rejected = 0
+        self.asked = 0
+        self.defaulted = 0
+        self.unreadable = 0
+        self.unowned = 0
+        self.reinstalled = 0
+        self.dns_answers = 0
+        self._hosts: OrderedDict[str, str] = OrderedDict()
+        self._ifnames: dict[int, str] = {}
+        #: cache key → the packets waiting on that ask
+        self._pending: dict[Any, list[QueuedPacket]] = {}
+        self._lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the queue, install the rules, start reading. The queue is bound first:
+        a queue another process holds is an error before any rule of ours exists."""
+        self.queue = nfqueue.Queue(
+            self.plan.queue, maxlen=self.queue_length, fail_open=self.plan.fail_open
+        )
+        try:
+            self.diag = SocketDiag()
+            self.backend = firewall.choose(self.plan, self.prefer)
+            self.backend.install()
+        except BaseException:
+            self.queue.close()
+            if self.diag is not None:
+                self.diag.close()
+            raise
+        log.info(
+            "net: queue %d, %s rules installed (%s, %s)",
+            self.plan.queue,
+            self.backend.name,
+            "outbound" + (" and inbound" if self.plan.inbound else ""),
+            "fail-open" if self.plan.fail_open else "fail-closed",
+        )
+        for target, name in ((self._run, "kport-net"), (self._watchdog, "kport-net-rules")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop reading, answer what waits with the default, remove exactly our rules."""
+        self._stopping.set()
+        os.write(self._stop_w, b"x")
+        for thread in self._threads:
+            thread.join(5)
+        with self._lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for waiting in pending:
+            for pkt in waiting:
+                self._verdict(pkt, self.default_verdict)
+        if self.backend is not None:
+            self.backend.remove()
+        if self.queue is not None:
+            self.queue.close()
+        if self.diag is not None:
+            self.diag.close()
+        self.subjects.close()
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+
+    def _watchdog(self) -> None:
+        while not self._stopping.wait(WATCHDOG_S):
+            backend = self.backend
+            if backend is None or backend.intact():
+                continue
+            log.warning("net: kport's filter rules were changed or removed; putting them back")
+            try:
+                backend.install()
+                self.reinstalled += 1
+            except firewall.FirewallUnavailable as err:
+                log.error("net: could not put the filter rules back: %s", err)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "queue": self.plan.queue,
+            "backend": self.backend.name if self.backend is not None else None,
+            "fail_open": self.plan.fail_open,
+            "inbound": self.plan.inbound,
+            "packets": self.packets,
+            "allowed": self.allowed,
+            "denied": self.denied,
+            "rejected": self.rejected,
+            "asked": self.asked,
+            "defaulted": self.defaulted,
+            "asks_in_flight": len(self._pending),
+            "unreadable": self.unreadable,
+            "without_process": self.unowned,
+            "rules_reinstalled": self.reinstalled,
+            "dns_answers": self.dns_answers,
+            "rules": len(self.rules.rules) + len(self.rules.temporary),
+            "rules_error": self.rules.error,
+            "cache": {"hits": self.rules.hits, "misses": self.rules.misses},
+            "sockets": {"hits": self.owners.hits, "scans": self.owners.scans},
+        }
+
+    # --- the reader thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self.queue is not None
+        poller = select.poll()
+        poller.register(self.queue.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        checked = 0.0
+        while True:
+            ready = [fd for fd, _ in poller.poll(1000)]
+            if self._stop_r in ready:
+                return
+            now = time.monotonic()
+            if now - checked >= RULES_CHECK_S:
+                checked = now
+                self.rules.reload_if_changed()
+            if not ready:
+                continue
+            try:
+                queued = self.queue.read()
+            except OSError as err:  # ENOBUFS: the kernel applied its fail-open setting
+                self._lost(err)
+                continue
+            except ValueError:
+                log.exception("net: a malformed message from the kernel")
+                continue
+            batch: list[Event] = []
+            for pkt in queued:
+                try:
+                    event = self._handle(pkt)
+                except Exception:  # one odd packet must not stop the firewall
+                    log.exception("net: handling a packet failed; applying the default")
+                    self._verdict(pkt, self.default_verdict)
+                    event = None
+                if event is not None:
+                    batch.append(event)
+            if batch:
+                self.emit(batch)
+
+    def _lost(self, err: OSError) -> None:
+        log.warning("net: packets were lost: %s", err)
+        policy = "let through" if self.plan.fail_open else "dropped"
+        self.emit(
+            [
+                {
+                    "source": "net",
+                    "kind": "lost",
+                    "count": None,
+                    "reason": f"kport's NFQUEUE socket overflowed ({err.strerror}); "
+                    f"the kernel {policy} what did not fit",
+                    "ktime": time.monotonic_ns(),
+                }
+            ]
+        )
+
+    def _verdict(self, pkt: QueuedPacket, verdict: str) -> None:
+        queue = self.queue
+        if queue is None:
+            return
+        try:
+            if verdict == "allow":
+                queue.verdict(pkt, NF_ACCEPT)
+                self.allowed += 1
+            elif verdict == "reject":
+                queue.verdict(pkt, NF_REPEAT, mark=pkt.mark | self.plan.reject_mark)
+                self.rejected += 1
+            else:
+                queue.verdict(pkt, NF_DROP)
+                self.denied += 1
+        except OSError as err:  # the queue is gone: the kernel decided already
+            log.debug("net: verdict on packet %d not written: %s", pkt.id, err)
+
+    def _handle(self, pkt: QueuedPacket) -> Event | None:
+        self.packets += 1
+        try:
+            flow = packets.parse(pkt.payload)
+        except ValueError as err:
+            self.unreadable += 1
+            log.debug("net: unreadable packet (%s); applying the default", err)
+            self._verdict(pkt, self.default_verdict)
+            return None
+        inbound = pkt.hook in ("input", "prerouting")
+        if inbound and self.plan.dns and flow.protocol == "udp" and flow.sport == 53:
+            self._verdict(pkt, "allow")  # a DNS answer: through at once, then read
+            self._snoop(pkt.payload)
+            return None
+        remote, port = (flow.src, flow.sport) if inbound else (flow.dst, flow.dport)
+        pid, uid = self._owner(flow, inbound, pkt.uid)
+        info = self.subjects.get(pid) if pid is not None else None
+        if pid is not None and (pid == self.own_pid or pid in self.trusted()):
+            self._verdict(pkt, "allow")
+            return None
+        direction = "in" if inbound else "out"
+        key = (
+            (pid, info["start_time"], info["exe"], remote, port, flow.protocol, direction)
+            if info
+            else None
+        )
+        info = info or {}
+        decision = None if key is None else self.rules.cached(key)
+        host = self._hosts.get(remote)
+        interface = self._ifname(pkt.indev if inbound else pkt.outdev)
+        if decision is None:
+            argv = info.get("argv")
+            subject = Subject(
+                kind="connect" if not inbound else "accept",
+                exe=info.get("exe"),
+                uid=info.get("uid", uid),
+                gid=info.get("gid", pkt.gid),
+                ancestors=tuple(info.get("ancestors") or ()),
+                cmdline=" ".join(argv) if argv else None,
+                host=host,
+                address=remote,
+                port=port,
+                protocol=flow.protocol,
+                interface=interface,
+                direction=direction,
+            )
+            decision = self.rules.decide(subject, key)
+        action = decision.action
+        if action == "ask":
+            record = self._record(
+                flow, direction, pid=pid, uid=uid, info=info, host=host, interface=interface
+            )
+            record["rule"] = decision.rule
+            return self._ask(pkt, key, record)
+        verdict = "allow" if action == "log" else action
+        self._verdict(pkt, verdict)  # the verdict first, everything else after
+        record = self._record(
+            flow, direction, pid=pid, uid=uid, info=info, host=host, interface=interface
+        )
+        record["kind"] = _KIND[verdict]
+        record["verdict"] = verdict
+        record["rule"] = decision.rule
+        record["decided_by"] = "rule" if decision.rule != "default" else "default"
+        return record
+
+    def _owner(
+        self, flow: packets.Flow, inbound: bool, uid: int | None
+    ) -> tuple[int | None, int | None]:
+        """(pid, uid) of the local socket's process; pid None when it cannot be told."""
+        diag = self.diag
+        found = diag.lookup(flow, inbound=inbound) if diag is not None else None
+        if found is None:
+            self.unowned += 1
+            return None, uid
+        inode, socket_uid = found
+        uid = socket_uid if uid is None else uid
+        pid = self.owners.pid_of(inode, uid)
+        if pid is not None and self.subjects.identity(pid) is None:
+            self.owners.forget(inode)  # it exited since: someone else has the socket now
+            pid = self.owners.pid_of(inode, uid)
+        if pid is None:
+            self.unowned += 1
+        return pid, uid
+
+    def _ifname(self, index: int) -> str | None:
+        if not index:
+            return None
+        name = self._ifnames.get(index)
+        if name is None:
+            try:
+                name = self._ifnames[index] = socket.if_indextoname(index)
+            except OSError:
+                return None
+        return name
+
+    def _snoop(self, payload: bytes) -> None:
+        try:
+            answers = packets.dns_answers(packets.udp_payload(payload))
+        except (ValueError, IndexError, UnicodeError):
+            return  # not DNS, or not one we can read: it went through anyway
+        for address, name in answers:
+            self.dns_answers += 1
+            self._hosts[address] = name.lower()
+            self._hosts.move_to_end(address)
+        while len(self._hosts) > DNS_CACHE:
+            self._hosts.popitem(last=False)
+
+    def _ask(self, pkt: QueuedPacket, key: Any, record: Event) -> Event | None:
+        with self._lock:
+            waiting = self._pending.get(key) if key is not None else None
+            if waiting is not None:
+                waiting.append(pkt)  # a retransmission: it waits on the same answer
+                return None
+            room = self.ask is not None and len(self._pending) < MAX_ASKS
+            if room:
+                self._pending[key if key is not None else ("packet", pkt.id)] = [pkt]
+        if not room:
+            self.defaulted += 1
+            why = "no decision client" if self.ask is None else "too many asks in flight"
+            return self._finish([pkt], record, self.default_verdict, f"default: {why}")
+        self.asked += 1
+        slot = key if key is not None else ("packet", pkt.id)
+        answered = threading.Lock()
+
+        def done(verdict: str, why: str) -> None:
+            if not answered.acquire(blocking=False):
+                return
+            with self._lock:
+                held = self._pending.pop(slot, [])
+            if why != "decided":
+                self.defaulted += 1
+                why = f"default: {why}"
+            if verdict not in VERDICTS:
+                verdict = self.default_verdict
+            self.emit([self._finish(held, dict(record), verdict, why)])
+
+        request = {
+            k: record.get(k)
+            for k in (
+                "direction",
+                "protocol",
+                "src",
+                "sport",
+                "dst",
+                "dport",
+                "host",
+                "interface",
+                "pid",
+                "start_time",
+                "exe",
+                "uid",
+                "user",
+                "ancestors",
+            )
+        }
+        request["kind"] = "connect" if record["direction"] == "out" else "accept"
+        request["cmdline"] = record.get("argv")
+        request["verdicts"] = list(VERDICTS)
+        asked = dict(record, kind="asked")
+        assert self.ask is not None
+        self.ask(request, done)
+        return asked
+
+    def _finish(self, held: list[QueuedPacket], record: Event, verdict: str, why: str) -> Event:
+        for pkt in held:
+            self._verdict(pkt, verdict)
+        record["kind"] = _KIND[verdict]
+        record["verdict"] = verdict
+        record["decided_by"] = why if why != "decided" else "client"
+        record["ktime"] = time.monotonic_ns()
+        return record
+
+    @staticmethod
+    def _record(
+        flow: packets.Flow,
+        direction: str,
+        *,
+        pid: int | None,
+        uid: int | None,
+        info: dict[str, Any],
+        host: str | None,
+        interface: str | None,
+    ) -> Event:
+        return {
+            "source": "net",
+            "kind": "connect",
+            "direction": direction,
+            "protocol": flow.protocol,
+            "src": flow.src,
+            "sport": flow.sport,
+            "dst": flow.dst,
+            "dport": flow.dport,
+            "host": host,
+            "interface": interface,
+            "pid": pid,
+            "start_time": info.get("start_time"),
+            "exe": info.get("exe"),
+            "argv": info.get("argv"),
+            "uid": info.get("uid", uid),
+            "user": info.get("user"),
+            "ancestors": info.get("ancestors"),
+            "ktime": time.monotonic_ns(),
+        }
+
+
+_KIND: Final = {"allow": "allowed", "deny": "denied", "reject": "rejected"}
+
+
+def rule_for(request: dict[str, Any]) -> dict[str, Any]:
+    """The rule an answer to ``request`` stands for, when the client names none: this
+    program, to this host (or address), port and protocol, this way."""
+    rule: dict[str, Any] = {"name": "answered", "protocols": [request["protocol"]]}
+    if request.get("exe"):
+        rule["exe"] = [request["exe"]]
+    inbound = request.get("direction") == "in"
+    if inbound:
+        rule["ports"] = [request["dport"]]
+    else:
+        if request.get("host"):
+            rule["hosts"] = [request["host"]]
+        else:
+            rule["addresses"] = [request["dst"]]
+        rule["ports"] = [request["dport"]]
+    rule["direction"] = request.get("direction", "out")
+    return rule
