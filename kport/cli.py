@@ -213,6 +213,25 @@ def _status(args: argparse.Namespace) -> int:
             )
         for watch in file["watches"]:
             console.print(f"  watching {watch['path']} ({watch['mark']})", soft_wrap=True)
+    net = status["sources"].get("net")
+    if net:
+        cache = net["cache"]
+        mode = "fail-open" if net["fail_open"] else "fail-closed"
+        console.print(
+            f"firewall: queue {net['queue']} ({net['backend']}, {mode}): "
+            f"{net['allowed']} allowed, {net['denied']} denied, {net['rejected']} rejected, "
+            f"{net['asked']} asked ({net['asks_in_flight']} in flight), "
+            f"{net['defaulted']} given the default verdict; rules: {net['rules']}, "
+            f"decision cache {cache['hits']} hits / {cache['misses']} misses; "
+            f"{net['without_process']} without a known process; "
+            f"rules put back {net['rules_reinstalled']} times",
+            soft_wrap=True,
+        )
+        if net["rules_error"]:
+            console.print(
+                f"  RULES NOT RELOADED (the ones in force stay): {net['rules_error']}",
+                soft_wrap=True,
+            )
     journal = status.get("journal")
     if journal and "path" not in journal:
         console.print(f"journal: NOT DURABLE: {journal['error']}")

@@ -318,9 +318,10 @@ class Daemon:
             rule.setdefault("name", "remembered")
             await asyncio.to_thread(self.net_rules.remember, self.net_remembered, rule)
         elif duration == "restart":
-            self.net_rules.add_temporary(rule)
+            self.net_rules.add_temporary({"name": "answered until restart", **rule})
         elif isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0:
-            self.net_rules.add_temporary(rule, minutes=float(duration))
+            named = {"name": f"answered for {duration:g} minutes", **rule}
+            self.net_rules.add_temporary(named, minutes=float(duration))
         else:
             raise ValueError(
                 f"duration must be once, restart, always or minutes, not {duration!r:.40}"

@@ -95,3 +95,85 @@ def mounted(point: Path, *how: str) -> Iterator[Path]:
 def mount_tmpfs(point: Path, size: str = "8m") -> contextlib.AbstractContextManager[Path]:
     """A private tmpfs of ``size`` at ``point`` (see :func:`mounted`)."""
     return mounted(point, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
+
+
+class Netns:
+    """Two network namespaces joined by a veth pair: ``client`` (10.77.N.1) where kport's
+    firewall runs, and ``server`` (10.77.N.2) with whatever listens there. Nothing the
+    tests send leaves them."""
+
+    def __init__(self, tag: str, subnet: int) -> None:
+        self.client = f"kt{tag}c"
+        self.server = f"kt{tag}s"
+        self.client_ip = f"10.77.{subnet}.1"
+        self.server_ip = f"10.77.{subnet}.2"
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def setup(self) -> None:
+        veth_c, veth_s = f"{self.client}0", f"{self.server}0"
+        for argv in (
+            ["ip", "netns", "add", self.client],
+            ["ip", "netns", "add", self.server],
+            ["ip", "link", "add", veth_c, "type", "veth", "peer", "name", veth_s],
+            ["ip", "link", "set", veth_c, "netns", self.client],
+            ["ip", "link", "set", veth_s, "netns", self.server],
+            ["ip", "-n", self.client, "addr", "add", f"{self.client_ip}/24", "dev", veth_c],
+            ["ip", "-n", self.server, "addr", "add", f"{self.server_ip}/24", "dev", veth_s],
+            ["ip", "-n", self.client, "link", "set", veth_c, "up"],
+            ["ip", "-n", self.server, "link", "set", veth_s, "up"],
+            ["ip", "-n", self.client, "link", "set", "lo", "up"],
+            ["ip", "-n", self.server, "link", "set", "lo", "up"],
+        ):
+            subprocess.run(argv, check=True, capture_output=True)
+
+    def teardown(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
+        for name in (self.client, self.server):
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+    def popen(self, where: str, argv: list[str], **kw: object) -> subprocess.Popen[str]:
+        """Start ``argv`` in namespace ``where``; it is killed at teardown if still running."""
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
+            ["ip", "netns", "exec", where, *argv],
+            text=True,
+            env=env,
+            **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw},
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run(
+        self, where: str, argv: list[str], timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return subprocess.run(
+            ["ip", "netns", "exec", where, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+
+    def python(
+        self, where: str, code: str, *args: str, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        return self.run(where, [sys.executable, "-c", textwrap.dedent(code), *args], timeout)
+
+
+_subnets = iter(range(1, 250))
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    """A client and a server namespace (see Netns), removed afterwards."""
+    ns = Netns(f"{os.getpid() % 10000}n{next(_subnets)}", next(_subnets))
+    try:
+        ns.setup()
+        yield ns
+    finally:
+        ns.teardown()

@@ -52,6 +52,10 @@ WATCHDOG_S: Final = 2.0
 #: addresses remembered from DNS answers
 DNS_CACHE: Final = 8192
 VERDICTS: Final = ("allow", "deny", "reject")
+#: a flow's verdict stands for its retransmissions this long (a dropped SYN comes back
+#: after 1, 3, 7... s); flows remembered at most
+FLOW_TTL_S: Final = 60.0
+FLOWS: Final = 8192
 
 
 class NetSource:
@@ -99,10 +103,17 @@ class NetSource:
         self.unowned = 0
         self.reinstalled = 0
         self.dns_answers = 0
+        self.lost = 0
+        #: the kernel's drop counters of our queue when last read (queue full, socket full)
+        self._dropped = (0, 0)
         self._hosts: OrderedDict[str, str] = OrderedDict()
         self._ifnames: dict[int, str] = {}
         #: cache key → the packets waiting on that ask
         self._pending: dict[Any, list[QueuedPacket]] = {}
+        #: flow → (verdict, until when): a retransmission gets its flow's verdict again,
+        #: quietly, instead of a second prompt or a second event
+        self._flows: OrderedDict[tuple[Any, ...], tuple[str, float]] = OrderedDict()
+        self.repeated = 0
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._stopping = threading.Event()
@@ -161,6 +172,7 @@ class NetSource:
 
     def _watchdog(self) -> None:
         while not self._stopping.wait(WATCHDOG_S):
+            self._check_drops()
             backend = self.backend
             if backend is None or backend.intact():
                 continue
@@ -171,8 +183,33 @@ class NetSource:
             except firewall.FirewallUnavailable as err:
                 log.error("net: could not put the filter rules back: %s", err)
 
+    def _check_drops(self) -> None:
+        """Report what the kernel dropped or let through unread since the last look."""
+        dropped = nfqueue.drop_counts(self.plan.queue)
+        if dropped is None:
+            return
+        full, unread = (now - before for now, before in zip(dropped, self._dropped, strict=True))
+        self._dropped = dropped
+        if full or unread:
+            self.lost += full + unread
+            policy = "let through unread" if self.plan.fail_open else "dropped"
+            self.emit(
+                [
+                    {
+                        "source": "net",
+                        "kind": "lost",
+                        "count": full + unread,
+                        "reason": f"kport's queue was full ({full}) or its socket was "
+                        f"({unread}): the kernel {policy} those packets",
+                        "ktime": time.monotonic_ns(),
+                    }
+                ]
+            )
+
     def status(self) -> dict[str, Any]:
         return {
+            "events": self.packets,
+            "lost": self.lost,
             "queue": self.plan.queue,
             "backend": self.backend.name if self.backend is not None else None,
             "fail_open": self.plan.fail_open,
@@ -188,6 +225,7 @@ class NetSource:
             "without_process": self.unowned,
             "rules_reinstalled": self.reinstalled,
             "dns_answers": self.dns_answers,
+            "retransmissions": self.repeated,
             "rules": len(self.rules.rules) + len(self.rules.temporary),
             "rules_error": self.rules.error,
             "cache": {"hits": self.rules.hits, "misses": self.rules.misses},
@@ -235,6 +273,7 @@ class NetSource:
 
     def _lost(self, err: OSError) -> None:
         log.warning("net: packets were lost: %s", err)
+        self.lost += 1
         policy = "let through" if self.plan.fail_open else "dropped"
         self.emit(
             [
@@ -248,6 +287,25 @@ class NetSource:
                 }
             ]
         )
+
+    def _settle(self, flow: packets.Flow, verdict: str) -> None:
+        """Remember ``flow``'s verdict for its retransmissions."""
+        key = (flow.protocol, flow.src, flow.sport, flow.dst, flow.dport)
+        with self._lock:
+            self._flows[key] = (verdict, time.monotonic() + FLOW_TTL_S)
+            self._flows.move_to_end(key)
+            while len(self._flows) > FLOWS:
+                self._flows.popitem(last=False)
+
+    def _settled(self, flow: packets.Flow) -> str | None:
+        key = (flow.protocol, flow.src, flow.sport, flow.dst, flow.dport)
+        found = self._flows.get(key)
+        if found is None:
+            return None
+        verdict, until = found
+        if time.monotonic() > until:
+            return None
+        return verdict
 
     def _verdict(self, pkt: QueuedPacket, verdict: str) -> None:
         queue = self.queue
@@ -279,6 +337,11 @@ class NetSource:
         if inbound and self.plan.dns and flow.protocol == "udp" and flow.sport == 53:
             self._verdict(pkt, "allow")  # a DNS answer: through at once, then read
             self._snoop(pkt.payload)
+            return None
+        settled = self._settled(flow) if self._flows else None
+        if settled is not None:
+            self.repeated += 1
+            self._verdict(pkt, settled)
             return None
         remote, port = (flow.src, flow.sport) if inbound else (flow.dst, flow.dport)
         pid, uid = self._owner(flow, inbound, pkt.uid)
@@ -319,9 +382,11 @@ class NetSource:
                 flow, direction, pid=pid, uid=uid, info=info, host=host, interface=interface
             )
             record["rule"] = decision.rule
-            return self._ask(pkt, key, record)
+            return self._ask(pkt, flow, key, record)
         verdict = "allow" if action == "log" else action
         self._verdict(pkt, verdict)  # the verdict first, everything else after
+        if verdict != "allow":
+            self._settle(flow, verdict)
         record = self._record(
             flow, direction, pid=pid, uid=uid, info=info, host=host, interface=interface
         )
@@ -373,7 +438,7 @@ class NetSource:
         while len(self._hosts) > DNS_CACHE:
             self._hosts.popitem(last=False)
 
-    def _ask(self, pkt: QueuedPacket, key: Any, record: Event) -> Event | None:
+    def _ask(self, pkt: QueuedPacket, flow: packets.Flow, key: Any, record: Event) -> Event | None:
         with self._lock:
             waiting = self._pending.get(key) if key is not None else None
             if waiting is not None:
@@ -385,6 +450,8 @@ class NetSource:
         if not room:
             self.defaulted += 1
             why = "no decision client" if self.ask is None else "too many asks in flight"
+            if self.default_verdict != "allow":
+                self._settle(flow, self.default_verdict)
             return self._finish([pkt], record, self.default_verdict, f"default: {why}")
         self.asked += 1
         slot = key if key is not None else ("packet", pkt.id)
@@ -400,6 +467,8 @@ class NetSource:
                 why = f"default: {why}"
             if verdict not in VERDICTS:
                 verdict = self.default_verdict
+            if verdict != "allow":
+                self._settle(flow, verdict)
             self.emit([self._finish(held, dict(record), verdict, why)])
 
         request = {
@@ -477,7 +546,7 @@ _KIND: Final = {"allow": "allowed", "deny": "denied", "reject": "rejected"}
 def rule_for(request: dict[str, Any]) -> dict[str, Any]:
     """The rule an answer to ``request`` stands for, when the client names none: this
     program, to this host (or address), port and protocol, this way."""
-    rule: dict[str, Any] = {"name": "answered", "protocols": [request["protocol"]]}
+    rule: dict[str, Any] = {"protocols": [request["protocol"]]}
     if request.get("exe"):
         rule["exe"] = [request["exe"]]
     inbound = request.get("direction") == "in"

@@ -98,6 +98,11 @@ def open_socket(rcvbuf: int = 64 * 1024 * 1024) -> socket.socket:
         ) from err
     except OSError as err:
         sock.close()
+        if err.errno == errno.ECONNREFUSED:
+            raise ProcConnectorUnavailable(
+                "the proc connector answers only in the first network namespace, and kport "
+                "runs in another: run it outside, or set [proc] enabled = false"
+            ) from err
         if err.errno in (errno.ENOENT, errno.EPROTONOSUPPORT, errno.EINVAL):
             raise ProcConnectorUnavailable(
                 f"the kernel has no proc connector (CONFIG_PROC_EVENTS): {err.strerror}"

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from kport.errors import KportError
+from kport.errors import AccessDenied, KportError
 
 NETLINK_NETFILTER: Final = 12
 NFNL_SUBSYS_QUEUE: Final = 3
@@ -188,6 +188,33 @@ def _packet(data: bytes, offset: int, end: int) -> QueuedPacket:
     )
 
 
+def _queue_line(number: int) -> list[str] | None:
+    """Queue ``number``'s line of /proc/net/netfilter/nfnetlink_queue: number, peer port
+    id, queued, copy mode, copy range, dropped (queue full), dropped (socket full), ..."""
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as lines:
+            for line in lines:
+                fields = line.split()
+                if len(fields) >= 7 and fields[0] == str(number):
+                    return fields
+    except OSError:
+        pass
+    return None
+
+
+def drop_counts(number: int) -> tuple[int, int] | None:
+    """(dropped because the queue was full, dropped because our socket was full) for
+    queue ``number``; None if it is not bound."""
+    fields = _queue_line(number)
+    return None if fields is None else (int(fields[5]), int(fields[6]))
+
+
+def holder_of(number: int) -> int | None:
+    """The netlink port id that holds queue ``number`` (a process's pid, usually)."""
+    fields = _queue_line(number)
+    return None if fields is None else int(fields[1])
+
+
 class Queue:
     """One bound NFQUEUE: ``read()`` the packets, ``verdict()`` each, exactly once.
 
@@ -228,13 +255,16 @@ class Queue:
             if not errors:
                 continue  # a packet may already be queued: it waits for read()
             code = errors[0]
-            if code == errno.EBUSY:
+            if code == errno.EPERM and os.geteuid() == 0:
+                # the kernel's answer when another socket has bound this queue
+                holder = holder_of(self.number)
+                which = f" (netlink port {holder}, usually its pid)" if holder else ""
                 raise QueueBusy(
-                    f"NFQUEUE {self.number} is held by another process "
-                    "(another firewall?); choose another with [net] queue = N"
+                    f"NFQUEUE {self.number} is held by another process{which}, another "
+                    "firewall perhaps; stop it, or choose another queue with [net] queue = N"
                 )
             if code == errno.EPERM:
-                raise PermissionError(code, f"binding NFQUEUE {self.number} needs root")
+                raise AccessDenied(f"binding NFQUEUE {self.number} needs root (CAP_NET_ADMIN)")
             if code:
                 raise OSError(code, f"NFQUEUE {self.number}: {os.strerror(code)}")
             return
