@@ -7,6 +7,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,82 @@ def test_remember_puts_a_rule_first_and_reloads(tmp_path: Path) -> None:
     assert rs.decide(subject(path="/srv/y")).rule == 'a "quoted" one'
     with pytest.raises(ValueError, match="action must be one of"):
         rs.remember(remembered, {"action": "perhaps"})
+
+
+def net_subject(**kw: Any) -> Subject:
+    base: dict[str, Any] = {
+        "kind": "connect",
+        "exe": "/usr/bin/curl",
+        "uid": 1000,
+        "cmdline": "curl --insecure https://a.example.org",
+        "host": "a.example.org",
+        "address": "192.0.2.10",
+        "port": 443,
+        "protocol": "tcp",
+        "interface": "eth0",
+        "direction": "out",
+    }
+    return Subject(**{**base, **kw})
+
+
+def test_network_rules_match_every_connection_field(tmp_path: Path) -> None:
+    path = tmp_path / "net.toml"
+    path.write_text(
+        'default = "reject"\n'
+        '[[rule]]\nname = "web"\naction = "allow"\nports = [80, "440-450"]\nprotocols = ["tcp"]\n'
+        'hosts = ["*.example.org"]\n'
+        '[[rule]]\nname = "lan"\naction = "allow"\naddresses = ["10.0.0.0/8", "2001:db8::/32"]\n'
+        '[[rule]]\nname = "insecure"\naction = "deny"\ncmdline = ["*--insecure*"]\n'
+        '[[rule]]\nname = "inbound ssh"\naction = "allow"\ndirection = "in"\nports = [22]\n'
+        'interfaces = ["eth0"]\n'
+    )
+    rs = RuleSet([path], domain="net")
+    assert rs.decide(net_subject()).rule == "web"
+    assert rs.decide(net_subject(port=8443)).rule == "insecure"
+    assert rs.decide(net_subject(host=None, address="10.1.2.3", port=9)).rule == "lan"
+    assert rs.decide(net_subject(address="2001:db8::5", host=None, port=9)).rule == "lan"
+    assert rs.decide(net_subject(direction="in", port=22, cmdline=None)).rule == "inbound ssh"
+    assert (
+        rs.decide(net_subject(direction="in", port=22, cmdline=None, interface="wlan0")).action
+        == "reject"
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "error"),
+    [
+        ('action = "allow"\nports = ["80-"]', "ports are numbers or ranges"),
+        ('action = "allow"\nports = ["90-80"]', "outside 0-65535 or backwards"),
+        ('action = "allow"\naddresses = ["10.0.0.0/33"]', "not an IP address or CIDR"),
+        ('action = "allow"\ndirection = "up"', "direction must be in or out"),
+        ('action = "allow"\npath = ["/x"]', "unknown key 'path'"),
+    ],
+)
+def test_bad_network_rules_name_what_is_wrong(tmp_path: Path, rule: str, error: str) -> None:
+    path = tmp_path / "net.toml"
+    path.write_text(f"[[rule]]\n{rule}\n")
+    with pytest.raises(RulesError, match=error):
+        RuleSet([path], domain="net")
+
+
+def test_reject_is_for_connections_only(tmp_path: Path) -> None:
+    path = tmp_path / "file.toml"
+    path.write_text('[[rule]]\naction = "reject"\n')
+    with pytest.raises(RulesError, match="action must be one of allow, deny, ask, log"):
+        RuleSet([path])
+
+
+def test_temporary_rules_come_first_and_end_on_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    rs = RuleSet(domain="net", default="ask")
+    key = ("pid", 1, "exe", "192.0.2.10", 443, "tcp", "out")
+    assert rs.decide(net_subject(), key).action == "ask"
+    rs.add_temporary({"action": "allow", "ports": [443]}, minutes=5)
+    rs.add_temporary({"action": "deny", "ports": [80], "name": "no plain web"})
+    assert rs.cached(key) is None  # the cache went with the change
+    assert rs.decide(net_subject(), key).rule == "for 5 minutes"
+    assert rs.decide(net_subject(port=80)).rule == "no plain web"
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 301)
+    assert rs.cached(key) is None  # ended: the cached decision went with it
+    assert rs.decide(net_subject(), key).action == "ask"
+    assert rs.decide(net_subject(port=80)).rule == "no plain web"  # until restart

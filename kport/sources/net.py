@@ -429,7 +429,7 @@ class NetSource:
     def _snoop(self, payload: bytes) -> None:
         try:
             answers = packets.dns_answers(packets.udp_payload(payload))
-        except (ValueError, IndexError, UnicodeError):
+        except (ValueError, IndexError):
             return  # not DNS, or not one we can read: it went through anyway
         for address, name in answers:
             self.dns_answers += 1

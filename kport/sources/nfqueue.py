@@ -136,6 +136,13 @@ def verdict_message(queue: int, packet_id: int, verdict: int, mark: int | None =
 def parse_packets(data: bytes) -> tuple[list[QueuedPacket], list[int]]:
     """The packets in one netlink datagram, and the errnos of any error messages
     (0 is an ack). A truncated or malformed message ends the parse: ValueError."""
+    try:
+        return _parse(data)
+    except struct.error as err:
+        raise ValueError(f"a netlink message cut short: {err}") from None
+
+
+def _parse(data: bytes) -> tuple[list[QueuedPacket], list[int]]:
     packets: list[QueuedPacket] = []
     errors: list[int] = []
     offset = 0

@@ -99,7 +99,15 @@ def _name(message: bytes, offset: int, depth: int = 0) -> tuple[str, int]:
 
 def dns_answers(message: bytes) -> list[tuple[str, str]]:
     """(address, name) for each A and AAAA answer of a DNS response; the name is the one
-    asked for (the question), so a CNAME chain still maps to what the program looked up."""
+    asked for (the question), so a CNAME chain still maps to what the program looked up.
+    A message cut short or malformed is a ValueError."""
+    try:
+        return _answers(message)
+    except (struct.error, IndexError) as err:
+        raise ValueError(f"a DNS message cut short: {err}") from None
+
+
+def _answers(message: bytes) -> list[tuple[str, str]]:
     if len(message) < 12 or not message[2] & 0x80:
         return []
     questions, answers = struct.unpack_from(">HH", message, 4)
