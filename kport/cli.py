@@ -15,7 +15,7 @@ from typing import Any
 import kport
 from kport.errors import KportError
 
-BENCHMARKS = ("port", "proc", "journal", "objects", "file")
+BENCHMARKS = ("port", "proc", "journal", "objects", "file", "net")
 
 
 def _bench(args: argparse.Namespace) -> int:
