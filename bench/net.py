@@ -9,8 +9,9 @@ connection after another to a listener in the server namespace, timing each conn
 Each firewall in turn is the only one in the client namespace.
 
 kport runs with its network source alone (and its journal, as by default): the proc
-connector answers only in the first network namespace, so processes are read from /proc. OpenSnitch runs with its default
-action allow, no UI, and its /proc process monitor (as kport). Run as root. OpenSnitch
+connector answers only in the first network namespace, so processes are read from /proc.
+OpenSnitch runs with its default action allow, no UI, and its /proc process monitor (as
+kport). Run as root. OpenSnitch
 comes from Debian (installed here if missing, its service never started);
 NetfilterQueue from PyPI (pyproject's bench extra) with Debian's libnetfilter-queue-dev.
 """
@@ -375,7 +376,7 @@ def run(count: int = 3000, rounds: int = 300, json_dir: str | None = None) -> di
     for line in targets["lines"]:
         print(line)
     result = {"runs": runs, "notes": notes, "targets": targets, "count": count, "warmup": rounds}
-    print(f"saved {save_results('net', result, json_dir)}")
+    save_results("net", result, json_dir)
     return result
 
 
