@@ -47,6 +47,11 @@ Ask = Callable[[Event, Done], None]
 #: connections waiting for a decision client at once, at most; beyond, the default
 MAX_ASKS: Final = 256
 RULES_CHECK_S: Final = 0.5
+#: events are handed on in batches: at most this late, or this many at once. One
+#: hand-over per connection would wake the event loop (a syscall, and a thread that then
+#: competes for the GIL) just as the next packet is due.
+FLUSH_S: Final = 0.002
+FLUSH_EVENTS: Final = 256
 #: how often the watchdog checks that kport's filter rules are in place
 WATCHDOG_S: Final = 2.0
 #: addresses remembered from DNS answers
@@ -240,14 +245,22 @@ class NetSource:
         poller.register(self.queue.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         checked = 0.0
+        batch: list[Event] = []
+        due = 0.0  # when the oldest event in ``batch`` must be handed on
         while True:
-            ready = [fd for fd, _ in poller.poll(1000)]
+            wait_ms = 1000 if not batch else max(0, int((due - time.monotonic()) * 1000) + 1)
+            ready = [fd for fd, _ in poller.poll(wait_ms)]
             if self._stop_r in ready:
+                if batch:
+                    self.emit(batch)
                 return
             now = time.monotonic()
             if now - checked >= RULES_CHECK_S:
                 checked = now
                 self.rules.reload_if_changed()
+            if batch and (now >= due or len(batch) >= FLUSH_EVENTS):
+                self.emit(batch)
+                batch = []
             if not ready:
                 continue
             try:
@@ -258,7 +271,6 @@ class NetSource:
             except ValueError:
                 log.exception("net: a malformed message from the kernel")
                 continue
-            batch: list[Event] = []
             for pkt in queued:
                 try:
                     event = self._handle(pkt)
@@ -267,9 +279,9 @@ class NetSource:
                     self._verdict(pkt, self.default_verdict)
                     event = None
                 if event is not None:
+                    if not batch:
+                        due = time.monotonic() + FLUSH_S
                     batch.append(event)
-            if batch:
-                self.emit(batch)
 
     def _lost(self, err: OSError) -> None:
         log.warning("net: packets were lost: %s", err)
@@ -344,8 +356,7 @@ class NetSource:
             self._verdict(pkt, settled)
             return None
         remote, port = (flow.src, flow.sport) if inbound else (flow.dst, flow.dport)
-        pid, uid = self._owner(flow, inbound, pkt.uid)
-        info = self.subjects.get(pid) if pid is not None else None
+        pid, uid, info = self._owner(flow, inbound, pkt.uid)
         if pid is not None and (pid == self.own_pid or pid in self.trusted()):
             self._verdict(pkt, "allow")
             return None
@@ -398,22 +409,25 @@ class NetSource:
 
     def _owner(
         self, flow: packets.Flow, inbound: bool, uid: int | None
-    ) -> tuple[int | None, int | None]:
-        """(pid, uid) of the local socket's process; pid None when it cannot be told."""
+    ) -> tuple[int | None, int | None, dict[str, Any] | None]:
+        """(pid, uid, details) of the local socket's process; pid None when it cannot be
+        told, details None when it is gone."""
         diag = self.diag
         found = diag.lookup(flow, inbound=inbound) if diag is not None else None
         if found is None:
             self.unowned += 1
-            return None, uid
+            return None, uid, None
         inode, socket_uid = found
         uid = socket_uid if uid is None else uid
         pid = self.owners.pid_of(inode, uid)
-        if pid is not None and self.subjects.identity(pid) is None:
+        info = self.subjects.get(pid) if pid is not None else None
+        if pid is not None and (info is None or info.get("gone")):
             self.owners.forget(inode)  # it exited since: someone else has the socket now
             pid = self.owners.pid_of(inode, uid)
+            info = self.subjects.get(pid) if pid is not None else None
         if pid is None:
             self.unowned += 1
-        return pid, uid
+        return pid, uid, info
 
     def _ifname(self, index: int) -> str | None:
         if not index:
