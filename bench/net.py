@@ -19,6 +19,7 @@ NetfilterQueue from PyPI (pyproject's bench extra) with Debian's libnetfilter-qu
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -287,11 +288,7 @@ def _opensnitch(workdir: Path) -> Iterator[None]:
 
 def _netfilterqueue_ready() -> str | None:
     """Install NetfilterQueue if it is missing; None, or why it cannot be measured."""
-    try:
-        import netfilterqueue  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if importlib.util.find_spec("netfilterqueue") is not None:
         return None
     subprocess.run(
         ["apt-get", "install", "-y", "-qq", "libnetfilter-queue-dev"],
