@@ -7,6 +7,8 @@ command -v python3 >/dev/null 2>&1 || need="$need python3"
 for cmd in make gcc; do command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"; done
 # the firewall's filter rules (iptables-nft, with the xtables NFQUEUE target)
 command -v iptables-restore >/dev/null 2>&1 || need="$need iptables"
+# the firewall tests make network namespaces of their own
+command -v ip >/dev/null 2>&1 || need="$need iproute2"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "kport setup: missing Debian packages:$need (run as root, or install them)" >&2
