@@ -94,3 +94,24 @@ def count_notifications(port_name: str, rundir: str, count: int, timeout: float)
                     lost += msg.data["count"]
             last = time.perf_counter()
     return {"received": received, "lost": lost, "seconds": last - first}
+
+
+def apt_install_without_starting(package: str) -> None:
+    """Install a Debian package without letting its service start even once (a
+    policy-rc.d that refuses every start, for the install only)."""
+    import subprocess
+
+    policy = Path("/usr/sbin/policy-rc.d")
+    ours = not policy.exists()
+    if ours:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", package],
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    finally:
+        if ours:
+            policy.unlink()

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import tomli_w
 
-from bench.common import Table, percentile, save_results
+from bench.common import Table, apt_install_without_starting, percentile, save_results
 
 FSTYPE = "tmpfs"
 CLONE_NEWNS = 0x00020000
@@ -358,23 +358,9 @@ def _fapolicyd_pids() -> list[int]:
 
 
 def _install_fapolicyd() -> None:
-    """Install the Debian package without letting its service start even once: its default
-    rule denies executing anything untrusted, and with a Debian build's trust sources (no
-    rpm) that is nearly everything."""
-    policy = Path("/usr/sbin/policy-rc.d")
-    ours = not policy.exists()
-    if ours:
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-    try:
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "fapolicyd"],
-            check=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    finally:
-        if ours:
-            policy.unlink()
+    """Its service must not start even once: its default rule denies executing anything
+    untrusted, and with a Debian build's trust sources (no rpm) that is nearly everything."""
+    apt_install_without_starting("fapolicyd")
 
 
 def _fapolicyd_service_off() -> None:

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import Table, percentile, save_results
+from bench.common import Table, apt_install_without_starting, percentile, save_results
 
 CLIENT_NS = "kbench-c"
 SERVER_NS = "kbench-s"
@@ -179,17 +179,9 @@ def _wait_status(rundir: Path, proc: subprocess.Popen[str], timeout: float = 20)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"kport serve stopped: {proc.stderr.read() if proc.stderr else ''}")
-        done = subprocess.run(
-            [sys.executable, "-m", "kport.cli", "status", "--json", "--runtime-dir", str(rundir)],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        if done.returncode == 0:
-            status: dict[str, Any] = json.loads(done.stdout)
-            if status["sources"]["net"]["backend"]:
-                return status
+        status = _status(rundir)
+        if status is not None and status["sources"]["net"]["backend"]:
+            return status
         time.sleep(0.1)
     raise RuntimeError("kport serve did not come up")
 
@@ -241,24 +233,9 @@ def _kport(workdir: Path, rules: str, *, decider: bool) -> Iterator[Path]:
 
 
 def _install_opensnitch() -> None:
-    """Debian's package, without letting its service start even once (it would queue the
-    machine's own traffic)."""
-    if shutil.which("opensnitchd"):
-        return
-    policy = Path("/usr/sbin/policy-rc.d")
-    ours = not policy.exists()
-    if ours:
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-    try:
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "opensnitch"],
-            check=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    finally:
-        if ours:
-            policy.unlink()
+    """Its service must not start even once: it would queue the machine's own traffic."""
+    if shutil.which("opensnitchd") is None:
+        apt_install_without_starting("opensnitch")
 
 
 @contextlib.contextmanager
@@ -377,15 +354,23 @@ def run(count: int = 3000, rounds: int = 300, json_dir: str | None = None) -> di
     return result
 
 
-def _status_counts(rundir: Path) -> dict[str, Any]:
+def _status(rundir: Path) -> dict[str, Any] | None:
+    """`kport status --json` of the daemon there, or None if none answers (yet)."""
     done = subprocess.run(
         [sys.executable, "-m", "kport.cli", "status", "--json", "--runtime-dir", str(rundir)],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    net = json.loads(done.stdout)["sources"]["net"]
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def _status_counts(rundir: Path) -> dict[str, Any]:
+    status = _status(rundir)
+    if status is None:
+        raise RuntimeError("kport serve stopped answering")
+    net = status["sources"]["net"]
     return {k: net[k] for k in ("allowed", "asked", "defaulted", "without_process", "cache")}
 
 
