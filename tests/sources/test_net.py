@@ -351,9 +351,11 @@ def test_udp_is_decided_and_attributed(server: Netns, rundir: Path) -> None:
     with net_daemon(server, rundir, rules):
         sent = server.python(
             server.client,
-            "import socket, sys\n"
+            # The socket stays open a moment: a packet whose socket is already closed
+            # when kport looks is reported without a process (a race no firewall wins).
+            "import socket, sys, time\n"
             "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "u.sendto(b'x', (sys.argv[1], 9999)); print('sent')\n",
+            "u.sendto(b'x', (sys.argv[1], 9999)); print('sent'); time.sleep(1)\n",
             server.server_ip,
             "m-udp",
         )
