@@ -198,40 +198,25 @@ def _status(args: argparse.Namespace) -> int:
     console.print(sources)
     file = status["sources"].get("file")
     if file:
-        cache = file["cache"]
         console.print(
-            f"file access: {file['allowed']} allowed, {file['denied']} denied, "
-            f"{file['asked']} asked ({file['asks_in_flight']} in flight), "
-            f"{file['defaulted']} given the default verdict; rules: {file['rules']}, "
-            f"decision cache {cache['hits']} hits / {cache['misses']} misses",
+            f"file access: {file['allowed']} allowed, {file['denied']} denied, " + _decided(file),
             soft_wrap=True,
         )
-        if file["rules_error"]:
-            console.print(
-                f"  RULES NOT RELOADED (the ones in force stay): {file['rules_error']}",
-                soft_wrap=True,
-            )
+        _rules_error(console, file)
         for watch in file["watches"]:
             console.print(f"  watching {watch['path']} ({watch['mark']})", soft_wrap=True)
     net = status["sources"].get("net")
     if net:
-        cache = net["cache"]
         mode = "fail-open" if net["fail_open"] else "fail-closed"
         console.print(
             f"firewall: queue {net['queue']} ({net['backend']}, {mode}): "
             f"{net['allowed']} allowed, {net['denied']} denied, {net['rejected']} rejected, "
-            f"{net['asked']} asked ({net['asks_in_flight']} in flight), "
-            f"{net['defaulted']} given the default verdict; rules: {net['rules']}, "
-            f"decision cache {cache['hits']} hits / {cache['misses']} misses; "
-            f"{net['without_process']} without a known process; "
+            + _decided(net)
+            + f"; {net['without_process']} without a known process; "
             f"rules put back {net['rules_reinstalled']} times",
             soft_wrap=True,
         )
-        if net["rules_error"]:
-            console.print(
-                f"  RULES NOT RELOADED (the ones in force stay): {net['rules_error']}",
-                soft_wrap=True,
-            )
+        _rules_error(console, net)
     journal = status.get("journal")
     if journal and "path" not in journal:
         console.print(f"journal: NOT DURABLE: {journal['error']}")
@@ -270,6 +255,24 @@ def _status(args: argparse.Namespace) -> int:
     console.print(ports)
     console.print(conns)
     return 0
+
+
+def _decided(source: dict[str, Any]) -> str:
+    """What a deciding source's status says about asks, defaults, rules and cache."""
+    cache = source["cache"]
+    return (
+        f"{source['asked']} asked ({source['asks_in_flight']} in flight), "
+        f"{source['defaulted']} given the default verdict; rules: {source['rules']}, "
+        f"decision cache {cache['hits']} hits / {cache['misses']} misses"
+    )
+
+
+def _rules_error(console: Any, source: dict[str, Any]) -> None:
+    if source["rules_error"]:
+        console.print(
+            f"  RULES NOT RELOADED (the ones in force stay): {source['rules_error']}",
+            soft_wrap=True,
+        )
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ from typing import Any
 
 import tomli_w
 
+from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
+from kport.sources.net import VERDICTS
 
 
 class ConfigError(ValueError):
@@ -230,33 +232,43 @@ def load(path: str | Path | None) -> Config:
     return config
 
 
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _check_decisions(
+    cfg: FileConfig | NetConfig,
+    section: str,
+    where: str,
+    actions: tuple[str, ...],
+    verdicts: tuple[str, ...],
+) -> None:
+    """What every deciding section has: a default action, a default verdict, a deadline."""
+    if cfg.default_action not in actions:
+        raise ConfigError(f"{where}: {section}.default_action must be {_one_of(actions)}")
+    if cfg.default_verdict not in verdicts:
+        raise ConfigError(f"{where}: {section}.default_verdict must be {_one_of(verdicts)}")
+    if not 0.01 <= cfg.decision_deadline_s <= 3600:
+        raise ConfigError(f"{where}: {section}.decision_deadline_s must be 0.01 to 3600 seconds")
+
+
 def check_file(cfg: FileConfig, where: str) -> None:
     """Raise ConfigError for a [file] section that cannot work."""
-    if cfg.default_action not in ("allow", "deny", "ask", "log"):
-        raise ConfigError(f"{where}: file.default_action must be allow, deny, ask or log")
-    if cfg.default_verdict not in ("allow", "deny"):
-        raise ConfigError(f"{where}: file.default_verdict must be allow or deny")
+    _check_decisions(cfg, "file", where, ACTIONS, ("allow", "deny"))
     for key, known in (("permissions", PERMISSION_KINDS), ("events", NOTIFY_KINDS)):
         bad = [k for k in getattr(cfg, key) if k not in known]
         if bad:
             raise ConfigError(
                 f"{where}: file.{key}: unknown kinds {bad} (known: {', '.join(known)})"
             )
-    if not 0.01 <= cfg.decision_deadline_s <= 3600:
-        raise ConfigError(f"{where}: file.decision_deadline_s must be 0.01 to 3600 seconds")
 
 
 def check_net(cfg: NetConfig, where: str) -> None:
     """Raise ConfigError for a [net] section that cannot work."""
-    if cfg.default_action not in ("allow", "deny", "reject", "ask", "log"):
-        raise ConfigError(f"{where}: net.default_action must be allow, deny, reject, ask or log")
-    if cfg.default_verdict not in ("allow", "deny", "reject"):
-        raise ConfigError(f"{where}: net.default_verdict must be allow, deny or reject")
+    _check_decisions(cfg, "net", where, NET_ACTIONS, VERDICTS)
     if cfg.backend not in ("auto", "nft", "iptables"):
         raise ConfigError(f"{where}: net.backend must be auto, nft or iptables")
     if not 0 <= cfg.queue <= 65535:
         raise ConfigError(f"{where}: net.queue must be 0 to 65535")
     if not 1 <= cfg.queue_length <= 1_000_000:
         raise ConfigError(f"{where}: net.queue_length must be 1 to 1000000")
-    if not 0.01 <= cfg.decision_deadline_s <= 3600:
-        raise ConfigError(f"{where}: net.decision_deadline_s must be 0.01 to 3600 seconds")

@@ -16,15 +16,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from kport.errors import KportError, Timeout
 from kport.port.server import ServerConnection, ServerPort
 
 log = logging.getLogger("kport.decisions")
 
-#: done(verdict, why): why is "decided" when the client answered
+#: done(verdict, why): why is "decided" when the client answered; called exactly once,
+#: from any thread
 Done = Callable[[str, str], None]
+#: a source's way to ask: ask(request, done)
+Ask = Callable[[dict[str, Any], Done], None]
+#: requests a source has waiting for decision clients at once, at most; beyond it the
+#: source applies its default verdict at once
+MAX_ASKS: Final = 256
 #: called after a client's answer was applied: (request, reply)
 OnReply = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 

@@ -70,6 +70,9 @@ _FIELDS: Final = {
     ),
 }
 CACHE_SIZE: Final = 65536
+#: how often the files are checked for changes, at most (a stat per file: not once per
+#: decision)
+CHECK_INTERVAL_S: Final = 0.5
 
 
 class RulesError(ValueError):
@@ -387,6 +390,7 @@ class RuleSet:
         #: minutes"); the soonest end of one, as time.monotonic()
         self.temporary: list[Rule] = []
         self._next_expiry: float | None = None
+        self._checked = 0.0
         #: bumped on every change; cached decisions from another generation are stale
         self.generation = 0
         self.error: str | None = None
@@ -426,6 +430,23 @@ class RuleSet:
         self.error = None
         self.generation += 1
         self._cache.clear()
+
+    def reload_if_due(self, now: float | None = None) -> bool:
+        """:meth:`reload_if_changed`, at most once per CHECK_INTERVAL_S (``now`` is
+        time.monotonic(), if the caller has it)."""
+        now = time.monotonic() if now is None else now
+        if now - self._checked < CHECK_INTERVAL_S:
+            return False
+        self._checked = now
+        return self.reload_if_changed()
+
+    def status(self) -> dict[str, Any]:
+        """How many rules are in force, the last load error, and the cache's counts."""
+        return {
+            "rules": len(self.rules) + len(self.temporary),
+            "rules_error": self.error,
+            "cache": {"hits": self.hits, "misses": self.misses},
+        }
 
     def reload_if_changed(self) -> bool:
         """Reload when a file changed; True if new rules are in force. A bad file is

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from kport.decisions import MAX_ASKS, Ask
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
 from kport.subjects import Subjects, TableLookup
@@ -36,14 +37,6 @@ log = logging.getLogger("kport.file")
 
 Event = dict[str, Any]
 Emit = Callable[[list[Event]], None]
-#: ask(request, done): done(verdict, why) must be called exactly once, from any thread
-Done = Callable[[str, str], None]
-Ask = Callable[[Event, Done], None]
-
-#: permission requests waiting for a decision client at once, at most
-MAX_ASKS: Final = 256
-#: how often the rules files are checked for changes, at most
-RULES_CHECK_S: Final = 0.5
 
 #: permission kinds → event bits (the content group)
 PERMISSION_KINDS: Final[dict[str, int]] = {
@@ -342,9 +335,7 @@ class FileSource:
             "permissions": list(self.permissions),
             "without_names": sorted(self.unnamed),
             "reported": list(self.events_reported),
-            "rules": len(self.rules.rules),
-            "rules_error": self.rules.error,
-            "cache": {"hits": self.rules.hits, "misses": self.rules.misses},
+            **self.rules.status(),
             "processes": {"hits": self.subjects.hits, "misses": self.subjects.misses},
         }
 
@@ -356,15 +347,11 @@ class FileSource:
         for fd in groups:
             poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
-        checked = 0.0
         while True:
             ready = [fd for fd, _ in poller.poll(1000)]
             if self._stop_r in ready:
                 return
-            now = time.monotonic()
-            if now - checked >= RULES_CHECK_S:  # a stat per file: not once per event
-                checked = now
-                self.rules.reload_if_changed()
+            self.rules.reload_if_due()
             for fd in ready:
                 self._read(groups[fd])
 

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
+from kport.decisions import MAX_ASKS, Ask
 from kport.rules import RuleSet, Subject
 from kport.sources import firewall, nfqueue
 from kport.sources import packet as packets
@@ -40,13 +41,6 @@ log = logging.getLogger("kport.net")
 
 Event = dict[str, Any]
 Emit = Callable[[list[Event]], None]
-#: done(verdict, why): verdict is allow | deny | reject
-Done = Callable[[str, str], None]
-Ask = Callable[[Event, Done], None]
-
-#: connections waiting for a decision client at once, at most; beyond, the default
-MAX_ASKS: Final = 256
-RULES_CHECK_S: Final = 0.5
 #: events are handed on in batches: at most this late, or this many at once. One
 #: hand-over per connection would wake the event loop (a syscall, and a thread that then
 #: competes for the GIL) just as the next packet is due.
@@ -231,9 +225,7 @@ class NetSource:
             "rules_reinstalled": self.reinstalled,
             "dns_answers": self.dns_answers,
             "retransmissions": self.repeated,
-            "rules": len(self.rules.rules) + len(self.rules.temporary),
-            "rules_error": self.rules.error,
-            "cache": {"hits": self.rules.hits, "misses": self.rules.misses},
+            **self.rules.status(),
             "sockets": {"hits": self.owners.hits, "scans": self.owners.scans},
         }
 
@@ -244,7 +236,6 @@ class NetSource:
         poller = select.poll()
         poller.register(self.queue.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
-        checked = 0.0
         batch: list[Event] = []
         due = 0.0  # when the oldest event in ``batch`` must be handed on
         while True:
@@ -255,9 +246,7 @@ class NetSource:
                     self.emit(batch)
                 return
             now = time.monotonic()
-            if now - checked >= RULES_CHECK_S:
-                checked = now
-                self.rules.reload_if_changed()
+            self.rules.reload_if_due(now)
             if batch and (now >= due or len(batch) >= FLUSH_EVENTS):
                 self.emit(batch)
                 batch = []

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from kport.decisions import Done
 from kport.rules import RuleSet
-from kport.sources.file import Done, FileSource, Watch
+from kport.sources.file import FileSource, Watch
 from tests.conftest import mount_tmpfs, mounted
 
 pytestmark = [
