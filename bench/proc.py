@@ -152,10 +152,11 @@ def parser_speed(rounds: int = 50_000) -> dict[str, float]:
     )
 
     from kport.sources import netlink_proc as n
+    from kport.sources.netlink import NLMSG_DONE
 
     event = struct.pack("=IIQ", n.EV_EXEC, 0, 1) + struct.pack("=II", 11, 11)
     cn = struct.pack("=IIIIHH", n.CN_IDX_PROC, n.CN_VAL_PROC, 1, 0, len(event), 0) + event
-    message = struct.pack("=IHHII", 16 + len(cn), n.NLMSG_DONE, 0, 0, 0) + cn
+    message = struct.pack("=IHHII", 16 + len(cn), NLMSG_DONE, 0, 0, 0) + cn
     marshal = ProcEventMarshal()
     return {
         "kport_us": timeit.timeit(lambda: n.parse(message), number=rounds) / rounds * 1e6,

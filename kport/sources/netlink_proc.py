@@ -15,19 +15,17 @@ import struct
 from typing import Any, Final
 
 from kport.errors import AccessDenied, KportError
+from kport.sources.netlink import NLMSG_DONE, NLMSGHDR, SO_RCVBUFFORCE
 
 NETLINK_CONNECTOR: Final = 11
 CN_IDX_PROC: Final = 1
 CN_VAL_PROC: Final = 1
 PROC_CN_MCAST_LISTEN: Final = 1
 PROC_CN_MCAST_IGNORE: Final = 2
-NLMSG_DONE: Final = 3
-SO_RCVBUFFORCE: Final = 33
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _CN_MSG = struct.Struct("=IIIIHH")
 _EVENT_HEAD = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
-HEADER_SIZE: Final = _NLMSGHDR.size + _CN_MSG.size + _EVENT_HEAD.size  # 52
+HEADER_SIZE: Final = NLMSGHDR.size + _CN_MSG.size + _EVENT_HEAD.size  # 52
 
 EV_NONE: Final = 0
 EV_FORK: Final = 0x00000001
@@ -114,7 +112,7 @@ def open_socket(rcvbuf: int = 64 * 1024 * 1024) -> socket.socket:
 def _subscribe(sock: socket.socket, op: int) -> None:
     payload = struct.pack("=I", op)
     cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload
-    msg = _NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn
+    msg = NLMSGHDR.pack(NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn
     sock.send(msg)
 
 
@@ -129,7 +127,7 @@ def parse(data: bytes | memoryview) -> list[RawEvent]:
     offset = 0
     end = len(data)
     while end - offset >= HEADER_SIZE:
-        length = _NLMSGHDR.unpack_from(data, offset)[0]
+        length = NLMSGHDR.unpack_from(data, offset)[0]
         if length < HEADER_SIZE or offset + length > end:
             break
         event = parse_one(data, offset)
@@ -141,10 +139,10 @@ def parse(data: bytes | memoryview) -> list[RawEvent]:
 
 def parse_one(data: bytes | memoryview, offset: int = 0) -> RawEvent | None:
     """One netlink message at ``offset`` → a RawEvent, or None if it is not a proc event."""
-    idx, val, seq, _ack, _len, _flags = _CN_MSG.unpack_from(data, offset + _NLMSGHDR.size)
+    idx, val, seq, _ack, _len, _flags = _CN_MSG.unpack_from(data, offset + NLMSGHDR.size)
     if idx != CN_IDX_PROC or val != CN_VAL_PROC:
         return None
-    base = offset + _NLMSGHDR.size + _CN_MSG.size
+    base = offset + NLMSGHDR.size + _CN_MSG.size
     what, cpu, ktime = _EVENT_HEAD.unpack_from(data, base)
     body = base + _EVENT_HEAD.size
     if len(data) < body + 8:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from kport.errors import AccessDenied, KportError
+from kport.sources.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NLMSGHDR, SO_RCVBUFFORCE
 
 NETLINK_NETFILTER: Final = 12
 NFNL_SUBSYS_QUEUE: Final = 3
@@ -25,13 +26,6 @@ NFQNL_MSG_PACKET: Final = 0
 NFQNL_MSG_VERDICT: Final = 1
 NFQNL_MSG_CONFIG: Final = 2
 
-NLM_F_REQUEST: Final = 0x1
-NLM_F_ACK: Final = 0x4
-NLMSG_ERROR: Final = 2
-NLMSG_DONE: Final = 3
-SO_RCVBUFFORCE: Final = 33
-NETLINK_NO_ENOBUFS: Final = 5
-SOL_NETLINK: Final = 270
 
 # config attributes and commands
 NFQA_CFG_CMD: Final = 1
@@ -62,13 +56,12 @@ NF_REPEAT: Final = 4
 #: the netfilter hooks a packet can be queued from
 HOOKS: Final = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big-endian, packed by hand)
 _NLATTR = struct.Struct("=HH")
 _PACKET_HDR = struct.Struct(">IHB")
 _U32 = struct.Struct(">I")
 _VERDICT_HDR = struct.Struct(">II")
-_HEAD = _NLMSGHDR.size + _NFGENMSG.size
+_HEAD = NLMSGHDR.size + _NFGENMSG.size
 
 
 class QueueBusy(KportError):
@@ -100,7 +93,7 @@ def _attr(kind: int, value: bytes) -> bytes:
 def _message(msg: int, queue: int, attrs: bytes, flags: int = NLM_F_REQUEST, seq: int = 0) -> bytes:
     body = _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(queue)) + attrs
     kind = (NFNL_SUBSYS_QUEUE << 8) | msg
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
 
 
 def config_message(
@@ -147,12 +140,12 @@ def _parse(data: bytes) -> tuple[list[QueuedPacket], list[int]]:
     errors: list[int] = []
     offset = 0
     end = len(data)
-    while offset + _NLMSGHDR.size <= end:
-        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > end:
+    while offset + NLMSGHDR.size <= end:
+        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > end:
             raise ValueError(f"netlink message of length {length} at {offset} overruns {end}")
         if kind == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+            (code,) = struct.unpack_from("=i", data, offset + NLMSGHDR.size)
             errors.append(-code)
         elif kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
             packets.append(_packet(data, offset + _HEAD, offset + length))

@@ -20,13 +20,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Final
 
+from kport.sources.netlink import NLM_F_REQUEST, NLMSG_ERROR, NLMSGHDR
 from kport.sources.packet import Flow
 
 NETLINK_SOCK_DIAG: Final = 4
 SOCK_DIAG_BY_FAMILY: Final = 20
-NLM_F_REQUEST: Final = 0x1
-NLMSG_ERROR: Final = 2
-_NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states; then inet_diag_sockid
 _REQ = struct.Struct("=BBBxI")
 _SOCKID = struct.Struct(">HH16s16s")
@@ -86,21 +84,21 @@ class SocketDiag:
             + sockid
             + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
         )
-        header = _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0
+        header = NLMSGHDR.pack(
+            NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0
         )
         try:
             self.sock.send(header + body)
             while True:
                 data = self.sock.recv(8192)
-                _length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data)
+                _length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(data)
                 if seq == self._seq:
                     break  # an answer to an earlier request that timed out is skipped
         except OSError:
             return None
-        if kind == NLMSG_ERROR or len(data) < _NLMSGHDR.size + _MSG_TAIL_AT + _MSG_TAIL.size:
+        if kind == NLMSG_ERROR or len(data) < NLMSGHDR.size + _MSG_TAIL_AT + _MSG_TAIL.size:
             return None  # ENOENT: no such socket (any more)
-        _expires, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(data, _NLMSGHDR.size + _MSG_TAIL_AT)
+        _expires, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(data, NLMSGHDR.size + _MSG_TAIL_AT)
         return (inode, uid) if inode else None
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 
 from kport.sources import netlink_proc as n
+from kport.sources.netlink import NLMSG_DONE
 
 
 def message(what: int, body: bytes, *, seq: int = 7, cpu: int = 1, ktime: int = 99) -> bytes:
     event = struct.pack("=IIQ", what, cpu, ktime) + body
     cn = struct.pack("=IIIIHH", n.CN_IDX_PROC, n.CN_VAL_PROC, seq, 0, len(event), 0) + event
-    return struct.pack("=IHHII", 16 + len(cn), n.NLMSG_DONE, 0, 0, 0) + cn
+    return struct.pack("=IHHII", 16 + len(cn), NLMSG_DONE, 0, 0, 0) + cn
 
 
 def test_fork_exec_exit() -> None:
