@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import grp
 import json
 import logging
@@ -126,9 +127,6 @@ class Daemon:
         self.sources: dict[str, ProcSource | FileSource | NetSource] = {}
         #: decision port name → its asks
         self.decisions: dict[str, Decisions] = {}
-        self.file_rules: RuleSet | None = None
-        self.net_rules = RuleSet(domain="net")
-        self.net_remembered = ""
         self.rates: dict[str, Rate] = {}
         self.filtered = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -227,12 +225,11 @@ class Daemon:
     def _setup_file(self, journal: Journal | None) -> None:
         cfg = self.config.file
         remembered = cfg.remembered or str(self.state_dir / "file-remembered.toml")
-        self.file_rules = RuleSet(
+        rules = RuleSet(
             [remembered, *cfg.rules],
             default=cfg.default_action,
             kinds=tuple(file_source.PERMISSION_KINDS),
         )
-        self.file_remembered = remembered
         history = SourceHistory(journal, ("file", "kport")) if journal else None
         self._port("file", one_way=True, history=history)
         self.rates["file"] = Rate()
@@ -240,7 +237,7 @@ class Daemon:
         decisions = self.decisions["file-decide"] = Decisions(
             deadline_s=cfg.decision_deadline_s,
             default_verdict=cfg.default_verdict,
-            on_reply=self._remember_file,
+            on_reply=functools.partial(self._remember_file, rules, remembered),
         )
         self._port("file-decide", on_connect=decisions.changed, on_disconnect=decisions.changed)
         self.sources["file"] = FileSource(
@@ -249,35 +246,38 @@ class Daemon:
             permissions=cfg.permissions,
             events=cfg.events,
             processes=proc.table.lookup if isinstance(proc, ProcSource) else None,
-            rules=self.file_rules,
+            rules=rules,
             ask=decisions.ask_from_thread,
             default_verdict=cfg.default_verdict == "allow",
             trusted=lambda: decisions.deciders,
         )
 
-    async def _remember_file(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
-        """A file decision client's "remember": a rule for that path (and executable)."""
-        if not reply.get("remember") or self.file_rules is None:
+    @staticmethod
+    async def _remember_file(
+        rules: RuleSet, remembered: str, request: dict[str, Any], reply: dict[str, Any]
+    ) -> None:
+        """A file decision client's "remember": a rule for that path (and executable),
+        written to ``remembered``."""
+        if not reply.get("remember"):
             return
         rule = {"action": reply["verdict"], "path": request["path"], "name": "remembered"}
         if request.get("exe"):
             rule["exe"] = request["exe"]
-        await asyncio.to_thread(self.file_rules.remember, self.file_remembered, rule)
+        await asyncio.to_thread(rules.remember, remembered, rule)
 
     # --- the firewall ------------------------------------------------------------------
 
     def _setup_net(self, journal: Journal | None) -> None:
         cfg = self.config.net
         remembered = cfg.remembered or str(self.state_dir / "net-remembered.toml")
-        self.net_rules = RuleSet([remembered, *cfg.rules], default=cfg.default_action, domain="net")
-        self.net_remembered = remembered
+        rules = RuleSet([remembered, *cfg.rules], default=cfg.default_action, domain="net")
         history = SourceHistory(journal, ("net", "kport")) if journal else None
         self._port("net", one_way=True, history=history)
         decisions = self.decisions["net-decide"] = Decisions(
             deadline_s=cfg.decision_deadline_s,
             default_verdict=cfg.default_verdict,
             verdicts=net_source.VERDICTS,
-            on_reply=self._remember_net,
+            on_reply=functools.partial(self._remember_net, rules, remembered),
         )
         self._port("net-decide", on_connect=decisions.changed, on_disconnect=decisions.changed)
         self.rates["net"] = Rate()
@@ -294,7 +294,7 @@ class Daemon:
             self._from_thread,
             plan=plan,
             backend=cfg.backend,
-            rules=self.net_rules,
+            rules=rules,
             ask=decisions.ask_from_thread,
             default_verdict=cfg.default_verdict,
             trusted=lambda: decisions.deciders,
@@ -303,10 +303,13 @@ class Daemon:
             queue_length=cfg.queue_length,
         )
 
-    async def _remember_net(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
+    @staticmethod
+    async def _remember_net(
+        rules: RuleSet, remembered: str, request: dict[str, Any], reply: dict[str, Any]
+    ) -> None:
         """A network decision client's duration: "once" (nothing more), "restart" (a
         rule in memory), a number of minutes (a rule in memory that ends), or "always"
-        (``remember``: a rule written to the remembered file)."""
+        (``remember``: a rule written to ``remembered``)."""
         duration = reply.get("duration", "always" if reply.get("remember") else "once")
         if duration == "once":
             return
@@ -316,12 +319,12 @@ class Daemon:
         rule = {**rule, "action": reply["verdict"]}
         if duration == "always":
             rule.setdefault("name", "remembered")
-            await asyncio.to_thread(self.net_rules.remember, self.net_remembered, rule)
+            await asyncio.to_thread(rules.remember, remembered, rule)
         elif duration == "restart":
-            self.net_rules.add_temporary({"name": "answered until restart", **rule})
+            rules.add_temporary({"name": "answered until restart", **rule})
         elif isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0:
             named = {"name": f"answered for {duration:g} minutes", **rule}
-            self.net_rules.add_temporary(named, minutes=float(duration))
+            rules.add_temporary(named, minutes=float(duration))
         else:
             raise ValueError(
                 f"duration must be once, restart, always or minutes, not {duration!r:.40}"

@@ -162,15 +162,11 @@ class Iptables:
             done = _run([self._tool(family, "-save"), "-t", "filter"])
             if done.returncode:
                 return False
-            have = set(done.stdout.splitlines())
-            chains = iptables_rules(self.plan, family)
-            for chain, rules in chains.items():
-                if f"-A {_HOOK_OF[chain]} -j {chain}" not in have:
+            lines = done.stdout.splitlines()
+            for chain, rules in iptables_rules(self.plan, family).items():
+                if f"-A {_HOOK_OF[chain]} -j {chain}" not in lines:
                     return False
-                mine = [
-                    line for line in done.stdout.splitlines() if line.startswith(f"-A {chain} ")
-                ]
-                if len(mine) != len(rules):
+                if sum(line.startswith(f"-A {chain} ") for line in lines) != len(rules):
                     return False
         return True
 
@@ -237,9 +233,8 @@ class Nftables:
 
     def intact(self) -> bool:
         done = _run(["nft", "list", "table", "inet", NFT_TABLE])
-        return done.returncode == 0 and done.stdout.count(" queue ") == nft_script(self.plan).count(
-            " queue "
-        )
+        expected = nft_script(self.plan).count(" queue ")
+        return done.returncode == 0 and done.stdout.count(" queue ") == expected
 
 
 def nft_can_queue() -> bool:

@@ -11,8 +11,6 @@ that one process, and an inode seen before costs nothing.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import socket
 import struct
@@ -102,35 +100,36 @@ class SocketDiag:
         return (inode, uid) if inode else None
 
 
-def socket_fds(pid: int) -> dict[int, int] | None:
-    """fd → inode of every socket ``pid`` has open; None if it is gone or unreadable."""
-    base = f"/proc/{pid}/fd"
-    out: dict[int, int] = {}
+def _socket_inode(fd_path: str) -> int | None:
+    """The socket inode behind a /proc/<pid>/fd/<n> link, if it is a socket."""
     try:
-        names = os.listdir(base)
-    except OSError:
-        return None
-    readlink = os.readlink
-    for name in names:
-        try:
-            target = readlink(f"{base}/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out[int(name)] = int(target[8:-1])
-    return out
-
-
-def fd_inode(pid: int, fd: int) -> int | None:
-    """The socket inode behind one fd of ``pid``, if it is a socket."""
-    try:
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        target = os.readlink(fd_path)
     except OSError:
         return None
     return int(target[8:-1]) if target.startswith("socket:[") else None
 
 
-#: pid → uid, for ordering the scan; from the proc table, else /proc
+def socket_fds(pid: int) -> dict[int, int] | None:
+    """fd → inode of every socket ``pid`` has open; None if it is gone or unreadable."""
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return None
+    out: dict[int, int] = {}
+    for name in names:
+        inode = _socket_inode(f"{base}/{name}")
+        if inode is not None:
+            out[int(name)] = inode
+    return out
+
+
+def fd_inode(pid: int, fd: int) -> int | None:
+    """The socket inode behind one fd of ``pid``, if it is a socket."""
+    return _socket_inode(f"/proc/{pid}/fd/{fd}")
+
+
+#: uid → the pids to scan, most likely owners first: from the proc table, else /proc
 Candidates = Callable[[int | None], Iterable[int]]
 
 
@@ -187,14 +186,16 @@ class Owners:
                 return pid
         # The table may not know a process (one started before it was filled): every
         # process, last, and only when needed.
-        lazily_all = (pid for _ in (None,) for pid in all_processes(uid))
-        fallback = lazily_all if self.candidates is not all_processes else iter(())
-        for pid in itertools.chain(self.candidates(uid), fallback):
-            if pid in tried:
-                continue
-            tried.add(pid)
-            if self._scan(pid, inode):
-                return pid
+        sources = [self.candidates]
+        if self.candidates is not all_processes:
+            sources.append(all_processes)
+        for candidates in sources:
+            for pid in candidates(uid):
+                if pid in tried:
+                    continue
+                tried.add(pid)
+                if self._scan(pid, inode):
+                    return pid
         return None
 
     def _scan(self, pid: int, inode: int) -> bool:
@@ -217,5 +218,4 @@ class Owners:
         return True
 
     def forget(self, inode: int) -> None:
-        with contextlib.suppress(KeyError):
-            del self._inodes[inode]
+        self._inodes.pop(inode, None)
