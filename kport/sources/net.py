@@ -238,9 +238,13 @@ class NetSource:
         poller.register(self._stop_r, select.POLLIN)
         batch: list[Event] = []
         due = 0.0  # when the oldest event in ``batch`` must be handed on
+        first = True  # the first read takes what came while the queue was configured
         while True:
-            wait_ms = 1000 if not batch else max(0, int((due - time.monotonic()) * 1000) + 1)
-            ready = [fd for fd, _ in poller.poll(wait_ms)]
+            if first:
+                ready, first = [self.queue.fileno()], False
+            else:
+                wait_ms = 1000 if not batch else max(0, int((due - time.monotonic()) * 1000) + 1)
+                ready = [fd for fd, _ in poller.poll(wait_ms)]
             if self._stop_r in ready:
                 if batch:
                     self.emit(batch)

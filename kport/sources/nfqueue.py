@@ -232,6 +232,9 @@ class Queue:
         rcvbuf: int = 8 * 1024 * 1024,
     ) -> None:
         self.number = number
+        #: packets that arrived while the queue was being configured (a killed kport's
+        #: rules may still send packets here): read() hands them out first
+        self._early: list[QueuedPacket] = []
         self.sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
         )
@@ -251,9 +254,10 @@ class Queue:
     def _request(self, message: bytes) -> None:
         self.sock.send(message)
         while True:
-            _packets, errors = parse_packets(self.sock.recv(65536))
+            packets, errors = parse_packets(self.sock.recv(65536))
+            self._early += packets  # each needs its verdict: kept for read()
             if not errors:
-                continue  # a packet may already be queued: it waits for read()
+                continue
             code = errors[0]
             if code == errno.EPERM and os.geteuid() == 0:
                 # the kernel's answer when another socket has bound this queue
@@ -277,11 +281,12 @@ class Queue:
         call, since a poll is cheaper than the failed read that would end a loop).
         ENOBUFS (the socket's buffer overflowed: the kernel applied its fail-open
         setting to what did not fit) is raised."""
+        early, self._early = self._early, []
         try:
             data = self.sock.recv(65536)
         except BlockingIOError:
-            return []
-        return parse_packets(data)[0]
+            return early
+        return early + parse_packets(data)[0]
 
     def verdict(self, packet: QueuedPacket, verdict: int, mark: int | None = None) -> None:
         self.sock.send(verdict_message(self.number, packet.id, verdict, mark))
