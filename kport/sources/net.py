@@ -446,14 +446,16 @@ class NetSource:
             self._hosts.popitem(last=False)
 
     def _ask(self, pkt: QueuedPacket, flow: packets.Flow, key: Any, record: Event) -> Event | None:
+        # an unknown process has no key: its packet is asked about on its own
+        slot = key if key is not None else ("packet", pkt.id)
         with self._lock:
-            waiting = self._pending.get(key) if key is not None else None
+            waiting = self._pending.get(slot)
             if waiting is not None:
                 waiting.append(pkt)  # a retransmission: it waits on the same answer
                 return None
             room = self.ask is not None and len(self._pending) < MAX_ASKS
             if room:
-                self._pending[key if key is not None else ("packet", pkt.id)] = [pkt]
+                self._pending[slot] = [pkt]
         if not room:
             self.defaulted += 1
             why = "no decision client" if self.ask is None else "too many asks in flight"
@@ -461,7 +463,6 @@ class NetSource:
                 self._settle(flow, self.default_verdict)
             return self._finish([pkt], record, self.default_verdict, f"default: {why}")
         self.asked += 1
-        slot = key if key is not None else ("packet", pkt.id)
         answered = threading.Lock()
 
         def done(verdict: str, why: str) -> None:
