@@ -29,7 +29,7 @@ from kport.journal import Journal, Query, Row, SourceHistory, row_of
 from kport.objects import Namespace
 from kport.port.security import Security
 from kport.port.server import ServerConnection, ServerPort
-from kport.rules import RuleSet
+from kport.rules import RulesError, RuleSet
 from kport.sources import file as file_source
 from kport.sources import net as net_source
 from kport.sources.file import FileSource
@@ -239,7 +239,12 @@ class Daemon:
             default_verdict=cfg.default_verdict,
             on_reply=functools.partial(self._remember_file, rules, remembered),
         )
-        self._port("file-decide", on_connect=decisions.changed, on_disconnect=decisions.changed)
+        self._port(
+            "file-decide",
+            on_connect=decisions.changed,
+            on_disconnect=decisions.changed,
+            on_message=functools.partial(self._rules_request, rules, remembered),
+        )
         self.sources["file"] = FileSource(
             self._from_thread,
             watches=file_source.watches_of(cfg.paths, cfg.mounts, cfg.filesystems),
@@ -279,7 +284,12 @@ class Daemon:
             verdicts=net_source.VERDICTS,
             on_reply=functools.partial(self._remember_net, rules, remembered),
         )
-        self._port("net-decide", on_connect=decisions.changed, on_disconnect=decisions.changed)
+        self._port(
+            "net-decide",
+            on_connect=decisions.changed,
+            on_disconnect=decisions.changed,
+            on_message=functools.partial(self._rules_request, rules, remembered),
+        )
         self.rates["net"] = Rate()
         proc = self.sources.get("proc")
         table = proc.table if isinstance(proc, ProcSource) else None
@@ -329,6 +339,28 @@ class Daemon:
             raise ValueError(
                 f"duration must be once, restart, always or minutes, not {duration!r:.40}"
             )
+
+    @staticmethod
+    async def _rules_request(
+        rules: RuleSet, remembered: str, conn: ServerConnection, data: Any
+    ) -> Any:
+        """A decision port's requests for a rules editor: ``{"op": "rules"}`` lists
+        them (:meth:`RuleSet.listing`); ``{"op": "save", "rules": [...], "version": V}``
+        replaces kport's own rules file (:meth:`RuleSet.save`) and lists them again."""
+        op = data.get("op") if isinstance(data, dict) else None
+        try:
+            if op == "save":
+                version = data.get("version")
+                if not isinstance(version, str) or not isinstance(data.get("rules"), list):
+                    raise BadRequest("save needs rules (a list of rules) and version (a string)")
+                await asyncio.to_thread(rules.save, remembered, data["rules"], version)
+            elif op != "rules":
+                raise BadRequest(f"unknown rules request {data!r:.60}; known ops: rules, save")
+            return await asyncio.to_thread(rules.listing, remembered)
+        except RulesError as err:
+            raise BadRequest(str(err)) from err
+        except OSError as err:
+            raise BadRequest(f"{remembered}: {err.strerror or err}") from err
 
     # --- events ------------------------------------------------------------------------
 

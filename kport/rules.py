@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import grp
+import hashlib
 import ipaddress
 import logging
 import os
@@ -522,6 +523,81 @@ class RuleSet:
         self._cache.clear()
         log.info("rules: a temporary rule ended; %d remain", len(self.temporary))
 
+    def listing(self, editable: str | os.PathLike[str]) -> dict[str, Any]:
+        """Every rule in force, for an editor: those of ``editable`` (kport's own file,
+        the one "remember" writes) with the version :meth:`save` checks, the others read
+        only with their origin, the temporary ones with the minutes they have left."""
+        target = Path(editable)
+        try:
+            text = target.read_text()
+        except FileNotFoundError:
+            text = ""
+        except OSError as err:
+            raise RulesError(f"{target}: cannot read: {err.strerror}") from err
+        own, _ = parse(text, str(target), self.kinds, self.domain)
+        now = time.monotonic()
+        prefix = f"{target}:"
+        return {
+            "domain": self.domain,
+            "default": self.default,
+            "actions": list(NET_ACTIONS if self.domain == "net" else ACTIONS),
+            "fields": list(_FIELDS[self.domain]),
+            "kinds": sorted(self.kinds),
+            "error": self.error,
+            "editable": {
+                "path": str(target),
+                "version": _version(text),
+                "rules": [rule.source for rule in own],
+            },
+            "others": [
+                {"origin": rule.origin, "rule": rule.source}
+                for rule in self.rules
+                if not rule.origin.startswith(prefix)
+            ],
+            "temporary": [
+                {
+                    "origin": rule.origin,
+                    "rule": rule.source,
+                    "minutes_left": None
+                    if rule.expires is None
+                    else round(max(0.0, rule.expires - now) / 60, 2),
+                }
+                for rule in self.temporary
+            ],
+        }
+
+    def save(
+        self, editable: str | os.PathLike[str], rules: Sequence[Any], version: str
+    ) -> None:
+        """Replace the rules of ``editable`` with ``rules`` (mappings, in order), if the
+        file is still at ``version``; every rule is checked before anything is written,
+        the file is replaced atomically (its ``default`` kept, its comments not) and the
+        rules reloaded. A bad rule or a changed file raises RulesError saying which."""
+        target = Path(editable)
+        blocks = []
+        for index, rule in enumerate(rules):
+            if not isinstance(rule, Mapping):
+                raise RulesError(f"rule {index + 1}: a rule must be a mapping, not {rule!r:.40}")
+            try:
+                make_rule(rule, f"rule {index + 1}", self.kinds, self.domain)
+                body = "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
+            except ValueError as err:
+                raise RulesError(f"rule {index + 1}: {err}") from None
+            blocks.append(f"[[rule]]\n{body}")
+        try:
+            old = target.read_text()
+        except FileNotFoundError:
+            old = ""
+        if _version(old) != version:
+            raise RulesError(
+                f"{target} changed since it was read (version {_version(old)}, not "
+                f"{version!r:.20}): read the rules again and redo the edit"
+            )
+        _, default = parse(old, str(target), self.kinds, self.domain)
+        head = f"default = {_toml_value(default)}\n\n" if default else ""
+        _write_atomically(target, head + "\n".join(blocks))
+        self.load()
+
     def remember(self, path: str | os.PathLike[str], rule: Mapping[str, Any]) -> None:
         """Add ``rule`` at the top of the file ``path`` (atomically) and reload."""
         make_rule(rule, str(path), self.kinds, self.domain)  # refuse a bad one before writing
@@ -533,10 +609,19 @@ class RuleSet:
         block = "[[rule]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
         head, sep, rest = old.partition("[[rule]]")
         text = f"{head}{block}\n{sep}{rest}" if sep else f"{old}{block}"
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        _write_atomically(target, text)
         self.load()
+
+
+def _version(text: str) -> str:
+    """A rules file's version, as an editor saw it: a hash of its text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def _toml_value(value: Any) -> str:

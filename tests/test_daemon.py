@@ -529,6 +529,28 @@ def test_no_decider_means_the_default_at_once(rundir: Path, tmp_path: Path) -> N
         assert status != 0 and took < 2  # denied, without waiting for the deadline
 
 
+def test_rules_are_listed_and_edited_over_the_decision_port(rundir: Path, tmp_path: Path) -> None:
+    with watched_mount(tmp_path) as mount, file_daemon(rundir, mount):
+        with kport.connect("file-decide", runtime_dir=rundir) as conn:
+            listing = conn.send({"op": "rules"})
+            assert listing["domain"] == "file" and listing["editable"]["rules"] == []
+            assert listing["editable"]["path"] == str(rundir / "state" / "file-remembered.toml")
+            assert listing["others"] == [] and listing["default"] == "ask"  # --watch
+            with pytest.raises(kport.BadRequest, match="rule 1: action must be one of"):
+                conn.send({"op": "save", "rules": [{"action": "no"}], "version": "x"})
+            deny = {"action": "deny", "path": str(mount / "data.txt"), "name": "from an editor"}
+            saved = conn.send(
+                {"op": "save", "rules": [deny], "version": listing["editable"]["version"]}
+            )
+            assert saved["editable"]["rules"] == [deny]
+            status, _ = cat(mount / "data.txt")
+            assert status != 0  # applied at once: denied by the new rule, nobody asked
+            with pytest.raises(kport.BadRequest, match="changed since it was read"):
+                conn.send({"op": "save", "rules": [], "version": listing["editable"]["version"]})
+            with pytest.raises(kport.BadRequest, match="known ops: rules, save"):
+                conn.send({"op": "drop"})
+
+
 def test_deciders_policies_and_a_decider_that_opens_a_watched_file(
     rundir: Path, tmp_path: Path
 ) -> None:

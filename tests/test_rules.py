@@ -145,6 +145,58 @@ def test_remember_puts_a_rule_first_and_reloads(tmp_path: Path) -> None:
         rs.remember(remembered, {"action": "perhaps"})
 
 
+def test_listing_separates_the_editable_file_from_the_others(tmp_path: Path) -> None:
+    main, own = tmp_path / "rules.toml", tmp_path / "own.toml"
+    write(main, '[[rule]]\naction = "deny"\npath = "/srv/**"\n')
+    write(own, 'default = "ask"\n[[rule]]\naction = "allow"\npath = "/srv/x"\n')
+    rs = RuleSet([own, main], kinds=KINDS)
+    rs.add_temporary({"action": "deny", "path": "/tmp/t"}, minutes=5)
+    listing = rs.listing(own)
+    assert listing["default"] == "ask"
+    assert listing["editable"]["rules"] == [{"action": "allow", "path": "/srv/x"}]
+    assert listing["others"] == [
+        {"origin": f"{main}:1", "rule": {"action": "deny", "path": "/srv/**"}}
+    ]
+    [temporary] = listing["temporary"]
+    assert temporary["rule"]["path"] == "/tmp/t" and 4.9 < temporary["minutes_left"] <= 5
+    assert "path" in listing["fields"] and "open_perm" in listing["kinds"]
+
+
+def test_save_replaces_the_editable_rules_keeps_the_default_and_reloads(tmp_path: Path) -> None:
+    own = tmp_path / "own.toml"
+    write(own, 'default = "deny"\n# a comment\n[[rule]]\naction = "allow"\npath = "/a"\n')
+    rs = RuleSet([own], kinds=KINDS)
+    version = rs.listing(own)["editable"]["version"]
+    new = [
+        {"action": "deny", "path": ["/b", "/c"], "name": "second"},
+        {"action": "allow", "path": "/a", "users": [1000]},
+    ]
+    rs.save(own, new, version)
+    assert rs.listing(own)["editable"]["rules"] == new
+    assert rs.default == "deny"
+    assert rs.decide(subject(path="/c")).rule == "second"
+    assert rs.decide(subject(path="/a", uid=1000)).action == "allow"
+
+
+def test_save_refuses_a_bad_rule_or_a_stale_version_and_writes_nothing(tmp_path: Path) -> None:
+    own = tmp_path / "own.toml"
+    write(own, '[[rule]]\naction = "allow"\npath = "/a"\n')
+    rs = RuleSet([own], kinds=KINDS)
+    before = own.read_text()
+    version = rs.listing(own)["editable"]["version"]
+    with pytest.raises(RulesError, match=r"rule 2: action must be one of"):
+        rs.save(own, [{"action": "allow"}, {"action": "perhaps"}], version)
+    with pytest.raises(RulesError, match=r"rule 1: unknown key 'colour'"):
+        rs.save(own, [{"action": "allow", "colour": "red"}], version)
+    with pytest.raises(RulesError, match="rule 1: a rule must be a mapping"):
+        rs.save(own, ["allow"], version)
+    assert own.read_text() == before
+    write(own, before + '[[rule]]\naction = "deny"\n')  # someone else's edit
+    with pytest.raises(RulesError, match="changed since it was read"):
+        rs.save(own, [], version)
+    assert "deny" in own.read_text()
+
+
 def net_subject(**kw: Any) -> Subject:
     base: dict[str, Any] = {
         "kind": "connect",
