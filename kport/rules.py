@@ -566,9 +566,7 @@ class RuleSet:
             ],
         }
 
-    def save(
-        self, editable: str | os.PathLike[str], rules: Sequence[Any], version: str
-    ) -> None:
+    def save(self, editable: str | os.PathLike[str], rules: Sequence[Any], version: str) -> None:
         """Replace the rules of ``editable`` with ``rules`` (mappings, in order), if the
         file is still at ``version``; every rule is checked before anything is written,
         the file is replaced atomically (its ``default`` kept, its comments not) and the
