@@ -30,11 +30,24 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        # Python's getsockopt takes at most 1024 bytes: 256 groups. A peer in more
+        # groups gets ERANGE, and its groups are read from /proc instead.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
     except OSError:
-        groups = frozenset()
+        groups = _proc_groups(pid)
     return PeerCredentials(pid, uid, gid, groups)
+
+
+def _proc_groups(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _uid(value: int | str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,26 @@ def test_peer_credentials_of_a_real_socket() -> None:
     with a, b:
         peer = peer_credentials(a)
     assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.geteuid(), os.getegid())
+
+
+def test_peer_credentials_carry_supplementary_groups(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        pid = os.fork()
+        if pid == 0:  # the child: in groups the parent is not, then connects
+            try:
+                os.setgroups([4242, 4343])
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                    client.connect(path)
+                    client.recv(1)
+            finally:
+                os._exit(0)
+        conn, _ = server.accept()
+        with conn:
+            peer = peer_credentials(conn)
+            conn.send(b"x")
+        os.waitpid(pid, 0)
+    assert peer.pid == pid and {4242, 4343} <= peer.groups
+    assert Security(gids=[4343]).resolve().admits(peer)
