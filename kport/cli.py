@@ -158,6 +158,12 @@ def _decide(args: argparse.Namespace) -> int:
         return 2
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from kport.ui import serve
+
+    return serve.run(listen=args.listen, runtime_dir=args.runtime_dir, user=args.user)
+
+
 def _status(args: argparse.Namespace) -> int:
     import json
 
@@ -425,6 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dec.add_argument("--runtime-dir", help="where the ports' sockets are")
     dec.set_defaults(func=_decide)
+
+    ui = sub.add_parser(
+        "ui", help="the web UI: live log, process tree, prompts, rules and stats"
+    )
+    ui.add_argument(
+        "--listen",
+        default="127.0.0.1:8787",
+        metavar="HOST:PORT",
+        help="where to serve (default 127.0.0.1:8787; port 0 picks a free one)",
+    )
+    ui.add_argument(
+        "--user", default="nobody", help="the user to become when started as root (nobody)"
+    )
+    ui.add_argument("--runtime-dir", help="where the ports' sockets are")
+    ui.set_defaults(func=_ui)
 
     q = sub.add_parser("query", help="print the journal's history, filtered")
     q.add_argument("--source", action="append", help="proc, file, net or kport (repeatable)")
