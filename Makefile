@@ -2,6 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kport-installed
+TEST_STAMP := $(VENV)/.kport-test-installed
 
 .PHONY: setup run test lint clean
 
@@ -12,17 +13,22 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	sh scripts/setup-system.sh --tests
+	touch $(TEST_STAMP)
+
 setup: $(STAMP)
 
 run: setup
-	@echo "kport serve: watch with '$(BIN)/kport tail proc' (or 'kport status') in another terminal; Ctrl-C stops"
-	$(BIN)/kport serve
+	@echo "kport serve with its web UI: open the URL below; or watch with '$(BIN)/kport tail proc'"
+	@echo "(and 'kport status') in another terminal; Ctrl-C stops"
+	$(BIN)/kport serve --ui 127.0.0.1:8787
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(TEST_STAMP)
 	$(BIN)/pytest
 
 clean:

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,12 +91,31 @@ def _serve(args: argparse.Namespace) -> int:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if args.verbose else cfg.daemon.log_level.upper())
+    ui = _start_ui(args.ui, cfg.daemon.runtime_dir) if args.ui else None
     try:
         asyncio.run(daemon.Daemon(cfg).run())
     except KportError as err:
         print(f"kport serve: {err}", file=sys.stderr)
         return 1
+    finally:
+        if ui is not None:
+            ui.terminate()
+            try:
+                ui.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                ui.kill()
+                ui.wait()
     return 0
+
+
+def _start_ui(listen: str, runtime_dir: str) -> subprocess.Popen[bytes]:
+    """`kport serve --ui`: the web UI beside the daemon, as its own process (it gives up
+    root at once), stopped with it. It waits for the ports by itself."""
+    from kport import paths
+
+    where = str(paths.runtime_dir(runtime_dir or None))
+    command = [sys.executable, "-m", "kport.cli", "ui", "--listen", listen, "--runtime-dir", where]
+    return subprocess.Popen(command, start_new_session=True)
 
 
 def _tail(args: argparse.Namespace) -> int:
@@ -380,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PATH",
         help="watch file access under PATH and ask a decision client (repeatable)",
+    )
+    serve.add_argument(
+        "--ui",
+        metavar="HOST:PORT",
+        help="also serve the web UI here (kport ui, as the user nobody), and print its URL",
     )
     serve.add_argument(
         "--firewall",

@@ -1,7 +1,12 @@
 #!/bin/sh
 # Install the Debian packages kport needs, only those that are missing (fast when all are there).
+# With --tests, also what the tests need beyond that: Debian's chromium, which the web UI's
+# tests drive through Playwright.
 set -eu
 need=""
+if [ "${1:-}" = "--tests" ]; then
+    command -v chromium >/dev/null 2>&1 || need="$need chromium"
+fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need="$need python3-venv"
 command -v python3 >/dev/null 2>&1 || need="$need python3"
 for cmd in make gcc; do command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"; done

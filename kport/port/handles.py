@@ -153,10 +153,16 @@ def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
 async def fd_ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool = False) -> None:
     """Wait on ``loop`` until ``fd`` is readable (or writable)."""
     ready = loop.create_future()
+
+    def wake() -> None:
+        # The callback may already be queued when the waiter is cancelled.
+        if not ready.done():
+            ready.set_result(None)
+
     if write:
-        loop.add_writer(fd, ready.set_result, None)
+        loop.add_writer(fd, wake)
     else:
-        loop.add_reader(fd, ready.set_result, None)
+        loop.add_reader(fd, wake)
     try:
         await ready
     finally:

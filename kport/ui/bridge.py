@@ -192,11 +192,26 @@ class Bridge:
     # --- running -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow every event port and keep the stats, until cancelled."""
+        """Follow every event port and keep the stats, until cancelled. The ports first
+        replay the journal's last RING events, so that the UI starts with the recent past
+        and a page that was open before the UI restarted gets what it missed."""
+        newest = await self._newest_seq()
+        if newest is not None:
+            for name in EVENT_PORTS:
+                self.ports[name].last_seq = max(0, newest - RING)
         async with asyncio.TaskGroup() as tasks:
             for name in EVENT_PORTS:
                 tasks.create_task(self._follow(name))
             tasks.create_task(self._tick())
+
+    async def _newest_seq(self) -> int | None:
+        try:
+            page = await self.history({"newest_first": True, "limit": 1})
+        except (KportError, OSError) as err:
+            log.info("no history to start from: %s", err)
+            return None
+        events = page.get("events") or []
+        return int(events[0]["seq"]) if events else None
 
     async def _follow(self, name: str) -> None:
         state = self.ports[name]
@@ -310,9 +325,7 @@ class Bridge:
         for port in DECIDE_PORTS.values():
             task = self._deciders.get(port)
             if task is None or task.done():
-                self._deciders[port] = asyncio.get_running_loop().create_task(
-                    self._decide(port)
-                )
+                self._deciders[port] = asyncio.get_running_loop().create_task(self._decide(port))
 
     async def _decide(self, port: str) -> None:
         state = self.ports[port]

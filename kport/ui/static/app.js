@@ -49,6 +49,7 @@ const state = {
   procs: new Map(),    // pid → process, for the tree and ancestry
   collapsed: new Set(),
   treeDirty: true,
+  suspects: [],        // seq ranges skipped by the live stream, checked a second later
   uiDropped: 0,        // events this page fell behind on (fetched back from the journal)
   gapsFilled: 0,
   view_: "log",
@@ -108,7 +109,7 @@ function onMessage(msg) {
       state.settled = msg.status.settled.slice(-50);
       renderPrompts();
       setConn("live");
-      // A reconnect after the UI server's memory of events ran out: fetch what is missing.
+      // Back after the UI server's memory ran out: what it no longer holds is in the journal.
       if (state.lastSeq !== null && msg.ring_first !== null && msg.ring_first > state.lastSeq + 1) {
         fillGap(state.lastSeq + 1, msg.ring_first - 1);
       }
@@ -135,6 +136,9 @@ function onMessage(msg) {
 function live(event) {
   if (typeof event.seq === "number") {
     if (state.lastSeq !== null && event.seq <= state.lastSeq && state.seqs.has(event.seq)) return;
+    if (state.lastSeq !== null && event.seq > state.lastSeq + 1 && everyPortLive()) {
+      state.suspects.push({ first: state.lastSeq + 1, last: event.seq - 1, at: Date.now() });
+    }
     if (state.lastSeq === null || event.seq > state.lastSeq) state.lastSeq = event.seq;
   }
   trackProcess(event);
@@ -153,6 +157,29 @@ function append(event) {
   }
   state.rows.push(event);
   if (passes(event)) state.view.push(event);
+}
+
+// seq is daemon-wide and every event port's events reach this page, so a seq skipped is
+// an event this page never got (the UI server restarted, say) unless it comes a moment
+// later on another port. Ranges still missing after a second are fetched from the journal.
+function everyPortLive() {
+  // a port this UI may not read would make every one of its events look like a gap
+  return SOURCES.every((n) => !state.ports[n] || state.ports[n].state !== "denied");
+}
+
+function checkSuspects() {
+  const now = Date.now();
+  const due = state.suspects.filter((g) => now - g.at >= 1000);
+  state.suspects = state.suspects.filter((g) => now - g.at < 1000);
+  for (const g of due) {
+    let start = null;
+    const last = Math.min(g.last, g.first + MAX_ROWS);
+    for (let seq = g.first; seq <= last + 1; seq++) {
+      const missing = seq <= last && !state.seqs.has(seq);
+      if (missing && start === null) start = seq;
+      if (!missing && start !== null) { fillGap(start, seq - 1); start = null; }
+    }
+  }
 }
 
 function afterAppend() {
@@ -453,15 +480,19 @@ function ancestry(e) {
 
 async function refreshProcesses() {
   try {
+    const asked = Date.now();
     const list = await api("/api/processes");
     const now = Date.now();
     const fresh = new Map();
     for (const p of list) {
       const old = state.procs.get(p.pid);
-      fresh.set(p.pid, old && old.start_time === p.start_time && !old.exited ? { ...old, ...p } : p);
+      // the same process: what the events said wins (an exit seen while the list was read)
+      fresh.set(p.pid, old && old.start_time === p.start_time ? { ...p, ...old } : p);
     }
     for (const [pid, p] of state.procs) {
-      if (!fresh.has(pid) && p.exited && now - p.exited < TREE_KEEP_MS) fresh.set(pid, p);
+      if (fresh.has(pid)) continue;
+      // exited ones fade out; ones the events brought while the list was read stay
+      if ((p.exited && now - p.exited < TREE_KEEP_MS) || (!p.exited && p.born >= asked - 1000)) fresh.set(pid, p);
     }
     state.procs = fresh;
     scheduleTree();
@@ -958,6 +989,7 @@ function start() {
   $("rule-cancel").addEventListener("click", () => { $("rule-form").hidden = true; });
   window.addEventListener("resize", debounce(() => { renderLog(); if (state.view_ === "stats") drawChart(); }, 100));
   setInterval(tickCountdowns, 250);
+  setInterval(checkSuspects, 500);
   setInterval(() => { if (state.view_ === "tree" && state.treeDirty) renderTree(); }, 1000);
   setInterval(() => { if (state.view_ === "stats") renderStatsTables(); }, 2000);
   const initial = location.hash.slice(1);
