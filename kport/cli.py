@@ -16,7 +16,7 @@ from typing import Any
 import kport
 from kport.errors import KportError
 
-BENCHMARKS = ("port", "proc", "journal", "objects", "file", "net")
+BENCHMARKS = ("port", "proc", "journal", "objects", "file", "net", "ui")
 
 
 def _bench(args: argparse.Namespace) -> int:

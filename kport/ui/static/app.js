@@ -3,8 +3,10 @@
 "use strict";
 
 const ROW = 22;                 // px: the log's fixed row height
-const MAX_ROWS = 100000;        // events the page holds at most; older ones come back from the journal
-const TRIM = 10000;             // how many go at once when the window is full
+// events the page holds at most (?rows=N: 1,000 to 1,000,000); older ones come back from
+// the journal on scroll
+const MAX_ROWS = Math.min(1e6, Math.max(1000, Number(new URLSearchParams(location.search).get("rows")) || 100000));
+const TRIM = Math.ceil(MAX_ROWS / 10);  // how many go at once when the window is full
 const PAGE = 1000;              // events per history fetch
 const TREE_KEEP_MS = 10000;     // how long an exited process stays in the tree, fading
 const SOURCES = ["proc", "file", "net"];

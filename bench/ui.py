@@ -1,0 +1,268 @@
+"""`kport bench ui`: the web UI's page under a steady stream of events, in Debian's chromium.
+
+The real daemon watches a tmpfs it mounts; a load process opens files there for writing
+and closes them at a set pace (one close_write event each); the real `kport ui` serves a
+real page. The page's long tasks (PerformanceObserver) and JavaScript heap (the DevTools
+protocol) are sampled while events flow, then the whole log is scrolled from the newest row to the
+oldest, frame by frame. The baseline is the same page with nothing flowing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import Table, percentile, save_results
+
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+#: collects every long task the page has, from before its first script runs
+LONG_TASKS = """
+window.__longTasks = [];
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) window.__longTasks.push(entry.duration);
+}).observe({ type: "longtask", buffered: true });
+"""
+#: scrolls the log from the bottom to the top a screen at a time, one step per frame,
+#: and gives back each frame's length in ms
+SCROLL = """
+async () => {
+  const log = document.getElementById("log");
+  log.scrollTop = log.scrollHeight;
+  const frames = [];
+  let last = performance.now();
+  while (log.scrollTop > 0) {
+    log.scrollTop -= log.clientHeight * 3;
+    await new Promise((resolve) => requestAnimationFrame(resolve));
+    const now = performance.now();
+    frames.push(now - last);
+    last = now;
+  }
+  return frames;
+}
+"""
+#: opens FILES files for writing in turn and closes them: one close_write event each
+#: (fanotify merges events of one file that wait in its queue together)
+FILES = 512
+LOAD = """
+import os, sys, time
+where, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+paths = [os.path.join(where, f"f{i}") for i in range(int(sys.argv[4]))]
+start, done = time.monotonic(), 0
+while (elapsed := time.monotonic() - start) < seconds:
+    due = int(elapsed * rate) if rate > 0 else done + 1000
+    while done < due:
+        os.close(os.open(paths[done % len(paths)], os.O_WRONLY))
+        done += 1
+    time.sleep(0.002)
+print(done)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Stack:
+    """The daemon (file events on a tmpfs) and the UI, for as long as the `with` lasts."""
+
+    rundir: Path
+    mount: Path
+    port: int
+    token: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def stack() -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="kport-bench-ui-") as tmp:
+        os.chmod(tmp, 0o755)
+        root = Path(tmp)
+        mount = root / "watched"
+        mount.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+        rundir = root / "run"
+        rundir.mkdir(mode=0o755)
+        config = root / "kport.toml"
+        config.write_text(
+            "[file]\nenabled = true\n"
+            f'paths = ["{mount}"]\npermissions = []\nevents = ["close_write"]\n'
+        )
+        for i in range(FILES):
+            (mount / f"f{i}").write_text("x")
+        found = Stack(rundir, mount, _free_port(), secrets.token_urlsafe(16))
+        serve = [sys.executable, "-m", "kport.cli", "serve", "--config", str(config)]
+        state = ["--runtime-dir", str(rundir), "--state-dir", str(root / "state")]
+        ui = [sys.executable, "-m", "kport.cli", "ui", "--runtime-dir", str(rundir)]
+        try:
+            found.procs.append(subprocess.Popen([*serve, *state], stderr=subprocess.DEVNULL))
+            _wait((rundir / "file.sock").exists, 20, "the daemon")
+            env = {**os.environ, "KPORT_UI_TOKEN": found.token}
+            listen = ["--listen", f"127.0.0.1:{found.port}"]
+            found.procs.append(subprocess.Popen([*ui, *listen], env=env, stdout=subprocess.DEVNULL))
+            _wait(lambda: _reachable(found), 20, "the UI")
+            yield found
+        finally:
+            for proc in reversed(found.procs):
+                proc.terminate()
+                proc.wait(timeout=20)
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _status(found: Stack) -> dict[str, Any]:
+    request = urllib.request.Request(
+        found.base + "/api/status", headers={"Authorization": f"Bearer {found.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
+def _reachable(found: Stack) -> bool:
+    try:
+        return bool(_status(found)["ports"]["file"]["state"] == "connected")
+    except OSError:
+        return False
+
+
+def measure(rate: float, seconds: float, window: int = 100_000) -> dict[str, Any]:
+    """``rate`` events/s for ``seconds`` into a page holding ``window`` rows at most."""
+    from playwright.sync_api import sync_playwright
+
+    with stack() as found, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.add_init_script(LONG_TASKS)
+        page = context.new_page()
+        page.goto(f"{found.base}/?token={found.token}")  # trades the token for the cookie
+        page.goto(f"{found.base}/?rows={window}")
+        _wait(lambda: "live" in (page.text_content("#conn") or ""), 20, "the page")
+        cdp = context.new_cdp_session(page)
+        cdp.send("Performance.enable")
+
+        def heap_mib() -> float:
+            metrics = cdp.send("Performance.getMetrics")["metrics"]
+            used = next(m["value"] for m in metrics if m["name"] == "JSHeapUsedSize")
+            return round(float(used) / 1048576, 1)
+
+        before = page.evaluate("window.kport.state.rows.length")
+        load = subprocess.Popen(
+            [sys.executable, "-c", LOAD, str(found.mount), str(rate), str(seconds), str(FILES)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        heap: list[float] = []
+        started = time.monotonic()
+        while load.poll() is None:
+            heap.append(heap_mib())
+            time.sleep(min(2.0, max(0.1, seconds / 15)))
+        opened = int(load.communicate()[0].strip() or 0)
+        took = time.monotonic() - started
+        time.sleep(2)  # the last batches reach the page
+        heap.append(heap_mib())
+        state = page.evaluate(
+            "({rows: window.kport.state.rows.length, dropped: window.kport.state.uiDropped})"
+        )
+        ports = _status(found)["ports"]
+        delivered = sum(ports[name]["events"] for name in ("proc", "file", "net"))
+        lost = sum(ports[name]["lost"] for name in ("proc", "file", "net"))
+        long_tasks = page.evaluate("window.__longTasks.splice(0)")
+        frames = page.evaluate(SCROLL)
+        scroll_long = page.evaluate("window.__longTasks.splice(0)")
+        browser.close()
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "window": window,
+        "opens": opened,
+        "events_to_ui": delivered,
+        "events_per_s": round(delivered / took, 1) if took else 0.0,
+        "lost_before_ui": lost,
+        "rows_before": before,
+        "rows": state["rows"],
+        "fell_behind": state["dropped"],
+        "long_tasks": len(long_tasks),
+        "longest_task_ms": round(max(long_tasks, default=0.0), 1),
+        "heap_mib": heap,
+        "heap_first_half_max": max(heap[: len(heap) // 2 or 1]),
+        "heap_last": heap[-1],
+        "scroll_frames": len(frames),
+        "scroll_frame_p50_ms": round(percentile(frames, 50), 1),
+        "scroll_frame_p95_ms": round(percentile(frames, 95), 1),
+        "scroll_frame_max_ms": round(max(frames, default=0.0), 1),
+        "scroll_long_tasks": len(scroll_long),
+    }
+
+
+def run(json_dir: str | None = None, count: int | None = None, rounds: int | None = None) -> None:
+    seconds = float(rounds or 30)
+    rate = float(count or 2000)
+    results = {
+        "idle (baseline)": measure(0.0001, 10),
+        f"{rate:g} events/s for {seconds:g} s": measure(rate, seconds),
+        f"{rate:g} events/s, a 20,000-row window": measure(rate, seconds, window=20_000),
+        "5,000 events/s to 100,000 rows": measure(5000, 20),
+    }
+    table = Table(
+        "kport ui: a page under load (chromium, headless)",
+        [
+            "run",
+            "events/s",
+            "rows",
+            "fell behind",
+            "long tasks",
+            "longest",
+            "heap MiB (max/last)",
+            "scroll p95",
+            "scroll max",
+        ],
+    )
+    for name, r in results.items():
+        table.row(
+            name,
+            f"{r['events_per_s']:,.0f}",
+            f"{r['rows']:,}",
+            f"{r['fell_behind']:,}",
+            str(r["long_tasks"]),
+            f"{r['longest_task_ms']} ms",
+            f"{max(r['heap_mib'])}/{r['heap_last']}",
+            f"{r['scroll_frame_p95_ms']} ms",
+            f"{r['scroll_frame_max_ms']} ms",
+        )
+    table.show()
+    path = save_results("ui", {"runs": results}, json_dir)
+    print(f"saved {path}")

@@ -1,0 +1,26 @@
+"""The page under 2,000 events/s for 30 s: no long task over 100 ms, memory bounded by its
+window of rows, and the whole log scrolled without a long task (bench/ui.py measures)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.ui import CHROMIUM, measure
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
+def test_2000_events_a_second_for_30_s_keep_the_page_responsive_and_bounded() -> None:
+    window = 20_000
+    result = measure(2000, 30, window=window)
+    assert result["events_per_s"] > 1800, result
+    assert result["longest_task_ms"] < 100, result
+    assert result["scroll_long_tasks"] == 0 and result["scroll_frame_max_ms"] < 100, result
+    # nothing the UI got is missing from the page, and the page holds its window at most
+    assert result["fell_behind"] == 0 and result["lost_before_ui"] == 0, result
+    assert window * 0.85 <= result["rows"] <= window, result
+    # the heap levels off once the window is full (20,000 rows arrive in about 10 s)
+    heap = result["heap_mib"]
+    filled = heap[len(heap) // 2 :]
+    assert max(filled) < 2 * heap[len(heap) // 3] + 20, heap
