@@ -457,9 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--runtime-dir", help="where the ports' sockets are")
     dec.set_defaults(func=_decide)
 
-    ui = sub.add_parser(
-        "ui", help="the web UI: live log, process tree, prompts, rules and stats"
-    )
+    ui = sub.add_parser("ui", help="the web UI: live log, process tree, prompts, rules and stats")
     ui.add_argument(
         "--listen",
         default="127.0.0.1:8787",
