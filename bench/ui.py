@@ -264,5 +264,4 @@ def run(json_dir: str | None = None, count: int | None = None, rounds: int | Non
             f"{r['scroll_frame_max_ms']} ms",
         )
     table.show()
-    path = save_results("ui", {"runs": results}, json_dir)
-    print(f"saved {path}")
+    save_results("ui", {"runs": results}, json_dir)
