@@ -79,17 +79,17 @@ print(done)
 """
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
+def wait_until(predicate: Any, timeout: float = 20, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
 
 
@@ -125,17 +125,17 @@ def stack() -> Iterator[Stack]:
         )
         for i in range(FILES):
             (mount / f"f{i}").write_text("x")
-        found = Stack(rundir, mount, _free_port(), secrets.token_urlsafe(16))
+        found = Stack(rundir, mount, free_port(), secrets.token_urlsafe(16))
         serve = [sys.executable, "-m", "kport.cli", "serve", "--config", str(config)]
         state = ["--runtime-dir", str(rundir), "--state-dir", str(root / "state")]
         ui = [sys.executable, "-m", "kport.cli", "ui", "--runtime-dir", str(rundir)]
         try:
             found.procs.append(subprocess.Popen([*serve, *state], stderr=subprocess.DEVNULL))
-            _wait((rundir / "file.sock").exists, 20, "the daemon")
+            wait_until((rundir / "file.sock").exists, 20, "the daemon")
             env = {**os.environ, "KPORT_UI_TOKEN": found.token}
             listen = ["--listen", f"127.0.0.1:{found.port}"]
             found.procs.append(subprocess.Popen([*ui, *listen], env=env, stdout=subprocess.DEVNULL))
-            _wait(lambda: _reachable(found), 20, "the UI")
+            wait_until(lambda: _reachable(found), 20, "the UI")
             yield found
         finally:
             for proc in reversed(found.procs):
@@ -170,7 +170,7 @@ def measure(rate: float, seconds: float, window: int = 100_000) -> dict[str, Any
         page = context.new_page()
         page.goto(f"{found.base}/?token={found.token}")  # trades the token for the cookie
         page.goto(f"{found.base}/?rows={window}")
-        _wait(lambda: "live" in (page.text_content("#conn") or ""), 20, "the page")
+        wait_until(lambda: "live" in (page.text_content("#conn") or ""), 20, "the page")
         cdp = context.new_cdp_session(page)
         cdp.send("Performance.enable")
 

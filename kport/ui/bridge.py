@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -213,19 +214,27 @@ class Bridge:
         events = page.get("events") or []
         return int(events[0]["seq"]) if events else None
 
-    async def _follow(self, name: str) -> None:
+    async def _hold(
+        self,
+        name: str,
+        since: Callable[[], int | None],
+        arrived: Callable[[AsyncConnection, Message], None],
+        gone: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Keep a connection to port ``name`` (reconnecting, with backoff), its state in
+        :attr:`ports`, each message given to ``arrived``; ``gone`` after each connection."""
         state = self.ports[name]
         failures = 0
         while True:
             try:
-                async with aconnect(
-                    name, runtime_dir=self.runtime_dir, since=state.last_seq
-                ) as conn:
+                async with aconnect(name, runtime_dir=self.runtime_dir, since=since()) as conn:
+                    if name in DECIDE_PORTS.values():
+                        self._decide_conns[name] = conn
                     state.set("connected")
                     self._broadcast_status()
                     failures = 0
                     async for msg in conn:
-                        self._arrived(name, msg)
+                        arrived(conn, msg)
                 state.set("closed", "the daemon closed the port")
             except PortNotFound as err:
                 state.set("absent", str(err))
@@ -233,9 +242,15 @@ class Bridge:
                 state.set("denied", str(err))
             except (KportError, OSError) as err:
                 state.set("closed", str(err))
+            finally:
+                gone()
             self._broadcast_status()
             await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
             failures += 1
+
+    async def _follow(self, name: str) -> None:
+        state = self.ports[name]
+        await self._hold(name, lambda: state.last_seq, lambda _, msg: self._arrived(name, msg))
 
     def _arrived(self, port: str, msg: Message) -> None:
         state = self.ports[port]
@@ -328,33 +343,16 @@ class Bridge:
                 self._deciders[port] = asyncio.get_running_loop().create_task(self._decide(port))
 
     async def _decide(self, port: str) -> None:
-        state = self.ports[port]
-        failures = 0
+        def gone() -> None:
+            self._decide_conns.pop(port, None)
+            self._withdraw(port)
+
         try:
-            while True:
-                try:
-                    async with aconnect(port, runtime_dir=self.runtime_dir) as conn:
-                        self._decide_conns[port] = conn
-                        state.set("connected")
-                        self._broadcast_status()
-                        failures = 0
-                        async for msg in conn:
-                            self._ask_arrived(port, conn, msg)
-                    state.set("closed", "the daemon closed the port")
-                except PortNotFound as err:
-                    state.set("absent", str(err))
-                except AccessDenied as err:
-                    state.set("denied", str(err))
-                except (KportError, OSError) as err:
-                    state.set("closed", str(err))
-                finally:
-                    self._decide_conns.pop(port, None)
-                    self._withdraw(port)
-                self._broadcast_status()
-                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
-                failures += 1
+            await self._hold(
+                port, lambda: None, lambda conn, msg: self._ask_arrived(port, conn, msg), gone
+            )
         finally:
-            state.set("idle")
+            self.ports[port].set("idle")
             self._withdraw(port)
 
     def _ask_arrived(self, port: str, conn: AsyncConnection, msg: Message) -> None:
