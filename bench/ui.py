@@ -225,6 +225,7 @@ def measure(rate: float, seconds: float, window: int = 100_000) -> dict[str, Any
         "scroll_frame_p95_ms": round(percentile(frames, 95), 1),
         "scroll_frame_max_ms": round(max(frames, default=0.0), 1),
         "scroll_long_tasks": len(scroll_long),
+        "scroll_longest_task_ms": round(max(scroll_long, default=0.0), 1),
     }
 
 
