@@ -220,6 +220,30 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    # --- deciding sources --------------------------------------------------------------
+
+    def _deciding_ports(
+        self,
+        source: str,
+        journal: Journal | None,
+        decisions: Decisions,
+        rules: RuleSet,
+        remembered: str,
+    ) -> Decisions:
+        """A deciding source's two ports: its events (one-way, with history) and its
+        decision port (asks, and rules requests for an editor)."""
+        history = SourceHistory(journal, (source, "kport")) if journal else None
+        self._port(source, one_way=True, history=history)
+        self.rates[source] = Rate()
+        self.decisions[f"{source}-decide"] = decisions
+        self._port(
+            f"{source}-decide",
+            on_connect=decisions.changed,
+            on_disconnect=decisions.changed,
+            on_message=functools.partial(self._rules_request, rules, remembered),
+        )
+        return decisions
+
     # --- file access ---------------------------------------------------------------------
 
     def _setup_file(self, journal: Journal | None) -> None:
@@ -230,21 +254,18 @@ class Daemon:
             default=cfg.default_action,
             kinds=tuple(file_source.PERMISSION_KINDS),
         )
-        history = SourceHistory(journal, ("file", "kport")) if journal else None
-        self._port("file", one_way=True, history=history)
-        self.rates["file"] = Rate()
+        decisions = self._deciding_ports(
+            "file",
+            journal,
+            Decisions(
+                deadline_s=cfg.decision_deadline_s,
+                default_verdict=cfg.default_verdict,
+                on_reply=functools.partial(self._remember_file, rules, remembered),
+            ),
+            rules,
+            remembered,
+        )
         proc = self.sources.get("proc")
-        decisions = self.decisions["file-decide"] = Decisions(
-            deadline_s=cfg.decision_deadline_s,
-            default_verdict=cfg.default_verdict,
-            on_reply=functools.partial(self._remember_file, rules, remembered),
-        )
-        self._port(
-            "file-decide",
-            on_connect=decisions.changed,
-            on_disconnect=decisions.changed,
-            on_message=functools.partial(self._rules_request, rules, remembered),
-        )
         self.sources["file"] = FileSource(
             self._from_thread,
             watches=file_source.watches_of(cfg.paths, cfg.mounts, cfg.filesystems),
@@ -276,21 +297,18 @@ class Daemon:
         cfg = self.config.net
         remembered = cfg.remembered or str(self.state_dir / "net-remembered.toml")
         rules = RuleSet([remembered, *cfg.rules], default=cfg.default_action, domain="net")
-        history = SourceHistory(journal, ("net", "kport")) if journal else None
-        self._port("net", one_way=True, history=history)
-        decisions = self.decisions["net-decide"] = Decisions(
-            deadline_s=cfg.decision_deadline_s,
-            default_verdict=cfg.default_verdict,
-            verdicts=net_source.VERDICTS,
-            on_reply=functools.partial(self._remember_net, rules, remembered),
+        decisions = self._deciding_ports(
+            "net",
+            journal,
+            Decisions(
+                deadline_s=cfg.decision_deadline_s,
+                default_verdict=cfg.default_verdict,
+                verdicts=net_source.VERDICTS,
+                on_reply=functools.partial(self._remember_net, rules, remembered),
+            ),
+            rules,
+            remembered,
         )
-        self._port(
-            "net-decide",
-            on_connect=decisions.changed,
-            on_disconnect=decisions.changed,
-            on_message=functools.partial(self._rules_request, rules, remembered),
-        )
-        self.rates["net"] = Rate()
         proc = self.sources.get("proc")
         table = proc.table if isinstance(proc, ProcSource) else None
         plan = Plan(

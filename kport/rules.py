@@ -578,10 +578,9 @@ class RuleSet:
                 raise RulesError(f"rule {index + 1}: a rule must be a mapping, not {rule!r:.40}")
             try:
                 make_rule(rule, f"rule {index + 1}", self.kinds, self.domain)
-                body = "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
+                blocks.append(_rule_block(rule))
             except ValueError as err:
                 raise RulesError(f"rule {index + 1}: {err}") from None
-            blocks.append(f"[[rule]]\n{body}")
         try:
             old = target.read_text()
         except FileNotFoundError:
@@ -604,11 +603,16 @@ class RuleSet:
             old = target.read_text()
         except FileNotFoundError:
             old = ""
-        block = "[[rule]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
+        block = _rule_block(rule)
         head, sep, rest = old.partition("[[rule]]")
         text = f"{head}{block}\n{sep}{rest}" if sep else f"{old}{block}"
         _write_atomically(target, text)
         self.load()
+
+
+def _rule_block(rule: Mapping[str, Any]) -> str:
+    """One rule as a TOML ``[[rule]]`` table."""
+    return "[[rule]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
 
 
 def _version(text: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 from fastapi import FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -116,7 +116,7 @@ def make_app(bridge: Bridge, *, start_bridge: bool = True) -> FastAPI:
         text: Annotated[str | None, Query(description="a substring of any value")] = None,
         limit: Annotated[int, Query(ge=1, le=HISTORY_LIMIT)] = 1000,
         oldest_first: bool = False,
-    ) -> JSONResponse:
+    ) -> Response:
         query: dict[str, Any] = {"limit": limit, "newest_first": not oldest_first}
         if before is not None:
             query["last"] = before - 1
@@ -134,7 +134,7 @@ def make_app(bridge: Bridge, *, start_bridge: bool = True) -> FastAPI:
         except (KportError, OSError, ValueError) as err:
             raise _refusal(err) from err
         body = {"events": reply.get("events", []), "more": reply.get("next") is not None}
-        return JSONResponse(content=json.loads(_json(body)))
+        return Response(_json(body), media_type="application/json")  # encoded once
 
     @app.get("/api/processes", summary="Every process the UI's user can see, for the tree")
     async def process_list() -> list[dict[str, Any]]:

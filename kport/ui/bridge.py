@@ -109,7 +109,6 @@ class Prompt:
     conn: AsyncConnection
     state: str = "pending"  # pending | answered | missed | expired | withdrawn
     verdict: str | None = None
-    by: str | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -320,9 +319,12 @@ class Bridge:
                 return int(event["seq"])
         return None
 
+    def _port_states(self) -> dict[str, dict[str, Any]]:
+        return {name: vars(state) for name, state in self.ports.items()}
+
     def status(self) -> dict[str, Any]:
         return {
-            "ports": {name: vars(state) for name, state in self.ports.items()},
+            "ports": self._port_states(),
             "pages": len(self.pages),
             "started": self.started,
             "prompts": [p.public() for p in self.prompts.values()],
@@ -330,7 +332,7 @@ class Bridge:
         }
 
     def _broadcast_status(self) -> None:
-        ports = {name: vars(state) for name, state in self.ports.items()}
+        ports = self._port_states()
         for page in self.pages:
             page.post({"type": "ports", "ports": ports})
 

@@ -41,10 +41,9 @@ _SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def own_hosts(host: str, port: int) -> frozenset[str]:
-    """The ``Host`` values the UI answers to: its listen address and loopback's names."""
+    """The ``Host`` values the UI answers to: its listen address (an IPv6 one in
+    brackets) and loopback's names."""
     names = {host, "127.0.0.1", "localhost", "[::1]"}
-    if ":" in host and not host.startswith("["):
-        names.add(f"[{host}]")
     return frozenset(f"{name}:{port}" for name in names if name not in ("0.0.0.0", "::"))
 
 

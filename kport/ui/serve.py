@@ -119,7 +119,8 @@ def run(
     if not is_loopback(host):
         log.warning("kport ui listens on %s, which is not loopback: other hosts can reach it", host)
     token = token or os.environ.get("KPORT_UI_TOKEN") or secrets.token_urlsafe(24)
-    hosts = own_hosts(f"[{host}]" if ":" in host else host, port)
+    name = f"[{host}]" if ":" in host else host  # as it stands in a Host header or URL
+    hosts = own_hosts(name, port)
     app = Guard(make_app(Bridge(runtime_dir)), token=token, hosts=hosts)
     config = uvicorn.Config(
         app,
@@ -136,9 +137,7 @@ def run(
         except (ValueError, OSError) as err:
             print(f"kport ui: cannot give up root: {err}", file=sys.stderr)
             return 2
-    shown = f"[{host}]" if ":" in host else host
-    if shown in ("0.0.0.0", "[::]"):
-        shown = "127.0.0.1"
+    shown = "127.0.0.1" if name in ("0.0.0.0", "[::]") else name
     if open_print:
         print(f"kport ui: http://{shown}:{port}/?token={token}", flush=True)
     server = uvicorn.Server(config)
