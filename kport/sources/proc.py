@@ -13,6 +13,7 @@ import errno
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,9 @@ from kport.sources import netlink_proc
 log = logging.getLogger("kport.proc")
 
 HANDOFF_LIMIT: Final = 200_000
+#: datagrams the reader takes per wake-up, at most; and how long it blocks in one read
+DRAIN_DATAGRAMS: Final = 256
+READ_WAIT_S: Final = 0.2
 #: exited processes the table remembers, the most recent ones
 EXITED: Final = 4096
 _ENRICHED: Final = (
@@ -116,7 +120,11 @@ class ProcSource:
         self.resyncs = 0
         self._rcvbuf = rcvbuf
         self._sock: socket.socket | None = None
-        self._handoff: queue.Queue[netlink_proc.RawEvent] = queue.Queue(HANDOFF_LIMIT)
+        #: lists of raw events, one per reader wake-up; at most HANDOFF_LIMIT events in
+        #: all (counted by the reader as handed, by the processor as taken)
+        self._handoff: queue.SimpleQueue[list[netlink_proc.RawEvent]] = queue.SimpleQueue()
+        self._handed = 0
+        self._taken = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_seq: dict[int, int] = {}
@@ -129,7 +137,7 @@ class ProcSource:
             "lost": self.lost,
             "resyncs": self.resyncs,
             "table": len(self.table),
-            "backlog": self._handoff.qsize(),
+            "backlog": self._handed - self._taken,
         }
 
     # --- lifecycle -------------------------------------------------------------------
@@ -137,7 +145,12 @@ class ProcSource:
     def start(self) -> None:
         """Subscribe (raises if the kernel or our privileges do not allow it), then run."""
         self._sock = netlink_proc.open_socket(self._rcvbuf)
-        self._sock.settimeout(0.2)  # so the reader notices stop()
+        # Blocking reads that give up after READ_WAIT_S, so the reader notices stop():
+        # one recv per wake-up (a Python-level timeout would poll() before every recv).
+        self._sock.settimeout(None)
+        self._sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(READ_WAIT_S * 1e6))
+        )
         # Subscribe before seeding, so nothing falls between the two.
         self.emit(self._seed())
         for target, name in (
@@ -159,48 +172,73 @@ class ProcSource:
     # --- the reader thread -------------------------------------------------------------
 
     def _read_loop(self) -> None:
+        """Wait for a datagram, then take every one already queued: the processor is
+        handed one list per wake-up, not one event at a time."""
         assert self._sock is not None
         sock = self._sock
         buf = bytearray(65536)
         view = memoryview(buf)
         parse = netlink_proc.parse
-        put = self._handoff.put_nowait
         last_seq = self._last_seq
         while not self._stop.is_set():
             try:
-                size = sock.recv_into(buf)
-            except TimeoutError:
+                size = sock.recv_into(buf)  # blocks up to READ_WAIT_S (SO_RCVTIMEO)
+            except BlockingIOError:
                 continue
             except OSError as err:
                 if err.errno == errno.ENOBUFS:
-                    self._hand_off_lost(None, "the kernel dropped events (ENOBUFS)")
+                    self._hand_off([self._lost_marker(None, "the kernel dropped events (ENOBUFS)")])
                     continue
                 if self._stop.is_set():
                     return
                 log.error("proc connector read failed: %s", err)
                 time.sleep(0.1)
                 continue
-            for raw in parse(view[:size]):
-                cpu, seq = raw[1], raw[2]
-                prev = last_seq.get(cpu)
-                last_seq[cpu] = seq
-                if prev is not None and seq > prev + 1:
-                    self._hand_off_lost(seq - prev - 1, f"sequence gap on cpu {cpu}")
-                if raw[0] in ("none", "unknown"):
-                    continue  # counted in the sequence, not an event to report
+            batch: list[netlink_proc.RawEvent] = []
+            datagrams = 0
+            while True:
+                for raw in parse(view[:size]):
+                    cpu, seq = raw[1], raw[2]
+                    prev = last_seq.get(cpu)
+                    last_seq[cpu] = seq
+                    if prev is not None and seq > prev + 1:
+                        gap = seq - prev - 1
+                        batch.append(self._lost_marker(gap, f"sequence gap on cpu {cpu}"))
+                    if raw[0] not in ("none", "unknown"):  # those only count in the sequence
+                        batch.append(raw)
+                datagrams += 1
+                if datagrams == DRAIN_DATAGRAMS:
+                    break
                 try:
-                    put(raw)
-                except queue.Full:
-                    self._hand_off_lost(1, "the processor fell behind")
+                    size = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError as err:
+                    if err.errno == errno.ENOBUFS:
+                        batch.append(self._lost_marker(None, "the kernel dropped events (ENOBUFS)"))
+                    break
+            if batch:
+                self._hand_off(batch)
 
-    def _hand_off_lost(self, count: int | None, reason: str) -> None:
-        marker = ("lost", -1, 0, time.monotonic_ns(), {"count": count, "reason": reason})
-        try:
-            self._handoff.put_nowait(marker)
-        except queue.Full:
-            # Even the marker found no room: count it here; the next resync reports it.
-            with self._pending_lock:
-                self._pending_lost = (self._pending_lost or 0) + (count or 1)
+    @staticmethod
+    def _lost_marker(count: int | None, reason: str) -> netlink_proc.RawEvent:
+        return ("lost", -1, 0, time.monotonic_ns(), {"count": count, "reason": reason})
+
+    def _hand_off(self, batch: list[netlink_proc.RawEvent]) -> None:
+        """Queue ``batch`` for the processor; what does not fit under HANDOFF_LIMIT is
+        replaced by a lost marker, or counted here when not even that fits."""
+        room = HANDOFF_LIMIT - (self._handed - self._taken)
+        if len(batch) > room:
+            dropped = len(batch) - max(room - 1, 0)
+            batch = batch[: max(room - 1, 0)]
+            if room > 0:
+                batch.append(self._lost_marker(dropped, "the processor fell behind"))
+            else:
+                with self._pending_lock:
+                    self._pending_lost = (self._pending_lost or 0) + dropped
+        if batch:
+            self._handed += len(batch)
+            self._handoff.put(batch)
 
     # --- the processor thread ------------------------------------------------------------
 
@@ -208,22 +246,23 @@ class ProcSource:
         get = self._handoff.get
         while not self._stop.is_set():
             try:
-                first = get(timeout=0.2)
+                raws = get(timeout=0.2)
             except queue.Empty:
                 continue
-            raw: netlink_proc.RawEvent | None = first
             batch: list[Event] = []
-            while raw is not None:
-                try:
-                    batch.extend(self._handle(raw))
-                except Exception:  # one odd event must not stop the source
-                    log.exception("proc event %r could not be handled", raw)
+            while True:
+                for raw in raws:
+                    try:
+                        batch.extend(self._handle(raw))
+                    except Exception:  # one odd event must not stop the source
+                        log.exception("proc event %r could not be handled", raw)
+                self._taken += len(raws)
                 if len(batch) >= 512:
                     break
                 try:
-                    raw = self._handoff.get_nowait()
+                    raws = self._handoff.get_nowait()
                 except queue.Empty:
-                    raw = None
+                    break
             if self._pending_lost:
                 with self._pending_lock:
                     count, self._pending_lost = self._pending_lost, None

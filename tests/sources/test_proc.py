@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from typing import Any
 
+import pytest
+
 from kport import procinfo
+from kport.sources import proc
 from kport.sources.proc import EXITED, ProcessTable, ProcSource
 
 
@@ -60,3 +64,30 @@ def test_the_table_remembers_the_last_exited_processes() -> None:
     table.procs[3] = {"pid": 3, "exe": "/bin/live"}
     assert table.lookup(3) == {"pid": 3, "exe": "/bin/live"}  # the live one first
     assert table.remove(99_999) is None
+
+
+def test_a_full_hand_off_is_counted_as_lost_never_dropped_silently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(proc, "HANDOFF_LIMIT", 5)
+    emitted: list[list[dict[str, Any]]] = []
+    source = ProcSource(emitted.append)
+    # pids above the kernel's pid_max: execs of processes that cannot be read
+    raws = [("exec", 0, i, 0, {"pid": 2**22 + i, "tgid": 2**22 + i}) for i in range(8)]
+    source._hand_off(raws)  # four fit, and a marker for the other four
+    source._hand_off(raws[:2])  # no room at all: counted for the processor to report
+    assert source.status()["backlog"] == 5
+    worker = threading.Thread(target=source._process_loop)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sum(e["kind"] == "lost" for batch in emitted for e in batch) < 2:
+            assert time.monotonic() < deadline, emitted
+            time.sleep(0.01)
+    finally:
+        source._stop.set()
+        worker.join(5)
+    events = [e for batch in emitted for e in batch]
+    assert [e["pid"] for e in events if e["kind"] == "exec"] == [2**22 + i for i in range(4)]
+    assert [e["count"] for e in events if e["kind"] == "lost"] == [4, 2]
+    assert source.lost == 6 and source.status()["backlog"] == 0
