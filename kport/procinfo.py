@@ -1,7 +1,9 @@
 """Reads of /proc/<pid> that describe one process, checked against its identity.
 
-A pid alone is reused: every read that matters is bracketed by two reads of the start
-time, so what is returned belongs to the process that was asked about, or is None.
+A pid alone is reused. ``describe`` reads through one open /proc/<pid> directory fd,
+which pins the process it was opened for: once that process is gone, every read through
+the fd fails, even if the pid names another process by then. So what is returned belongs
+to the process whose start time was read first, or is None.
 """
 
 from __future__ import annotations
@@ -82,23 +84,27 @@ def ticks_to_seconds(ticks: int) -> float:
     return ticks / _CLK_TCK
 
 
-def exe(pid: int) -> str | None:
+def _readlink(path: str, dir_fd: int | None = None) -> str | None:
     try:
-        return os.readlink(f"/proc/{pid}/exe")
+        return os.readlink(path, dir_fd=dir_fd)
     except OSError:
         return None
+
+
+def exe(pid: int) -> str | None:
+    return _readlink(f"/proc/{pid}/exe")
 
 
 def cwd(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return None
+    return _readlink(f"/proc/{pid}/cwd")
 
 
 def argv(pid: int) -> list[str] | None:
     """The argument vector; None if gone, [] for kernel threads and zombies."""
-    raw = _read(f"/proc/{pid}/cmdline")
+    return _parse_argv(_read(f"/proc/{pid}/cmdline"))
+
+
+def _parse_argv(raw: bytes | None) -> list[str] | None:
     if raw is None:
         return None
     if not raw:
@@ -108,21 +114,30 @@ def argv(pid: int) -> list[str] | None:
 
 def ids(pid: int) -> tuple[int, int] | None:
     """(effective uid, effective gid) from /proc/<pid>/status."""
-    raw = _read(f"/proc/{pid}/status")
+    return _parse_ids(_read(f"/proc/{pid}/status"))
+
+
+def _parse_ids(raw: bytes | None) -> tuple[int, int] | None:
     if raw is None:
         return None
-    uid = gid = -1
-    for line in raw.split(b"\n"):
-        if line.startswith(b"Uid:"):
-            uid = int(line.split()[2])
-        elif line.startswith(b"Gid:"):
-            gid = int(line.split()[2])
-            break
-    return (uid, gid) if uid >= 0 and gid >= 0 else None
+    # "Uid:\treal\teffective\tsaved\tfs" and the same for Gid, a few lines in
+    found: list[int] = []
+    for key in (b"\nUid:", b"\nGid:"):
+        at = raw.find(key)
+        if at < 0:
+            return None
+        fields = raw[at + 5 : raw.find(b"\n", at + 5)].split()
+        if len(fields) < 2 or not fields[1].isdigit():
+            return None
+        found.append(int(fields[1]))
+    return found[0], found[1]
 
 
 def cgroup(pid: int) -> str | None:
-    raw = _read(f"/proc/{pid}/cgroup")
+    return _parse_cgroup(_read(f"/proc/{pid}/cgroup"))
+
+
+def _parse_cgroup(raw: bytes | None) -> str | None:
     if raw is None:
         return None
     for line in raw.split(b"\n"):
@@ -159,25 +174,32 @@ def describe(pid: int, expect_start: int | None = None) -> dict[str, Any] | None
     ``expect_start``: the start time the caller knows for this pid; a different one means
     the pid now names another process, whose details must not be reported.
     """
-    first = read_stat(pid)
-    if first is None or (expect_start is not None and first.start_time != expect_start):
+    try:
+        proc_dir = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
         return None
-    info: dict[str, Any] = {
-        "exe": exe(pid),
-        "argv": argv(pid),
-        "cwd": cwd(pid),
-        "cgroup": cgroup(pid),
-    }
-    owner = ids(pid)
-    again = read_stat(pid)
-    if again is None or again.start_time != first.start_time:
-        return None  # gone (or replaced) while we read: nothing read can be trusted
+    try:
+        stat = _parse_stat(_read("stat", proc_dir))
+        if stat is None or (expect_start is not None and stat.start_time != expect_start):
+            return None
+        info: dict[str, Any] = {
+            "exe": _readlink("exe", proc_dir),
+            "argv": _parse_argv(_read("cmdline", proc_dir)),
+            "cwd": _readlink("cwd", proc_dir),
+            "cgroup": _parse_cgroup(_read("cgroup", proc_dir)),
+        }
+        status = _read("status", proc_dir)
+    finally:
+        os.close(proc_dir)
+    if status is None:
+        return None  # gone while we read: the reads that failed say nothing true
+    owner = _parse_ids(status)
     info["uid"], info["gid"] = owner if owner else (None, None)
     info["user"] = user_name(info["uid"]) if info["uid"] is not None else None
-    info["ppid"] = first.ppid
-    info["start_time"] = first.start_time
-    info["comm"] = first.comm
-    info["tty"] = tty_name(first.tty_nr)
+    info["ppid"] = stat.ppid
+    info["start_time"] = stat.start_time
+    info["comm"] = stat.comm
+    info["tty"] = tty_name(stat.tty_nr)
     return info
 
 
