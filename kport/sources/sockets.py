@@ -31,6 +31,9 @@ _SOCKID_TAIL = struct.Struct("=III")  # if, cookie[2]
 _MSG_TAIL = struct.Struct("=IIIII")
 _MSG_TAIL_AT: Final = 4 + 48
 INET_DIAG_NOCOOKIE: Final = 0xFFFFFFFF
+#: any interface, no cookie: the same for every request
+_SOCKID_TAIL_BYTES: Final = _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+_REQUEST_SIZE: Final = NLMSGHDR.size + _REQ.size + _SOCKID.size + _SOCKID_TAIL.size
 _PROTOCOLS: Final = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 #: inodes remembered, at most; and the processes tried first
@@ -77,16 +80,11 @@ class SocketDiag:
 
     def _ask(self, family: int, protocol: int, sockid: bytes) -> tuple[int, int] | None:
         self._seq += 1
-        body = (
-            _REQ.pack(family, protocol, 0, 0xFFFFFFFF)
-            + sockid
-            + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-        )
-        header = NLMSGHDR.pack(
-            NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0
-        )
+        header = NLMSGHDR.pack(_REQUEST_SIZE, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0)
         try:
-            self.sock.send(header + body)
+            self.sock.send(
+                header + _REQ.pack(family, protocol, 0, 0xFFFFFFFF) + sockid + _SOCKID_TAIL_BYTES
+            )
             while True:
                 data = self.sock.recv(8192)
                 _length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(data)
@@ -176,10 +174,11 @@ class Owners:
         # A program that opens sockets again mostly gets the fd numbers it had before:
         # one readlink each, before listing every fd of anyone.
         for pid, fds in reversed(self._recent.items()):
-            if any(fd_inode(pid, fd) == inode for fd in fds):
-                self.hits += 1
-                self._recent.move_to_end(pid)
-                return pid
+            for fd in fds:
+                if fd_inode(pid, fd) == inode:
+                    self.hits += 1
+                    self._recent.move_to_end(pid)
+                    return pid
         for pid in reversed(self._recent):
             tried.add(pid)
             if self._scan(pid, inode):
