@@ -249,32 +249,33 @@ class NetSource:
                 if batch:
                     self.emit(batch)
                 return
+            # The packets first: handing events on and checking the rules file wait
+            # until every packet that woke us has its verdict.
+            if ready:
+                try:
+                    queued = self.queue.read()
+                except OSError as err:  # ENOBUFS: the kernel applied its fail-open setting
+                    self._lost(err)
+                    queued = []
+                except ValueError:
+                    log.exception("net: a malformed message from the kernel")
+                    queued = []
+                for pkt in queued:
+                    try:
+                        event = self._handle(pkt)
+                    except Exception:  # one odd packet must not stop the firewall
+                        log.exception("net: handling a packet failed; applying the default")
+                        self._verdict(pkt, self.default_verdict)
+                        event = None
+                    if event is not None:
+                        if not batch:
+                            due = time.monotonic() + FLUSH_S
+                        batch.append(event)
             now = time.monotonic()
-            self.rules.reload_if_due(now)
             if batch and (now >= due or len(batch) >= FLUSH_EVENTS):
                 self.emit(batch)
                 batch = []
-            if not ready:
-                continue
-            try:
-                queued = self.queue.read()
-            except OSError as err:  # ENOBUFS: the kernel applied its fail-open setting
-                self._lost(err)
-                continue
-            except ValueError:
-                log.exception("net: a malformed message from the kernel")
-                continue
-            for pkt in queued:
-                try:
-                    event = self._handle(pkt)
-                except Exception:  # one odd packet must not stop the firewall
-                    log.exception("net: handling a packet failed; applying the default")
-                    self._verdict(pkt, self.default_verdict)
-                    event = None
-                if event is not None:
-                    if not batch:
-                        due = time.monotonic() + FLUSH_S
-                    batch.append(event)
+            self.rules.reload_if_due(now)
 
     def _lost(self, err: OSError) -> None:
         log.warning("net: packets were lost: %s", err)
@@ -361,9 +362,11 @@ class NetSource:
         )
         info = info or {}
         decision = None if key is None else self.rules.cached(key)
-        host = self._hosts.get(remote)
-        interface = self._ifname(pkt.indev if inbound else pkt.outdev)
+        # the DNS name and interface matter to a rule, else only to the record: looked up
+        # before the verdict only when the decision is not cached
+        where: tuple[str | None, str | None] | None = None
         if decision is None:
+            where = host, interface = self._where(remote, pkt, inbound)
             argv = info.get("argv")
             subject = Subject(
                 kind="connect" if not inbound else "accept",
@@ -382,6 +385,7 @@ class NetSource:
             decision = self.rules.decide(subject, key)
         action = decision.action
         if action == "ask":
+            host, interface = where or self._where(remote, pkt, inbound)
             record = self._record(
                 flow, direction, pid=pid, uid=uid, info=info, host=host, interface=interface
             )
@@ -391,6 +395,7 @@ class NetSource:
         self._verdict(pkt, verdict)  # the verdict first, everything else after
         if verdict != "allow":
             self._settle(flow, verdict)
+        host, interface = where or self._where(remote, pkt, inbound)
         record = self._record(
             flow, direction, pid=pid, uid=uid, info=info, host=host, interface=interface
         )
@@ -421,6 +426,12 @@ class NetSource:
         if pid is None:
             self.unowned += 1
         return pid, uid, info
+
+    def _where(
+        self, remote: str, pkt: QueuedPacket, inbound: bool
+    ) -> tuple[str | None, str | None]:
+        """The DNS name last seen for ``remote``, and the packet's interface."""
+        return self._hosts.get(remote), self._ifname(pkt.indev if inbound else pkt.outdev)
 
     def _ifname(self, index: int) -> str | None:
         if not index:
