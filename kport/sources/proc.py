@@ -229,8 +229,10 @@ class ProcSource:
         replaced by a lost marker, or counted here when not even that fits."""
         room = HANDOFF_LIMIT - (self._handed - self._taken)
         if len(batch) > room:
-            dropped = len(batch) - max(room - 1, 0)
-            batch = batch[: max(room - 1, 0)]
+            keep = max(room - 1, 0)
+            # a dropped marker of a loss carries its own count (unknown counts as one)
+            dropped = sum((r[4]["count"] or 1) if r[0] == "lost" else 1 for r in batch[keep:])
+            batch = batch[:keep]
             if room > 0:
                 batch.append(self._lost_marker(dropped, "the processor fell behind"))
             else:

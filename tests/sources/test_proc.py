@@ -75,7 +75,8 @@ def test_a_full_hand_off_is_counted_as_lost_never_dropped_silently(
     # pids above the kernel's pid_max: execs of processes that cannot be read
     raws = [("exec", 0, i, 0, {"pid": 2**22 + i, "tgid": 2**22 + i}) for i in range(8)]
     source._hand_off(raws)  # four fit, and a marker for the other four
-    source._hand_off(raws[:2])  # no room at all: counted for the processor to report
+    gap = ("lost", -1, 0, 0, {"count": 3, "reason": "sequence gap on cpu 0"})
+    source._hand_off([*raws[:2], gap])  # no room at all: counted for the processor to report
     assert source.status()["backlog"] == 5
     worker = threading.Thread(target=source._process_loop)
     worker.start()
@@ -89,5 +90,5 @@ def test_a_full_hand_off_is_counted_as_lost_never_dropped_silently(
         worker.join(5)
     events = [e for batch in emitted for e in batch]
     assert [e["pid"] for e in events if e["kind"] == "exec"] == [2**22 + i for i in range(4)]
-    assert [e["count"] for e in events if e["kind"] == "lost"] == [4, 2]
-    assert source.lost == 6 and source.status()["backlog"] == 0
+    assert [e["count"] for e in events if e["kind"] == "lost"] == [4, 5]
+    assert source.lost == 9 and source.status()["backlog"] == 0
