@@ -179,18 +179,23 @@ def describe(pid: int, expect_start: int | None = None) -> dict[str, Any] | None
     except OSError:
         return None
     try:
-        stat = _parse_stat(_read("stat", proc_dir))
-        if stat is None or (expect_start is not None and stat.start_time != expect_start):
-            return None
-        info: dict[str, Any] = {
-            "exe": _readlink("exe", proc_dir),
-            "argv": _parse_argv(_read("cmdline", proc_dir)),
-            "cwd": _readlink("cwd", proc_dir),
-            "cgroup": _parse_cgroup(_read("cgroup", proc_dir)),
-        }
-        status = _read("status", proc_dir)
+        return describe_at(proc_dir, expect_start)
     finally:
         os.close(proc_dir)
+
+
+def describe_at(proc_dir: int, expect_start: int | None = None) -> dict[str, Any] | None:
+    """:func:`describe` through an open /proc/<pid> directory fd (that process, or None)."""
+    stat = _parse_stat(_read("stat", proc_dir))
+    if stat is None or (expect_start is not None and stat.start_time != expect_start):
+        return None
+    info: dict[str, Any] = {
+        "exe": _readlink("exe", proc_dir),
+        "argv": _parse_argv(_read("cmdline", proc_dir)),
+        "cwd": _readlink("cwd", proc_dir),
+        "cgroup": _parse_cgroup(_read("cgroup", proc_dir)),
+    }
+    status = _read("status", proc_dir)
     if status is None:
         return None  # gone while we read: the reads that failed say nothing true
     owner = _parse_ids(status)

@@ -128,7 +128,12 @@ class Subjects:
         ):
             info = {k: entry.get(k) for k in ("argv", "uid", "gid", "user", "ppid")}
         else:
-            described = procinfo.describe(pid, start)
+            pinned = self._pinned.get(pid)  # identity() has just pinned it, unless gone
+            described = (
+                procinfo.describe_at(pinned[0], start)
+                if pinned is not None
+                else procinfo.describe(pid, start)
+            )
             if described is None:
                 return None
             info = {k: described.get(k) for k in ("argv", "uid", "gid", "user", "ppid")}

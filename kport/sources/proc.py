@@ -181,22 +181,21 @@ class ProcSource:
         parse = netlink_proc.parse
         last_seq = self._last_seq
         while not self._stop.is_set():
-            try:
-                size = sock.recv_into(buf)  # blocks up to READ_WAIT_S (SO_RCVTIMEO)
-            except BlockingIOError:
-                continue
-            except OSError as err:
-                if err.errno == errno.ENOBUFS:
-                    self._hand_off([self._lost_marker(None, "the kernel dropped events (ENOBUFS)")])
-                    continue
-                if self._stop.is_set():
-                    return
-                log.error("proc connector read failed: %s", err)
-                time.sleep(0.1)
-                continue
             batch: list[netlink_proc.RawEvent] = []
-            datagrams = 0
-            while True:
+            flags = 0  # the first read waits (up to READ_WAIT_S), the others do not
+            for _ in range(DRAIN_DATAGRAMS):
+                try:
+                    size = sock.recv_into(buf, 0, flags)
+                except BlockingIOError:
+                    break
+                except OSError as err:
+                    if err.errno == errno.ENOBUFS:
+                        batch.append(self._lost_marker(None, "the kernel dropped events (ENOBUFS)"))
+                    elif not self._stop.is_set():
+                        log.error("proc connector read failed: %s", err)
+                        time.sleep(0.1)
+                    break
+                flags = socket.MSG_DONTWAIT
                 for raw in parse(view[:size]):
                     cpu, seq = raw[1], raw[2]
                     prev = last_seq.get(cpu)
@@ -206,17 +205,6 @@ class ProcSource:
                         batch.append(self._lost_marker(gap, f"sequence gap on cpu {cpu}"))
                     if raw[0] not in ("none", "unknown"):  # those only count in the sequence
                         batch.append(raw)
-                datagrams += 1
-                if datagrams == DRAIN_DATAGRAMS:
-                    break
-                try:
-                    size = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                except OSError as err:
-                    if err.errno == errno.ENOBUFS:
-                        batch.append(self._lost_marker(None, "the kernel dropped events (ENOBUFS)"))
-                    break
             if batch:
                 self._hand_off(batch)
 

@@ -142,27 +142,18 @@ def check_answer(port: str, answer: dict[str, Any]) -> dict[str, Any]:
     return {"verdict": verdict, "duration": duration}
 
 
+#: what the process tree shows of each process
+_TREE_FIELDS: Final = ("ppid", "start_time", "comm", "argv", "exe", "uid", "user")
+
+
 def processes() -> list[dict[str, Any]]:
     """Every process this user can see, for the process tree."""
     out = []
     for pid in procinfo.all_pids():
-        stat = procinfo.read_stat(pid)
-        if stat is None:
+        info = procinfo.describe(pid)  # one process's reads, or None: never two mixed
+        if info is None:
             continue
-        owner = procinfo.ids(pid)
-        uid = owner[0] if owner else None
-        out.append(
-            {
-                "pid": pid,
-                "ppid": stat.ppid,
-                "start_time": stat.start_time,
-                "comm": stat.comm,
-                "argv": procinfo.argv(pid),
-                "exe": procinfo.exe(pid),
-                "uid": uid,
-                "user": procinfo.user_name(uid) if uid is not None else None,
-            }
-        )
+        out.append({"pid": pid, **{k: info[k] for k in _TREE_FIELDS}})
     return out
 
 
