@@ -234,8 +234,10 @@ def _status(args: argparse.Namespace) -> int:
     net = status["sources"].get("net")
     if net:
         mode = "fail-open" if net["fail_open"] else "fail-closed"
+        first, count = net["queue"], net.get("queues", 1)
+        queues = f"queue {first}" if count == 1 else f"queues {first}-{first + count - 1}"
         console.print(
-            f"firewall: queue {net['queue']} ({net['backend']}, {mode}): "
+            f"firewall: {queues} ({net['backend']}, {mode}): "
             f"{net['allowed']} allowed, {net['denied']} denied, {net['rejected']} rejected, "
             + _decided(net)
             + f"; {net['without_process']} without a known process; "

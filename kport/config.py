@@ -11,7 +11,7 @@ import tomli_w
 
 from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
-from kport.sources.net import VERDICTS
+from kport.sources.net import MAX_QUEUES, VERDICTS, queue_count
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,9 @@ class NetConfig:
     enabled: bool = False
     #: the NFQUEUE number kport reads (another firewall may hold one: choose another)
     queue: int = 4747
+    #: how many queues, numbered from ``queue``: each CPU's packets go to one, read by a
+    #: thread on that CPU. 0: one per CPU, at most 16
+    queues: int = 0
     #: how packets reach the queue: auto (nft if its queue expression exists, else
     #: iptables-nft), nft, iptables
     backend: str = "auto"
@@ -82,7 +85,7 @@ class NetConfig:
     #: with kport not reading (stopped, crashed) or its queue full, packets pass
     #: (true) or are dropped (false: fail-closed, nothing leaves without kport)
     fail_open: bool = True
-    #: packets the kernel holds for kport at once
+    #: packets the kernel holds for kport at once, per queue
     queue_length: int = 4096
     #: rules files, read in order after the remembered rules; reloaded on change
     rules: list[str] = field(default_factory=list)
@@ -270,5 +273,12 @@ def check_net(cfg: NetConfig, where: str) -> None:
         raise ConfigError(f"{where}: net.backend must be auto, nft or iptables")
     if not 0 <= cfg.queue <= 65535:
         raise ConfigError(f"{where}: net.queue must be 0 to 65535")
+    if not 0 <= cfg.queues <= MAX_QUEUES:
+        raise ConfigError(f"{where}: net.queues must be 0 (one per CPU) to {MAX_QUEUES}")
+    if cfg.queue + queue_count(cfg.queues) - 1 > 65535:
+        raise ConfigError(
+            f"{where}: net.queue {cfg.queue} and {queue_count(cfg.queues)} queues go past "
+            "NFQUEUE 65535: choose a lower net.queue"
+        )
     if not 1 <= cfg.queue_length <= 1_000_000:
         raise ConfigError(f"{where}: net.queue_length must be 1 to 1000000")

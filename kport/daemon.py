@@ -313,6 +313,7 @@ class Daemon:
         table = proc.table if isinstance(proc, ProcSource) else None
         plan = Plan(
             queue=cfg.queue,
+            queues=net_source.queue_count(cfg.queues),
             inbound=cfg.inbound,
             loopback=cfg.loopback,
             fail_open=cfg.fail_open,

@@ -12,6 +12,9 @@ new inbound ones if asked, and DNS answers (always let through at once) when nam
 wanted. A packet whose verdict carries the reject bit in its mark comes back through the
 chain (``NF_REPEAT``) and is rejected: TCP with a reset, the rest with ICMP unreachable.
 ``fail_open`` adds ``--queue-bypass``: with no reader, packets pass instead of dropping.
+With several queues (``Plan.queues``), each packet goes to the queue of the CPU it was
+sent from (``--queue-cpu-fanout``; nft's ``fanout``), so a reader that runs on that CPU
+takes it without waking another CPU.
 """
 
 from __future__ import annotations
@@ -42,13 +45,33 @@ class FirewallUnavailable(KportError):
 class Plan:
     """What to queue; the same for either backend."""
 
+    #: the first NFQUEUE number; the plan uses ``queue`` to ``queue + queues - 1``
     queue: int
+    queues: int = 1
     outbound: bool = True
     inbound: bool = False
     loopback: bool = False
     fail_open: bool = True
     dns: bool = True
     reject_mark: int = REJECT_MARK
+
+
+def _iptables_target(plan: Plan, *, bypass: bool) -> list[str]:
+    """The NFQUEUE target: one queue, or the queue of the sending CPU among several."""
+    target = ["-j", "NFQUEUE"]
+    if plan.queues > 1:
+        last = plan.queue + plan.queues - 1
+        target += ["--queue-balance", f"{plan.queue}:{last}", "--queue-cpu-fanout"]
+    else:
+        target += ["--queue-num", str(plan.queue)]
+    return target + (["--queue-bypass"] if bypass else [])
+
+
+def _nft_queue(plan: Plan, *, bypass: bool) -> str:
+    """nft's queue statement, as :func:`_iptables_target`."""
+    flags = (["bypass"] if bypass else []) + (["fanout"] if plan.queues > 1 else [])
+    numbers = f"{plan.queue}-{plan.queue + plan.queues - 1}" if plan.queues > 1 else plan.queue
+    return f"queue num {numbers}" + (f" {','.join(flags)}" if flags else "")
 
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,8 +90,7 @@ def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProce
 
 def iptables_rules(plan: Plan, family: int) -> dict[str, list[str]]:
     """chain → its rules (iptables arguments after ``-A CHAIN``), for IPv4 (4) or IPv6."""
-    bypass = ["--queue-bypass"] if plan.fail_open else []
-    queue = ["-j", "NFQUEUE", "--queue-num", str(plan.queue), *bypass]
+    queue = _iptables_target(plan, bypass=plan.fail_open)
     mark = f"0x{plan.reject_mark:x}/0x{plan.reject_mark:x}"
     unreachable = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
     icmp = ["-p", "icmp", "--icmp-type", "echo-request"]
@@ -93,7 +115,7 @@ def iptables_rules(plan: Plan, family: int) -> dict[str, list[str]]:
     if plan.inbound or plan.dns:
         rules = []
         if plan.dns:  # answers are let through at once, so always with bypass
-            dns_queue = ["-j", "NFQUEUE", "--queue-num", str(plan.queue), "--queue-bypass"]
+            dns_queue = _iptables_target(plan, bypass=True)
             rules.append(["-p", "udp", "--sport", "53", *dns_queue])
         if plan.inbound:
             rules += reject
@@ -176,8 +198,7 @@ class Iptables:
 
 def nft_script(plan: Plan) -> str:
     """kport's table for ``nft -f``: created whole, replaced whole."""
-    bypass = " bypass" if plan.fail_open else ""
-    queue = f"queue num {plan.queue}{bypass}"
+    queue = _nft_queue(plan, bypass=plan.fail_open)
     mark = f"meta mark & 0x{plan.reject_mark:x} == 0x{plan.reject_mark:x}"
     reject = [
         f"{mark} meta l4proto tcp reject with tcp reset",
@@ -203,7 +224,7 @@ def nft_script(plan: Plan) -> str:
         lines.append("  chain in {")
         lines.append("    type filter hook input priority -1; policy accept;")
         if plan.dns:
-            lines.append(f"    udp sport 53 queue num {plan.queue} bypass")
+            lines.append(f"    udp sport 53 {_nft_queue(plan, bypass=True)}")
         if plan.inbound:
             lines += [f"    {r}" for r in reject]
             if not plan.loopback:

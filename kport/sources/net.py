@@ -1,7 +1,9 @@
 """The network source: a personal firewall on NFQUEUE, decided by rules or by a client.
 
 kport's own filter rules (:mod:`kport.sources.firewall`) send each new connection's
-first packet to an NFQUEUE, and a reader thread takes each one: who sent it (the socket
+first packet to an NFQUEUE, one per CPU: a reader thread on that CPU takes it, so the
+sender's CPU switches straight to the reader instead of waking another one, and the
+readers take turns on the shared state. For each packet: who sent it (the socket
 through sock_diag, its process through /proc, see :mod:`kport.sources.sockets`), what
 the rules say (cached per process identity, destination and protocol), and the verdict,
 written before anything is reported. An ``ask`` holds the packet and goes to the
@@ -55,10 +57,28 @@ VERDICTS: Final = ("allow", "deny", "reject")
 #: after 1, 3, 7... s); flows remembered at most
 FLOW_TTL_S: Final = 60.0
 FLOWS: Final = 8192
+#: NFQUEUEs read at most; ``queues = 0`` means one per CPU, up to AUTO_QUEUES
+MAX_QUEUES: Final = 64
+AUTO_QUEUES: Final = 16
+
+
+def queue_count(configured: int) -> int:
+    """How many queues ``net.queues = configured`` means on this machine."""
+    return configured or max(1, min(os.cpu_count() or 1, AUTO_QUEUES))
+
+
+def cpus_of(index: int, count: int) -> set[int]:
+    """The CPUs whose packets go to queue ``index`` of ``count`` (the kernel's fanout
+    takes the sending CPU's number modulo ``count``), of those this process may use."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except OSError:
+        return set()
+    return {cpu for cpu in allowed if cpu % count == index}
 
 
 class NetSource:
-    """NFQUEUE ``queue`` with kport's filter rules (see the module docstring)."""
+    """NFQUEUEs ``plan.queue`` on, with kport's filter rules (see the module docstring)."""
 
     name: Final = "net"
 
@@ -90,7 +110,8 @@ class NetSource:
         self.owners = Owners(candidates)
         self.diag: SocketDiag | None = None
         self.backend: firewall.Backend | None = None
-        self.queue: nfqueue.Queue | None = None
+        #: queue number → the bound queue; filled by start()
+        self.queues: dict[int, nfqueue.Queue] = {}
         self.own_pid = os.getpid()
         self.packets = 0
         self.allowed = 0
@@ -103,7 +124,7 @@ class NetSource:
         self.reinstalled = 0
         self.dns_answers = 0
         self.lost = 0
-        #: the kernel's drop counters of our queue when last read (queue full, socket full)
+        #: the kernel's drop counters of our queues when last read (queue full, socket full)
         self._dropped = (0, 0)
         self._hosts: OrderedDict[str, str] = OrderedDict()
         self._ifnames: dict[int, str] = {}
@@ -114,6 +135,8 @@ class NetSource:
         self._flows: OrderedDict[tuple[Any, ...], tuple[str, float]] = OrderedDict()
         self.repeated = 0
         self._lock = threading.Lock()
+        #: held by the reader handling packets: the readers share caches and counters
+        self._handling = threading.Lock()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -121,29 +144,38 @@ class NetSource:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the queue, install the rules, start reading. The queue is bound first:
-        a queue another process holds is an error before any rule of ours exists."""
-        self.queue = nfqueue.Queue(
-            self.plan.queue, maxlen=self.queue_length, fail_open=self.plan.fail_open
-        )
+        """Bind the queues, install the rules, start reading. The queues are bound
+        first: a queue another process holds is an error before any rule of ours exists."""
+        plan = self.plan
         try:
+            for number in range(plan.queue, plan.queue + plan.queues):
+                self.queues[number] = nfqueue.Queue(
+                    number, maxlen=self.queue_length, fail_open=plan.fail_open
+                )
             self.diag = SocketDiag()
-            self.backend = firewall.choose(self.plan, self.prefer)
+            self.backend = firewall.choose(plan, self.prefer)
             self.backend.install()
         except BaseException:
-            self.queue.close()
+            for queue in self.queues.values():
+                queue.close()
+            self.queues.clear()
             if self.diag is not None:
                 self.diag.close()
             raise
         log.info(
-            "net: queue %d, %s rules installed (%s, %s)",
-            self.plan.queue,
+            "net: queue %s, %s rules installed (%s, %s)",
+            plan.queue if plan.queues == 1 else f"{plan.queue}-{plan.queue + plan.queues - 1}",
             self.backend.name,
-            "outbound" + (" and inbound" if self.plan.inbound else ""),
-            "fail-open" if self.plan.fail_open else "fail-closed",
+            "outbound" + (" and inbound" if plan.inbound else ""),
+            "fail-open" if plan.fail_open else "fail-closed",
         )
-        for target, name in ((self._run, "kport-net"), (self._watchdog, "kport-net-rules")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+        threads = [
+            threading.Thread(target=self._run, args=(queue, index), name=f"kport-net-{index}")
+            for index, queue in enumerate(self.queues.values())
+        ]
+        threads.append(threading.Thread(target=self._watchdog, name="kport-net-rules"))
+        for thread in threads:
+            thread.daemon = True
             thread.start()
             self._threads.append(thread)
 
@@ -161,8 +193,8 @@ class NetSource:
                 self._verdict(pkt, self.default_verdict)
         if self.backend is not None:
             self.backend.remove()
-        if self.queue is not None:
-            self.queue.close()
+        for queue in self.queues.values():
+            queue.close()
         if self.diag is not None:
             self.diag.close()
         self.subjects.close()
@@ -184,9 +216,11 @@ class NetSource:
 
     def _check_drops(self) -> None:
         """Report what the kernel dropped or let through unread since the last look."""
-        dropped = nfqueue.drop_counts(self.plan.queue)
-        if dropped is None:
-            return
+        counts = [nfqueue.drop_counts(number) for number in self.queues]
+        dropped = (
+            sum(c[0] for c in counts if c is not None),
+            sum(c[1] for c in counts if c is not None),
+        )
         full, unread = (now - before for now, before in zip(dropped, self._dropped, strict=True))
         self._dropped = dropped
         if full or unread:
@@ -210,6 +244,7 @@ class NetSource:
             "events": self.packets,
             "lost": self.lost,
             "queue": self.plan.queue,
+            "queues": self.plan.queues,
             "backend": self.backend.name if self.backend is not None else None,
             "fail_open": self.plan.fail_open,
             "inbound": self.plan.inbound,
@@ -231,17 +266,22 @@ class NetSource:
 
     # --- the reader thread -------------------------------------------------------------
 
-    def _run(self) -> None:
-        assert self.queue is not None
+    def _run(self, queue: nfqueue.Queue, index: int) -> None:
+        cpus = cpus_of(index, len(self.queues)) if len(self.queues) > 1 else set()
+        if cpus:
+            try:  # this thread alone: the CPUs whose packets come to this queue
+                os.sched_setaffinity(threading.get_native_id(), cpus)
+            except OSError as err:
+                log.debug("net: queue %d's reader stays on any CPU: %s", queue.number, err)
         poller = select.poll()
-        poller.register(self.queue.fileno(), select.POLLIN)
+        poller.register(queue.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         batch: list[Event] = []
         due = 0.0  # when the oldest event in ``batch`` must be handed on
         first = True  # the first read takes what came while the queue was configured
         while True:
             if first:
-                ready, first = [self.queue.fileno()], False
+                ready, first = [queue.fileno()], False
             else:
                 wait_ms = 1000 if not batch else max(0, int((due - time.monotonic()) * 1000) + 1)
                 ready = [fd for fd, _ in poller.poll(wait_ms)]
@@ -251,31 +291,32 @@ class NetSource:
                 return
             # The packets first: handing events on and checking the rules file wait
             # until every packet that woke us has its verdict.
-            if ready:
-                try:
-                    queued = self.queue.read()
-                except OSError as err:  # ENOBUFS: the kernel applied its fail-open setting
-                    self._lost(err)
-                    queued = []
-                except ValueError:
-                    log.exception("net: a malformed message from the kernel")
-                    queued = []
-                for pkt in queued:
+            with self._handling:
+                if ready:
                     try:
-                        event = self._handle(pkt)
-                    except Exception:  # one odd packet must not stop the firewall
-                        log.exception("net: handling a packet failed; applying the default")
-                        self._verdict(pkt, self.default_verdict)
-                        event = None
-                    if event is not None:
-                        if not batch:
-                            due = time.monotonic() + FLUSH_S
-                        batch.append(event)
-            now = time.monotonic()
+                        queued = queue.read()
+                    except OSError as err:  # ENOBUFS: the kernel applied its fail-open setting
+                        self._lost(err)
+                        queued = []
+                    except ValueError:
+                        log.exception("net: a malformed message from the kernel")
+                        queued = []
+                    for pkt in queued:
+                        try:
+                            event = self._handle(pkt)
+                        except Exception:  # one odd packet must not stop the firewall
+                            log.exception("net: handling a packet failed; applying the default")
+                            self._verdict(pkt, self.default_verdict)
+                            event = None
+                        if event is not None:
+                            if not batch:
+                                due = time.monotonic() + FLUSH_S
+                            batch.append(event)
+                now = time.monotonic()
+                self.rules.reload_if_due(now)
             if batch and (now >= due or len(batch) >= FLUSH_EVENTS):
                 self.emit(batch)
                 batch = []
-            self.rules.reload_if_due(now)
 
     def _lost(self, err: OSError) -> None:
         log.warning("net: packets were lost: %s", err)
@@ -314,7 +355,7 @@ class NetSource:
         return verdict
 
     def _verdict(self, pkt: QueuedPacket, verdict: str) -> None:
-        queue = self.queue
+        queue = self.queues.get(pkt.queue)  # only the socket bound to it may answer
         if queue is None:
             return
         try:

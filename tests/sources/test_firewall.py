@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kport.sources import firewall
 from tests.conftest import Netns
 
 CHECK = """
-import json, subprocess
+import json, subprocess, sys
 from kport.sources import firewall
 def save():
     return subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True).stdout
-plan = firewall.Plan(queue=9, inbound=True, fail_open=False)
+plan = firewall.Plan(queue=9, queues=int(sys.argv[1]), inbound=True, fail_open=False)
 backend = firewall.Iptables(plan)
 backend.install()
 backend.install()  # again: replaces, never doubles
@@ -26,8 +28,9 @@ print(json.dumps(out))
 """
 
 
-def test_iptables_rules_go_in_whole_and_come_out_whole(netns: Netns) -> None:
-    done = netns.python(netns.client, CHECK)
+@pytest.mark.parametrize("queues", [1, 3])
+def test_iptables_rules_go_in_whole_and_come_out_whole(netns: Netns, queues: int) -> None:
+    done = netns.python(netns.client, CHECK, str(queues))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["intact"] is True and out["broken"] is False
@@ -35,7 +38,12 @@ def test_iptables_rules_go_in_whole_and_come_out_whole(netns: Netns) -> None:
     assert installed.count("-A OUTPUT -j KPORT-OUT") == 1
     assert installed.count("-A INPUT -j KPORT-IN") == 1
     queued = [line for line in installed.splitlines() if "NFQUEUE" in line]
-    assert queued and all("--queue-num 9" in line for line in queued)
+    if queues == 1:
+        assert queued and all("--queue-num 9" in line for line in queued)
+    else:  # the sending CPU's queue, of 9 to 11
+        assert queued and all(
+            "--queue-balance 9:11" in line and "--queue-cpu-fanout" in line for line in queued
+        )
     # fail-closed: no bypass, but for the DNS answers, which are only read
     assert [line for line in queued if "--queue-bypass" in line] == [
         line for line in queued if "--sport 53" in line
@@ -70,3 +78,9 @@ def test_the_nft_table_says_the_same() -> None:
     assert "reject with tcp reset" in script and "udp sport 53 queue num 3 bypass" in script
     closed = firewall.nft_script(firewall.Plan(queue=3, fail_open=False, dns=False))
     assert " bypass" not in closed and "chain in" not in closed
+    fanned = firewall.nft_script(firewall.Plan(queue=3, queues=2))
+    assert "queue num 3-4 bypass,fanout" in fanned
+    assert "udp sport 53 queue num 3-4 bypass,fanout" in fanned
+    assert "queue num 3-4 fanout" in firewall.nft_script(
+        firewall.Plan(queue=3, queues=2, fail_open=False)
+    )
