@@ -44,6 +44,8 @@ def test_journal_section(tmp_path: Path) -> None:
         ("[journal]\nmax_age_days = 'week'\n", "journal.max_age_days: expected float"),
         ("[journal]\nmax_size_mb = 0\n", "must be > 0"),
         ("[journal]\ncommit_interval_ms = 0\n", "commit_interval_ms must be 1 to 60000"),
+        ("[net]\nqueues = 65\n", "net.queues must be 0 \\(one per CPU\\) to 64"),
+        ("[net]\nqueue = 65535\nqueues = 2\n", "go past NFQUEUE 65535"),
     ],
 )
 def test_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -177,6 +178,33 @@ def test_rules_allow_deny_and_reject_and_every_decision_is_reported(
         net = kport_status(rundir)["sources"]["net"]
         assert net["allowed"] >= 1 and net["rejected"] >= 1 and net["denied"] >= 1
         assert net["without_process"] == 0
+
+
+def queue_lines(ns: Netns) -> dict[int, list[str]]:
+    """The client namespace's bound NFQUEUEs: number → the kernel's fields for it."""
+    text = ns.run(ns.client, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    return {int(line.split()[0]): line.split() for line in text.splitlines()}
+
+
+def test_each_cpu_sends_to_its_own_queue_and_each_queue_is_decided(
+    server: Netns, rundir: Path
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    rules = 'default = "reject"\n[[rule]]\nname = "8080"\naction = "allow"\nports = [8080]\n'
+    with net_daemon(server, rundir, rules, net="queues = 0\n"):
+        net = kport_status(rundir)["sources"]["net"]
+        assert net["queues"] == min(len(os.sched_getaffinity(0)), 16)
+        assert sorted(queue_lines(server)) == list(range(4747, 4747 + net["queues"]))
+        for cpu in cpus:
+            pinned = ["taskset", "-c", str(cpu), sys.executable, "-c", CONNECT]
+            for port, expected in ((8080, "ok"), (8081, "refused")):
+                done = server.run(server.client, [*pinned, server.server_ip, str(port), "2", "-"])
+                assert json.loads(done.stdout)["result"] == expected, (cpu, port, done.stderr)
+        # every queue got packets (the kernel's last packet id of each), and answered them
+        used = {n: int(fields[7]) for n, fields in queue_lines(server).items()}
+        assert all(used[4747 + cpu % net["queues"]] > 0 for cpu in cpus), used
+        status = kport_status(rundir)["sources"]["net"]
+        assert status["allowed"] >= len(cpus) and status["rejected"] >= len(cpus)
 
 
 def test_an_ask_is_answered_by_a_client_both_ways(server: Netns, rundir: Path) -> None:
