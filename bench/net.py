@@ -371,7 +371,8 @@ def _status_counts(rundir: Path) -> dict[str, Any]:
     if status is None:
         raise RuntimeError("kport serve stopped answering")
     net = status["sources"]["net"]
-    return {k: net[k] for k in ("allowed", "asked", "defaulted", "without_process", "cache")}
+    keys = ("queues", "allowed", "asked", "defaulted", "without_process", "cache")
+    return {k: net[k] for k in keys}
 
 
 def _targets(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
