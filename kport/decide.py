@@ -1,10 +1,12 @@
 """`kport decide`: a decision client for file access and connections, at a terminal or
 by a policy.
 
-One reader thread per decision port puts requests on one queue; the main thread answers
-them in turn, so several prompts at once wait their turn, each with its own deadline
-ticking. A request whose deadline passed while it waited is shown as missed, and so is
-a ``missed`` notice from kport (a prompt answered too late)."""
+One reader thread per decision port. At a terminal they put requests on one queue and
+the main thread answers them in turn, so several prompts at once wait their turn, each
+with its own deadline ticking; with a policy each reader answers its own port's
+requests at once, one at a time across ports, with no hop to another thread. A request
+whose deadline passed while it waited is shown as missed, and so is a ``missed`` notice
+from kport (a prompt answered too late)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from kport.errors import PortClosed, PortNotFound
 from kport.port.client import Connection, connect
@@ -139,10 +141,24 @@ def ask_terminal(msg: Message, out: TextIO) -> dict[str, Any] | None:
         shown = None  # asked again below what was typed
 
 
-def _read(port: str, conn: Connection, inbox: queue.Queue[tuple[str, Message | None]]) -> None:
+#: what a reader thread puts on the inbox once ``count`` answers were given
+_ENOUGH: Final = "enough"
+
+Inbox = queue.Queue[tuple[str, Message | str | None]]
+#: handle(port, message) → True once ``count`` answers were given
+Handler = Callable[[str, Message], bool]
+
+
+def _read(port: str, conn: Connection, inbox: Inbox, handle: Handler | None) -> None:
+    """Take ``port``'s messages: answered here by ``handle`` (a policy answers at once,
+    with no hop to another thread), else put on ``inbox`` for the main thread."""
     try:
         for msg in conn:
-            inbox.put((port, msg))
+            if handle is None:
+                inbox.put((port, msg))
+            elif handle(port, msg):
+                inbox.put((port, _ENOUGH))
+                break
     except PortClosed:
         pass
     inbox.put((port, None))
@@ -171,21 +187,16 @@ def run(
             file=sys.stderr,
         )
         return 1
-    inbox: queue.Queue[tuple[str, Message | None]] = queue.Queue()
-    for name, conn in conns.items():
-        threading.Thread(target=_read, args=(name, conn, inbox), daemon=True).start()
-    if decide is None:
-        out.write(f"kport decide: answering {', '.join(conns)} (Ctrl-C stops)\n")
-        out.flush()
     answered = 0
-    open_ports = len(conns)
-    try:
-        while open_ports:
-            name, msg = inbox.get()
-            if msg is None:
-                print(f"kport decide: {name} closed", file=sys.stderr)
-                open_ports -= 1
-                continue
+    # one message at a time, whichever thread handles it: a policy file need not be
+    # thread-safe, and the output is not interleaved
+    turn = threading.Lock()
+
+    def handle(name: str, msg: Message) -> bool:
+        nonlocal answered
+        with turn:
+            if count and answered >= count:
+                return True
             if not msg.needs_reply:
                 if isinstance(msg.data, dict) and msg.data.get("kind") == "missed":
                     request = msg.data.get("request") or {}
@@ -194,11 +205,11 @@ def run(
                         f"(kport applied {msg.data.get('verdict')})\n"
                     )
                     out.flush()
-                continue
+                return False
             left = msg.time_left()
             if left is not None and left <= 0:
                 out.write(f"missed while waiting: {describe(msg.data).splitlines()[0]}\n")
-                continue
+                return False
             started = time.monotonic()
             if decide:
                 reply: dict[str, Any] | None = answer_of(decide(msg.data), msg.data)
@@ -211,7 +222,23 @@ def run(
                     out.write(f"  → {reply['verdict']} ({took:.1f} s)\n")
                     out.flush()
             answered += 1
-            if count and answered >= count:
+            return bool(count and answered >= count)
+
+    inbox: Inbox = queue.Queue()
+    for name, conn in conns.items():
+        args = (name, conn, inbox, handle if decide else None)
+        threading.Thread(target=_read, args=args, daemon=True).start()
+    if decide is None:
+        out.write(f"kport decide: answering {', '.join(conns)} (Ctrl-C stops)\n")
+        out.flush()
+    open_ports = len(conns)
+    try:
+        while open_ports:
+            name, msg = inbox.get()
+            if msg is None:
+                print(f"kport decide: {name} closed", file=sys.stderr)
+                open_ports -= 1
+            elif msg == _ENOUGH or (isinstance(msg, Message) and handle(name, msg)):
                 break
     finally:
         for conn in conns.values():
