@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
@@ -31,7 +32,8 @@ Ask = Callable[[dict[str, Any], Done], None]
 #: requests a source has waiting for decision clients at once, at most; beyond it the
 #: source applies its default verdict at once
 MAX_ASKS: Final = 256
-#: called after a client's answer was applied: (request, reply)
+#: called after a client's answer was applied, when it says more than its verdict
+#: (remember, a duration): (request, reply)
 OnReply = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 
 
@@ -55,6 +57,9 @@ class Decisions:
         #: (read by the sources' threads)
         self.deciders: frozenset[int] = frozenset()
         self.missed = 0
+        #: the requests waiting on a client's answer
+        self._asks: set[asyncio.Future[Any]] = set()
+        #: answers being applied (remembered as rules)
         self._tasks: set[asyncio.Task[None]] = set()
         self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,16 +91,8 @@ class Decisions:
             done(self.default_verdict, "kport is stopping")
 
     def _start(self, request: dict[str, Any], done: Done) -> None:
-        task = asyncio.get_running_loop().create_task(self._ask(request, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def cancel(self) -> None:
-        """Stop every ask: each answers its caller with the default on the way out."""
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def _ask(self, request: dict[str, Any], done: Done) -> None:
+        """In the loop: send the request now; the reply (or its end) comes to
+        :meth:`_answered` as the future's callback, with no task in between."""
         default = self.default_verdict
         port = self.port
         conns = [c for c in port.connections if not c.closed] if port is not None else []
@@ -105,29 +102,62 @@ class Decisions:
         conn = conns[self._next % len(conns)]
         self._next += 1
         try:
-            reply = await port.request(conn, request, timeout=self.deadline_s)
-        except Timeout:
-            done(default, f"no answer within {self.deadline_s:g} s")
-            self.missed += 1
-            with contextlib.suppress(KportError):
-                port.notify(conn, {"kind": "missed", "request": request, "verdict": default})
-            return
+            future = port.request_future(conn, request, timeout=self.deadline_s)
         except KportError as err:
             done(default, f"the decision client went away: {err}")
             return
-        except BaseException:
+        self._asks.add(future)
+        future.add_done_callback(functools.partial(self._answered, request, done, conn))
+
+    def cancel(self) -> None:
+        """Stop every ask: each answers its caller with the default on the way out."""
+        for future in list(self._asks):
+            future.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _answered(
+        self,
+        request: dict[str, Any],
+        done: Done,
+        conn: ServerConnection,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self._asks.discard(future)
+        default = self.default_verdict
+        if future.cancelled():
             done(default, "kport is stopping")
-            raise
+            return
+        error = future.exception()
+        if isinstance(error, Timeout):
+            done(default, f"no answer within {self.deadline_s:g} s")
+            self.missed += 1
+            if self.port is not None:
+                with contextlib.suppress(KportError):
+                    self.port.notify(
+                        conn, {"kind": "missed", "request": request, "verdict": default}
+                    )
+            return
+        if error is not None:
+            done(default, f"the decision client went away: {error}")
+            return
+        reply = future.result()
         verdict = reply.get("verdict") if isinstance(reply, dict) else None
         if verdict not in self.verdicts:
             done(default, f"the decision client answered {reply!r:.60}, not {self._choices()}")
             return
         done(verdict, "decided")
-        if self.on_reply is not None:
-            try:
-                await self.on_reply(request, reply)
-            except (OSError, ValueError) as err:
-                log.error("could not apply the answer %r: %s", reply, err)
+        if self.on_reply is not None and len(reply) > 1:  # remember, a duration...
+            task = asyncio.get_running_loop().create_task(self._apply(request, reply))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
+        assert self.on_reply is not None
+        try:
+            await self.on_reply(request, reply)
+        except (OSError, ValueError) as err:
+            log.error("could not apply the answer %r: %s", reply, err)
 
     def _choices(self) -> str:
         return " or ".join(self.verdicts)

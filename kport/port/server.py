@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import functools
 import inspect
 import itertools
 import logging
@@ -616,6 +617,15 @@ class ServerPort:
         away or the port shuts down first, ``QueueFull`` if it cannot be queued at all,
         ``OneWayPort`` on a one-way port.
         """
+        return await self.request_future(conn, data, timeout=timeout)
+
+    def request_future(
+        self, conn: ServerConnection, data: Any, *, timeout: float = 5.0
+    ) -> asyncio.Future[Any]:
+        """:meth:`request` with no coroutine: the request is sent (or queued) now, and the
+        future gets the reply or the same errors. A caller that only adds a done callback
+        costs no task and no extra turn of the loop; cancelling the future withdraws the
+        request. Call it in the loop's thread."""
         if self.one_way:
             raise OneWayPort(f"port {self.name!r} is one-way: it cannot carry requests")
         if conn.closed or conn._closing:
@@ -627,26 +637,22 @@ class ServerPort:
         frame = conn._proto.send(
             protocol.Request(request_id, deadline_ns, self._pack_item(data), packed=True)
         )
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         conn._pending[request_id] = future
         try:
             self._send_frame(conn, frame, request_id)
         except QueueFull:
             del conn._pending[request_id]
             raise
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, future)
-        try:
-            return await future
-        except _Expired:
-            raise Timeout(
-                f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not reply "
-                f"within {timeout:g} s"
-            ) from None
-        finally:
-            timer.cancel()
-            conn._pending.pop(request_id, None)
-            if conn._queue:  # still queued (deadline, cancellation): do not send it late
-                conn._unqueue_request(request_id)
+        timeout_error = functools.partial(
+            Timeout,
+            f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not reply "
+            f"within {timeout:g} s",
+        )
+        timer = loop.call_later(timeout, _expire, future, timeout_error)
+        future.add_done_callback(functools.partial(_request_done, conn, request_id, timer))
+        return future
 
     # --- accepting -------------------------------------------------------------------
 
@@ -1148,14 +1154,14 @@ class ServerPort:
         conn._queue.append(entry)  # never dropped: like a request, it waits its turn
         conn._queue_bytes += len(frame)
         conn._wake.set()
-        timer = loop.call_later(timeout, _expire, future)
+        timeout_error = functools.partial(
+            Timeout,
+            f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not take the "
+            f"{type_name} within {timeout:g} s",
+        )
+        timer = loop.call_later(timeout, _expire, future, timeout_error)
         try:
             await future
-        except _Expired:
-            raise Timeout(
-                f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not take the "
-                f"{type_name} within {timeout:g} s"
-            ) from None
         finally:
             timer.cancel()
             conn._pending.pop(object_id, None)
@@ -1290,13 +1296,19 @@ _current_send: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 
 
-class _Expired(Exception):
-    """A request's deadline passed (turned into kport.Timeout with the details)."""
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
+def _expire(future: asyncio.Future[Any], error: Callable[[], Timeout]) -> None:
     if not future.done():
-        future.set_exception(_Expired())
+        future.set_exception(error())
+
+
+def _request_done(
+    conn: ServerConnection, request_id: int, timer: asyncio.TimerHandle, _: asyncio.Future[Any]
+) -> None:
+    """However a request ended: no timer, no pending entry, and not sent late."""
+    timer.cancel()
+    conn._pending.pop(request_id, None)
+    if conn._queue:  # still queued (deadline, cancellation)
+        conn._unqueue_request(request_id)
 
 
 async def _maybe_await(value: Any) -> Any:
