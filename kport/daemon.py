@@ -384,11 +384,17 @@ class Daemon:
     # --- events ------------------------------------------------------------------------
 
     def _from_thread(self, batch: list[dict[str, Any]]) -> None:
-        """Called by a source's thread: deliver on the event loop."""
+        """Called by a source's thread: deliver on the event loop. Called on the loop's
+        own thread (an answer from a decision client), deliver now: a hop through the
+        loop's wake-up pipe would cost two syscalls and a turn of the loop."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed while we were called
-                loop.call_soon_threadsafe(self.deliver, batch)
+        if loop is None or loop.is_closed():
+            return
+        if asyncio._get_running_loop() is loop:
+            self.deliver(batch)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed while we were called
+            loop.call_soon_threadsafe(self.deliver, batch)
 
     def _passes(self, event: dict[str, Any]) -> bool:
         cfg = self.config.proc
