@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
+import kport
+from kport import decide
 from kport.decide import answer_of, describe, parse_answer
+from tests.conftest import run, wait_for
 
 CONNECT = {
     "kind": "connect",
@@ -51,3 +57,27 @@ def test_a_connection_is_shown_with_its_host_and_process() -> None:
     assert second == "  by pid 7 (alice): curl https://a.example.org"
     inbound = describe({**CONNECT, "direction": "in", "src": "198.51.100.2", "dport": 22})
     assert inbound.startswith("incoming tcp from 198.51.100.2 to port 22")
+
+
+def test_a_policy_answers_both_ports_in_their_reader_threads_and_stops_at_count(
+    rundir: Path,
+) -> None:
+    async def main() -> None:
+        async with (
+            kport.ServerPort("file-decide", runtime_dir=rundir) as files,
+            kport.ServerPort("net-decide", runtime_dir=rundir) as nets,
+        ):
+            done = asyncio.create_task(
+                asyncio.to_thread(decide.run, policy="deny", runtime_dir=str(rundir), count=3)
+            )
+            await wait_for(lambda: bool(files.connections and nets.connections))
+            file_conn, net_conn = files.connections[0], nets.connections[0]
+            answers = await asyncio.gather(
+                files.request(file_conn, {"kind": "open_perm", "path": "/x"}),
+                nets.request(net_conn, CONNECT),
+                files.request(file_conn, {"kind": "open_perm", "path": "/y"}),
+            )
+            assert answers == [{"verdict": "deny"}] * 3
+            assert await asyncio.wait_for(done, 10) == 0  # three answers: done
+
+    run(main())

@@ -230,6 +230,36 @@ def test_request_deadline_and_late_reply(rundir: Path) -> None:
     run(main())
 
 
+def test_request_future_answers_by_callback_and_a_cancelled_one_is_withdrawn(
+    rundir: Path,
+) -> None:
+    async def main() -> None:
+        async with kport.ServerPort("cb", runtime_dir=rundir) as port:
+            client = await kport.aconnect("cb", runtime_dir=rundir)
+            await wait_for(lambda: bool(port.connections))
+            conn = port.connections[0]
+            answers: list[Any] = []
+            future = port.request_future(conn, {"n": 1}, timeout=5)
+            future.add_done_callback(lambda f: answers.append(f.result()))
+            msg = await client.get_message(timeout=5)
+            await client.reply(msg, {"n": msg.data["n"] + 1})
+            await wait_for(lambda: answers == [{"n": 2}])
+            assert conn.pending_requests == 0
+            # withdrawn: nothing pending, and a reply that comes anyway is only counted
+            cancelled = port.request_future(conn, "q", timeout=5)
+            msg = await client.get_message(timeout=5)
+            cancelled.cancel()
+            await wait_for(lambda: conn.pending_requests == 0)
+            await client.reply(msg, "late")
+            await wait_for(lambda: conn.late_replies == 1)
+            expired = port.request_future(conn, "q", timeout=0.1)
+            with pytest.raises(kport.Timeout, match=r"did not reply within 0\.1 s"):
+                await expired
+            await client.close()
+
+    run(main())
+
+
 def test_killed_client_ends_its_pending_request_at_once(rundir: Path) -> None:
     async def main() -> None:
         async with kport.ServerPort("victim", runtime_dir=rundir) as port:
