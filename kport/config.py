@@ -275,9 +275,10 @@ def check_net(cfg: NetConfig, where: str) -> None:
         raise ConfigError(f"{where}: net.queue must be 0 to 65535")
     if not 0 <= cfg.queues <= MAX_QUEUES:
         raise ConfigError(f"{where}: net.queues must be 0 (one per CPU) to {MAX_QUEUES}")
-    if cfg.queue + queue_count(cfg.queues) - 1 > 65535:
+    count = queue_count(cfg.queues)
+    if cfg.queue + count - 1 > 65535:
         raise ConfigError(
-            f"{where}: net.queue {cfg.queue} and {queue_count(cfg.queues)} queues go past "
+            f"{where}: net.queue {cfg.queue} and {count} queues go past "
             "NFQUEUE 65535: choose a lower net.queue"
         )
     if not 1 <= cfg.queue_length <= 1_000_000:

@@ -645,12 +645,7 @@ class ServerPort:
         except QueueFull:
             del conn._pending[request_id]
             raise
-        timeout_error = functools.partial(
-            Timeout,
-            f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not reply "
-            f"within {timeout:g} s",
-        )
-        timer = loop.call_later(timeout, _expire, future, timeout_error)
+        timer = loop.call_later(timeout, _expire, future, self.name, conn, timeout, "reply")
         future.add_done_callback(functools.partial(_request_done, conn, request_id, timer))
         return future
 
@@ -1154,12 +1149,8 @@ class ServerPort:
         conn._queue.append(entry)  # never dropped: like a request, it waits its turn
         conn._queue_bytes += len(frame)
         conn._wake.set()
-        timeout_error = functools.partial(
-            Timeout,
-            f"port {self.name!r}: connection {conn.id} (pid {conn.pid}) did not take the "
-            f"{type_name} within {timeout:g} s",
-        )
-        timer = loop.call_later(timeout, _expire, future, timeout_error)
+        what = f"take the {type_name}"
+        timer = loop.call_later(timeout, _expire, future, self.name, conn, timeout, what)
         try:
             await future
         finally:
@@ -1296,9 +1287,17 @@ _current_send: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 
 
-def _expire(future: asyncio.Future[Any], error: Callable[[], Timeout]) -> None:
+def _expire(
+    future: asyncio.Future[Any], port: str, conn: ServerConnection, timeout: float, what: str
+) -> None:
+    """A request's deadline passed: its Timeout, worded only now that it is needed."""
     if not future.done():
-        future.set_exception(error())
+        future.set_exception(
+            Timeout(
+                f"port {port!r}: connection {conn.id} (pid {conn.pid}) did not {what} "
+                f"within {timeout:g} s"
+            )
+        )
 
 
 def _request_done(

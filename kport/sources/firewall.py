@@ -101,16 +101,18 @@ def iptables_rules(plan: Plan, family: int) -> dict[str, list[str]]:
         ["-m", "mark", "--mark", mark, "-j", "REJECT", "--reject-with", unreachable],
     ]
     new = ["-m", "conntrack", "--ctstate", "NEW"]
+    #: the new connections that go to the queue, either way
+    queued = [
+        ["-p", "tcp", "--syn", *new, *queue],
+        ["-p", "udp", *new, *queue],
+        [*icmp, *new, *queue],
+    ]
     out: dict[str, list[str]] = {}
     if plan.outbound:
         rules = [*reject]
         if not plan.loopback:
             rules.append(["-o", "lo", "-j", "RETURN"])
-        rules += [
-            ["-p", "tcp", "--syn", *new, *queue],
-            ["-p", "udp", *new, *queue],
-            [*icmp, *new, *queue],
-        ]
+        rules += queued
         out[CHAIN_OUT] = [" ".join(r) for r in rules]
     if plan.inbound or plan.dns:
         rules = []
@@ -121,11 +123,7 @@ def iptables_rules(plan: Plan, family: int) -> dict[str, list[str]]:
             rules += reject
             if not plan.loopback:
                 rules.append(["-i", "lo", "-j", "RETURN"])
-            rules += [
-                ["-p", "tcp", "--syn", *new, *queue],
-                ["-p", "udp", *new, *queue],
-                [*icmp, *new, *queue],
-            ]
+            rules += queued
         out[CHAIN_IN] = [" ".join(r) for r in rules]
     return out
 
