@@ -79,35 +79,41 @@ class Decisions:
         self.deciders = frozenset(pids)
 
     def ask_from_thread(self, request: dict[str, Any], done: Done) -> None:
-        """Ask a decision client; ``done`` is called from the event loop's thread (or
-        from this one, at once, if the daemon is stopping)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            done(self.default_verdict, "kport is stopping")
-            return
-        try:
-            loop.call_soon_threadsafe(self._start, request, done)
-        except RuntimeError:
-            done(self.default_verdict, "kport is stopping")
+        """Ask a decision client from a source's thread; ``done`` is called from the event
+        loop's thread, or from this one, at once, when nobody can be asked.
 
-    def _start(self, request: dict[str, Any], done: Done) -> None:
-        """In the loop: send the request now; the reply (or its end) comes to
-        :meth:`_answered` as the future's callback, with no task in between."""
+        The request is written from this thread when the client's queue is empty, so the
+        client sees it without the loop being woken first (see
+        :meth:`ServerPort.request_from_thread`); the answer comes back through the loop.
+        """
         default = self.default_verdict
         port = self.port
-        conns = [c for c in port.connections if not c.closed] if port is not None else []
-        if port is None or not conns:
+        loop = self._loop
+        if port is None or loop is None or loop.is_closed():
+            done(default, "kport is stopping")
+            return
+        conns = [c for c in port.connections if not c.closed]
+        if not conns:
             done(default, "no decision client")
             return
         conn = conns[self._next % len(conns)]
         self._next += 1
         try:
-            future = port.request_future(conn, request, timeout=self.deadline_s)
+            future = port.request_from_thread(
+                conn,
+                request,
+                timeout=self.deadline_s,
+                on_done=functools.partial(self._answered, request, done, conn),
+            )
         except KportError as err:
             done(default, f"the decision client went away: {err}")
             return
+        except (TypeError, ValueError) as err:  # a request the port cannot carry
+            done(default, f"the request could not be sent: {err}")
+            return
         self._asks.add(future)
-        future.add_done_callback(functools.partial(self._answered, request, done, conn))
+        if future.done():  # answered before it was added: _answered has run, or will
+            self._asks.discard(future)
 
     def cancel(self) -> None:
         """Stop every ask: each answers its caller with the default on the way out."""

@@ -335,6 +335,15 @@ def pack(data: Any) -> bytes:
         raise TypeError(f"kport can only carry msgpack-encodable data: {err}") from err
 
 
+def pack_new(data: Any) -> bytes:
+    """:func:`pack` with a packer of its own, for a thread other than the one that packs
+    frames (the shared packer is one buffer)."""
+    try:
+        return msgpack.packb(data, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as err:
+        raise TypeError(f"kport can only carry msgpack-encodable data: {err}") from err
+
+
 def _frame(body: bytes) -> bytes:
     return _HEADER.pack(len(body)) + body
 

@@ -29,6 +29,7 @@ import os
 import select
 import socket
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,6 +72,9 @@ MAX_OBJECTS_PER_CONNECTION: Final = 64
 #: history events read per page when replaying
 REPLAY_PAGE: Final = 5000
 _RECV_SIZE: Final = 256 * 1024
+#: a request sent from another thread goes out at once when its frame is at most this
+#: big: one skb on a Unix stream socket, so the send is all or nothing (never half a frame)
+_DIRECT_MAX: Final = 16 * 1024
 _ACCEPT_RETRY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
 )
@@ -125,12 +129,19 @@ class ServerConnection:
         self._lost_last: int | None = None
         self._wake = asyncio.Event()
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: done callbacks of requests from other threads, called as their reply is read
+        #: rather than a turn of the loop later
+        self._eager: dict[int, Callable[[asyncio.Future[Any]], None]] = {}
         self._sends_in_flight = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
         self._reading = False
         self._writing = False
+        #: held while the socket is written outside the writer task, or while a write is
+        #: claimed: a request sent from another thread (``request_from_thread``) never
+        #: lands inside a frame the loop is writing
+        self._send_lock = threading.Lock()
         #: replaying history: broadcasts skip this connection until it has caught up
         self._held = False
         #: history notifications replayed to this connection
@@ -266,6 +277,11 @@ class ServerConnection:
         if self._lost_last is None or seq > self._lost_last:
             self._lost_last = seq
         self._wake.set()
+
+    def _claim_writing(self) -> None:
+        """From now until ``_writing`` is cleared, only the loop writes this socket."""
+        with self._send_lock:
+            self._writing = True
 
     def _unqueue_request(self, request_id: int) -> None:
         for index, entry in enumerate(self._queue):
@@ -645,9 +661,118 @@ class ServerPort:
         except QueueFull:
             del conn._pending[request_id]
             raise
-        timer = loop.call_later(timeout, _expire, future, self.name, conn, timeout, "reply")
-        future.add_done_callback(functools.partial(_request_done, conn, request_id, timer))
+        self._arm(conn, future, request_id, timeout)
         return future
+
+    def request_from_thread(
+        self,
+        conn: ServerConnection,
+        data: Any,
+        *,
+        timeout: float,
+        on_done: Callable[[asyncio.Future[Any]], None],
+    ) -> asyncio.Future[Any]:
+        """:meth:`request_future` for a thread other than the loop's: the request is written
+        from the calling thread at once when nothing else is queued for the connection (no
+        wake-up of the loop before the client sees it), else handed to the loop to queue.
+        ``on_done`` is the future's done callback, called in the loop's thread. Errors
+        found here raise (``OneWayPort``, ``PortClosed``, ``ValueError``); later ones
+        (``QueueFull``, ``Timeout``, ``PortClosed``) come in the future."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise PortClosed(f"port {self.name!r} is not running")
+        if self.one_way:
+            raise OneWayPort(f"port {self.name!r} is one-way: it cannot carry requests")
+        if conn.closed or conn._closing:
+            raise PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed")
+        if timeout <= 0:
+            raise ValueError(f"request timeout must be positive, not {timeout}")
+        request_id = next(self._request_ids)
+        deadline_ns = time.monotonic_ns() + int(timeout * 1e9)
+        # msgpack.packb, not the shared packer: this runs beside the loop's thread
+        item = protocol.pack_new(data)
+        if len(item) > self.max_frame - 64:
+            raise ValueError(
+                f"a request of {len(item)} bytes exceeds port {self.name!r}'s frame limit "
+                f"of {self.max_frame} bytes"
+            )
+        frame = protocol.encode_request_packed(request_id, deadline_ns, item)
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(on_done)
+        conn._eager[request_id] = on_done
+        conn._pending[request_id] = future  # before the send: the reply may come at once
+        sent = False
+        if len(frame) <= _DIRECT_MAX:
+            with conn._send_lock:
+                if not (conn._queue or conn._writing or conn._lost_count or conn._closing):
+                    try:
+                        sent = conn._sock.send(frame, socket.MSG_DONTWAIT) == len(frame)
+                    except OSError:
+                        sent = False  # full or failing: the loop's path queues or drops
+        try:
+            loop.call_soon_threadsafe(
+                self._request_sent if sent else self._request_handed,
+                conn,
+                future,
+                request_id,
+                frame,
+                timeout,
+            )
+        except RuntimeError:  # the loop closed meanwhile
+            conn._pending.pop(request_id, None)
+            conn._eager.pop(request_id, None)
+            raise PortClosed(f"port {self.name!r} is not running") from None
+        return future
+
+    def _request_handed(
+        self,
+        conn: ServerConnection,
+        future: asyncio.Future[Any],
+        request_id: int,
+        frame: bytes,
+        timeout: float,
+    ) -> None:
+        """In the loop: a request from another thread that could not be written there."""
+        if future.done():  # cancelled already
+            _forget(conn, request_id)
+            return
+        if conn.closed or conn._closing:
+            _forget(conn, request_id)
+            future.set_exception(PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed"))
+            return
+        try:
+            self._send_frame(conn, frame, request_id)
+        except QueueFull as err:
+            _forget(conn, request_id)
+            future.set_exception(err)
+            return
+        self._arm(conn, future, request_id, timeout)
+
+    def _request_sent(
+        self,
+        conn: ServerConnection,
+        future: asyncio.Future[Any],
+        request_id: int,
+        frame: bytes,
+        timeout: float,
+    ) -> None:
+        """In the loop: a request another thread wrote; its deadline starts to count."""
+        conn.sent += 1
+        if future.done():  # answered (or ended) before the loop got here
+            _forget(conn, request_id)
+            return
+        if conn.closed:  # it ended after the send, its pending requests failed already
+            _forget(conn, request_id)
+            future.set_exception(PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed"))
+            return
+        self._arm(conn, future, request_id, timeout)
+
+    def _arm(
+        self, conn: ServerConnection, future: asyncio.Future[Any], request_id: int, timeout: float
+    ) -> None:
+        assert self._loop is not None
+        timer = self._loop.call_later(timeout, _expire, future, self.name, conn, timeout, "reply")
+        future.add_done_callback(functools.partial(_request_done, conn, request_id, timer))
 
     # --- accepting -------------------------------------------------------------------
 
@@ -832,7 +957,7 @@ class ServerPort:
                     conn._wake.clear()
                     await conn._wake.wait()
                     continue
-                conn._writing = True
+                conn._claim_writing()
                 head = conn._queue[0] if conn._queue and not conn._lost_count else None
                 if head is not None and head[0] == _OBJECT:
                     conn._queue.popleft()
@@ -865,7 +990,7 @@ class ServerPort:
         history = self.history
         loop = asyncio.get_running_loop()
         after = since
-        conn._writing = True  # requests wait behind the replay
+        conn._claim_writing()  # requests wait behind the replay
         try:
             while True:
                 upto = self.seq
@@ -1015,22 +1140,23 @@ class ServerPort:
         Requests and replies are latency-bound: when nothing is queued or being written,
         one non-blocking send saves waking the writer task, a whole loop iteration.
         """
-        if conn._queue or conn._writing or conn._lost_count:
-            conn._enqueue_frame(frame, request_id)
-            return
-        try:
-            sent = conn._sock.send(frame)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as err:
-            self._drop_later(conn, f"write failed: {err.strerror}")
-            return
-        conn.sent += 1
-        if sent < len(frame):  # the rest goes first, whatever comes after
-            rest = frame[sent:]
-            conn._queue.appendleft((_FRAME, None if sent else request_id, rest))
-            conn._queue_bytes += len(rest)
-            conn._wake.set()
+        with conn._send_lock:
+            if conn._queue or conn._writing or conn._lost_count:
+                conn._enqueue_frame(frame, request_id)
+                return
+            try:
+                sent = conn._sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as err:
+                self._drop_later(conn, f"write failed: {err.strerror}")
+                return
+            conn.sent += 1
+            if sent < len(frame):  # the rest goes first, whatever comes after
+                rest = frame[sent:]
+                conn._queue.appendleft((_FRAME, None if sent else request_id, rest))
+                conn._queue_bytes += len(rest)
+                conn._wake.set()
 
     def _on_object(self, conn: ServerConnection, event: protocol.Object) -> None:
         """A client hands over an object: check it, keep a reference, answer with a handle."""
@@ -1167,7 +1293,15 @@ class ServerPort:
         if future is None or future.done():
             conn.late_replies += 1
             return
+        on_done = conn._eager.pop(event.id, None)
+        if on_done is None or not future.remove_done_callback(on_done):
+            future.set_result(event.data)
+            return
         future.set_result(event.data)
+        try:
+            on_done(future)  # now, not on the loop's next turn: a source is waiting
+        except Exception:
+            log.exception("port %s: a request's done callback failed", self.name)
 
     def _on_send(self, conn: ServerConnection, event: protocol.Send) -> None:
         if self.on_message is None:
@@ -1229,10 +1363,12 @@ class ServerPort:
             log.warning("port %s: could not queue an error for connection %d", self.name, conn.id)
 
     def _fail_pending(self, conn: ServerConnection, error: KportError) -> None:
-        for future in conn._pending.values():
+        pending = conn._pending
+        while pending:  # popitem: another thread may add a request meanwhile
+            request_id, future = pending.popitem()
+            conn._eager.pop(request_id, None)
             if not future.done():
                 future.set_exception(error)
-        conn._pending.clear()
 
     def _drop_later(self, conn: ServerConnection, reason: str) -> None:
         """Drop ``conn`` from a task of its own (the caller may be one of its tasks)."""
@@ -1305,9 +1441,14 @@ def _request_done(
 ) -> None:
     """However a request ended: no timer, no pending entry, and not sent late."""
     timer.cancel()
-    conn._pending.pop(request_id, None)
+    _forget(conn, request_id)
     if conn._queue:  # still queued (deadline, cancellation)
         conn._unqueue_request(request_id)
+
+
+def _forget(conn: ServerConnection, request_id: int) -> None:
+    conn._pending.pop(request_id, None)
+    conn._eager.pop(request_id, None)
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -9,6 +9,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,121 @@ def test_request_future_answers_by_callback_and_a_cancelled_one_is_withdrawn(
             with pytest.raises(kport.Timeout, match=r"did not reply within 0\.1 s"):
                 await expired
             await client.close()
+
+    run(main())
+
+
+def test_request_from_thread_is_written_there_or_queued_and_answered_in_the_loop(
+    rundir: Path,
+) -> None:
+    async def main() -> None:
+        async with kport.ServerPort("th", runtime_dir=rundir) as port:
+            client = await kport.aconnect("th", runtime_dir=rundir)
+            await wait_for(lambda: bool(port.connections))
+            conn = port.connections[0]
+            loop_thread = threading.get_ident()
+            answers: list[tuple[Any, bool]] = []
+
+            def on_done(future: asyncio.Future[Any]) -> None:
+                outcome = future.exception() or future.result()
+                answers.append((outcome, threading.get_ident() == loop_thread))
+
+            def ask(data: Any, timeout: float = 5) -> asyncio.Future[Any]:
+                return port.request_from_thread(conn, data, timeout=timeout, on_done=on_done)
+
+            # an idle connection: written from the thread, answered in the loop's thread
+            sent_before = conn.sent
+            await asyncio.to_thread(ask, {"n": 1})
+            assert conn.queue_depth == 0  # it never waited in the queue
+            msg = await client.get_message(timeout=5)
+            await client.reply(msg, {"n": msg.data["n"] + 1})
+            await wait_for(lambda: answers == [({"n": 2}, True)])
+            assert conn.sent == sent_before + 1
+            # notifications still queued (the client is not reading): the request waits
+            # behind them, in order, and is written by the loop
+            for i in range(3):
+                port.notify(conn, {"note": i})
+            await asyncio.to_thread(ask, {"n": 10})
+            got = [await client.get_message(timeout=5) for _ in range(4)]
+            assert [m.data for m in got[:3]] == [{"note": 0}, {"note": 1}, {"note": 2}]
+            assert got[3].needs_reply and got[3].data == {"n": 10}
+            await client.reply(got[3], "ok")
+            await wait_for(lambda: len(answers) == 2)
+            assert answers[1] == ("ok", True)
+            # the deadline holds for a request sent from a thread
+            await asyncio.to_thread(ask, "late", 0.1)
+            await client.get_message(timeout=5)
+            await wait_for(lambda: len(answers) == 3)
+            assert isinstance(answers[2][0], kport.Timeout)
+            await wait_for(lambda: conn.pending_requests == 0)
+            # the client goes away with a request pending: PortClosed
+            await asyncio.to_thread(ask, "gone")
+            await client.get_message(timeout=5)
+            await client.close()
+            await wait_for(lambda: len(answers) == 4)
+            assert isinstance(answers[3][0], kport.PortClosed)
+            with pytest.raises(kport.PortClosed):
+                await asyncio.to_thread(ask, "after")
+
+    run(main())
+
+
+def test_requests_from_threads_never_interleave_with_the_loops_writes(rundir: Path) -> None:
+    """Two threads ask while the loop floods notifications: every frame arrives whole."""
+
+    async def main() -> None:
+        async with kport.ServerPort("mix", runtime_dir=rundir) as port:
+            client = await asyncio.to_thread(kport.connect, "mix", runtime_dir=rundir)
+            await wait_for(lambda: bool(port.connections))
+            conn = port.connections[0]
+            replies: list[Any] = []
+            asks = 400
+
+            def answer() -> tuple[list[int], int]:
+                notes: list[int] = []
+                lost = 0
+                answered = 0
+                ended = False
+                while answered < 2 * asks or not ended:
+                    msg = client.get_message(timeout=10)
+                    if msg.needs_reply:
+                        client.reply(msg, msg.data)
+                        answered += 1
+                    elif msg.is_lost:
+                        lost += msg.data["count"]
+                    elif "end" in msg.data:
+                        ended = True
+                    else:
+                        notes.append(msg.data["note"])
+                return notes, lost
+
+            def asker(who: int) -> None:
+                for i in range(asks):
+                    port.request_from_thread(
+                        conn,
+                        {"who": who, "i": i, "pad": "x" * (i % 50)},
+                        timeout=10,
+                        on_done=lambda f: replies.append(f.result()),
+                    )
+
+            reader = asyncio.ensure_future(asyncio.to_thread(answer))
+            askers = [asyncio.ensure_future(asyncio.to_thread(asker, w)) for w in (1, 2)]
+            sent = 0
+            while not all(a.done() for a in askers):
+                for _ in range(50):
+                    port.notify(conn, {"note": sent, "pad": "y" * (sent % 300)})
+                    sent += 1
+                await asyncio.sleep(0)
+            await asyncio.gather(*askers)
+            await wait_for(lambda: len(replies) == 2 * asks)
+            port.notify(conn, {"end": True})
+            notes, lost = await reader
+            assert sorted((r["who"], r["i"]) for r in replies) == sorted(
+                (w, i) for w in (1, 2) for i in range(asks)
+            )
+            assert notes == sorted(notes)
+            assert len(notes) + lost == sent
+            await asyncio.to_thread(client.close)
 
     run(main())
 
