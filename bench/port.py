@@ -2,7 +2,8 @@
 a raw Unix socket ceiling, multiprocessing.Queue, pyzmq PUSH/PULL and a gRPC unary call.
 
 Every transport carries the same stream of ~100-byte event mappings from one process to
-another, in the same run. Producer and consumer are separate processes (spawned).
+another, in the same run. Producer and consumer are separate processes (spawned). kport's
+server side runs on uvloop, the event loop `kport serve` runs its ports on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 import msgpack
+import uvloop
 
 from bench.common import Table, count_notifications, drained, flow_control, percentile, save_results
 
@@ -67,7 +69,7 @@ def _kport_producer(rundir: str, count: int, ready: Any) -> None:
             await asyncio.sleep(0.005)
         await port.shutdown()
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def _kport_consumer(rundir: str, count: int, out: Pipe) -> None:
@@ -256,7 +258,7 @@ def _kport_requester(rundir: str, rounds: int, out: Pipe) -> None:
         await port.shutdown()
         return times
 
-    out.send(asyncio.run(main()))
+    out.send(uvloop.run(main()))
 
 
 def _raw_replier(sock: socket.socket) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import logging
 import os
@@ -35,12 +34,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import uvloop
+
     from kport import demo
 
-    return asyncio.run(demo.run(runtime_dir=args.runtime_dir, count=args.count))
+    return uvloop.run(demo.run(runtime_dir=args.runtime_dir, count=args.count))
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
     from kport import config as config_mod
     from kport import daemon
 
@@ -93,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     root.setLevel(logging.DEBUG if args.verbose else cfg.daemon.log_level.upper())
     ui = _start_ui(args.ui, cfg.daemon.runtime_dir) if args.ui else None
     try:
-        asyncio.run(daemon.Daemon(cfg).run())
+        uvloop.run(daemon.Daemon(cfg).run())  # the daemon's loop: see pyproject
     except KportError as err:
         print(f"kport serve: {err}", file=sys.stderr)
         return 1
