@@ -480,6 +480,12 @@ def decode_body(body: bytes | memoryview) -> Event:
         raise RemoteProtocolError(f"frame body is not valid msgpack: {err}") from err
     if type(obj) is not list or not obj or type(obj[0]) is not int:
         raise RemoteProtocolError("frame body must be a msgpack array starting with a frame type")
+    # the frames of a round trip, checked in line (the same checks as the table below)
+    size = len(obj)
+    if size == 4 and obj[0] == _REQUEST and type(obj[1]) is int and type(obj[2]) is int:
+        return Request(obj[1], obj[2], obj[3])
+    if size == 3 and obj[0] == _REPLY and type(obj[1]) is int:
+        return Reply(obj[1], obj[2])
     ftype = _TYPE_BY_INT.get(obj[0])  # a dict: FrameType(n) runs the enum machinery
     if ftype is None:
         raise RemoteProtocolError(f"unknown frame type {obj[0]}")
@@ -510,6 +516,8 @@ def decode_body(body: bytes | memoryview) -> Event:
 
 
 _TYPE_BY_INT: dict[int, FrameType] = {int(t): t for t in FrameType}
+_REQUEST: Final = int(FrameType.REQUEST)
+_REPLY: Final = int(FrameType.REPLY)
 _BUILDERS: dict[FrameType, Callable[..., Any]] = {
     FrameType.HELLO: Hello,
     FrameType.WELCOME: Welcome,

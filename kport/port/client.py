@@ -76,7 +76,11 @@ class Connection:
         self._core = core
         self.path = path
         self.port = core.port
-        self._cond = threading.Condition()
+        # with self._lock (C), not with self._cond (a Python method per enter and exit);
+        # the condition is only waited on and notified when a second thread waits
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
         self._reading = False
         self._write_lock = threading.Lock()
         self._rbuf = bytearray(_RECV_SIZE)
@@ -145,27 +149,33 @@ class Connection:
     def _wait(self, ready: Callable[[], T | None], timeout: float | None) -> T:
         """Wait until ``ready()`` gives a value, reading the socket when no other thread is."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._cond:
-                while True:
-                    value = ready()
-                    if value is not None:
-                        return value
-                    if self._core.end is not None:
-                        raise self._core.end
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise Timeout(f"port {self.port!r}: nothing arrived within {timeout:g} s")
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    self._cond.wait(remaining)
-            try:
-                self._read_once(remaining)
-            finally:
-                with self._cond:
+        lock = self._lock
+        with lock:
+            while True:
+                value = ready()
+                if value is not None:
+                    return value
+                if self._core.end is not None:
+                    raise self._core.end
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Timeout(f"port {self.port!r}: nothing arrived within {timeout:g} s")
+                if self._reading:
+                    self._waiters += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._waiters -= 1
+                    continue
+                self._reading = True
+                lock.release()  # the read itself holds no lock; what it got is fed under it
+                try:
+                    self._read_once(remaining)
+                finally:
+                    lock.acquire()
                     self._reading = False
-                    self._cond.notify_all()
+                    if self._waiters:
+                        self._cond.notify_all()
 
     def _read_once(self, timeout: float | None) -> None:
         if self._closed:
@@ -195,7 +205,7 @@ class Connection:
                     PortClosed(f"port {self.port!r}: read failed: {err.strerror}"), graceful=False
                 )
                 return
-        with self._cond:
+        with self._lock:
             if fds is not None and flags & socket.MSG_CTRUNC:
                 for fd in fds:
                     os.close(fd)
@@ -214,7 +224,7 @@ class Connection:
 
     def reply(self, msg: Message, data: Any) -> None:
         """Answer a request. A reply after the request's deadline is ignored by the server."""
-        with self._cond:
+        with self._lock:
             frame = self._core.reply_frame(msg, data)
         self._write(frame)
 
@@ -224,18 +234,18 @@ class Connection:
 
     def send_for_objects(self, data: Any, timeout: float = 5.0) -> tuple[Any, list[Any]]:
         """:meth:`send`, and the objects the server handed over with its answer."""
-        with self._cond:
+        with self._lock:
             self._core.check_can_send("send")
             send_id = self._core.next_send_id()
             frame = self._core.proto.send(protocol.Send(send_id, data))
         try:
             result = self._call(send_id, frame, [], timeout)
         except BaseException:
-            with self._cond:
+            with self._lock:
                 for obj in self._core.take_attached(send_id):
                     handles.close_object(obj)
             raise
-        with self._cond:
+        with self._lock:
             return result, self._core.take_attached(send_id)
 
     def reference_event(self, event: Event, timeout: float = 5.0) -> int:
@@ -253,7 +263,7 @@ class Connection:
 
     def reference(self, obj: Any, timeout: float = 5.0) -> int:
         """Hand any passable object (``kport.Event``, ``kport.Ring``) to the server."""
-        with self._cond:
+        with self._lock:
             object_id, frame, fds = self._core.object_frame(obj)
         handle: int = self._call(object_id, frame, fds, timeout)
         return handle
@@ -264,7 +274,7 @@ class Connection:
         """The general form: announce ``type_name`` and pass ``fds`` as its parts."""
         if len(fds) > protocol.MAX_OBJECT_FDS:
             raise ValueError(f"an object carries {protocol.MAX_OBJECT_FDS} fds at most")
-        with self._cond:
+        with self._lock:
             self._core.check_can_send("pass objects")
             object_id = self._core.next_send_id()
             frame = self._core.proto.send(
@@ -275,7 +285,7 @@ class Connection:
 
     def dereference(self, handle: int) -> None:
         """Make the server drop the reference it holds from :meth:`reference_event`."""
-        with self._cond:
+        with self._lock:
             frame = self._core.release_frame(handle)
         self._write(frame)
 
@@ -289,10 +299,10 @@ class Connection:
                 return (call_id,) if call_id in results else None
 
             self._wait(ready, timeout)
-            with self._cond:
+            with self._lock:
                 return self._core.take_result(call_id)
         finally:
-            with self._cond:
+            with self._lock:
                 self._core.waiting.discard(call_id)
                 self._core.results.pop(call_id, None)
 
@@ -316,14 +326,14 @@ class Connection:
         self._closed = True
         try:
             if not self.one_way and self._core.end is None:
-                with self._cond:
+                with self._lock:
                     frame = self._core.proto.send(protocol.Bye("client closed"))
                 self._sock.send(frame, socket.MSG_DONTWAIT)
         except (OSError, KportError):
             pass
         finally:
             self._sock.close()
-            with self._cond:
+            with self._lock:
                 self._core.discard()
 
     def __enter__(self) -> Connection:

@@ -351,17 +351,19 @@ def test_requests_from_threads_never_interleave_with_the_loops_writes(rundir: Pa
                         conn,
                         {"who": who, "i": i, "pad": "x" * (i % 50)},
                         timeout=10,
-                        on_done=lambda f: replies.append(f.result()),
+                        on_done=lambda f: replies.append(f.exception() or f.result()),
                     )
 
             reader = asyncio.ensure_future(asyncio.to_thread(answer))
             askers = [asyncio.ensure_future(asyncio.to_thread(asker, w)) for w in (1, 2)]
             sent = 0
             while not all(a.done() for a in askers):
-                for _ in range(50):
-                    port.notify(conn, {"note": sent, "pad": "y" * (sent % 300)})
+                # more than the client reads: the socket fills and the loop's writes are
+                # partial, the moments a thread's write must not come in between
+                for _ in range(200):
+                    port.notify(conn, {"note": sent, "pad": "y" * (sent % 2000)})
                     sent += 1
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.001)
             await asyncio.gather(*askers)
             await wait_for(lambda: len(replies) == 2 * asks)
             port.notify(conn, {"end": True})
