@@ -635,6 +635,16 @@ class ServerPort:
         """
         return await self.request_future(conn, data, timeout=timeout)
 
+    def _new_request(self, conn: ServerConnection, timeout: float) -> tuple[int, int]:
+        """A request's id and deadline, once it is known it may be sent at all."""
+        if self.one_way:
+            raise OneWayPort(f"port {self.name!r} is one-way: it cannot carry requests")
+        if conn.closed or conn._closing:
+            raise PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed")
+        if timeout <= 0:
+            raise ValueError(f"request timeout must be positive, not {timeout}")
+        return next(self._request_ids), time.monotonic_ns() + int(timeout * 1e9)
+
     def request_future(
         self, conn: ServerConnection, data: Any, *, timeout: float = 5.0
     ) -> asyncio.Future[Any]:
@@ -642,14 +652,7 @@ class ServerPort:
         future gets the reply or the same errors. A caller that only adds a done callback
         costs no task and no extra turn of the loop; cancelling the future withdraws the
         request. Call it in the loop's thread."""
-        if self.one_way:
-            raise OneWayPort(f"port {self.name!r} is one-way: it cannot carry requests")
-        if conn.closed or conn._closing:
-            raise PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed")
-        if timeout <= 0:
-            raise ValueError(f"request timeout must be positive, not {timeout}")
-        request_id = next(self._request_ids)
-        deadline_ns = time.monotonic_ns() + int(timeout * 1e9)
+        request_id, deadline_ns = self._new_request(conn, timeout)
         frame = conn._proto.send(
             protocol.Request(request_id, deadline_ns, self._pack_item(data), packed=True)
         )
@@ -681,14 +684,7 @@ class ServerPort:
         loop = self._loop
         if loop is None or loop.is_closed():
             raise PortClosed(f"port {self.name!r} is not running")
-        if self.one_way:
-            raise OneWayPort(f"port {self.name!r} is one-way: it cannot carry requests")
-        if conn.closed or conn._closing:
-            raise PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed")
-        if timeout <= 0:
-            raise ValueError(f"request timeout must be positive, not {timeout}")
-        request_id = next(self._request_ids)
-        deadline_ns = time.monotonic_ns() + int(timeout * 1e9)
+        request_id, deadline_ns = self._new_request(conn, timeout)
         # msgpack.packb, not the shared packer: this runs beside the loop's thread
         item = protocol.pack_new(data)
         if len(item) > self.max_frame - 64:
