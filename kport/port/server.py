@@ -707,60 +707,40 @@ class ServerPort:
                         sent = False  # full or failing: the loop's path queues or drops
         try:
             loop.call_soon_threadsafe(
-                self._request_sent if sent else self._request_handed,
-                conn,
-                future,
-                request_id,
-                frame,
-                timeout,
+                self._request_in_loop, conn, future, request_id, None if sent else frame, timeout
             )
         except RuntimeError:  # the loop closed meanwhile
-            conn._pending.pop(request_id, None)
-            conn._eager.pop(request_id, None)
+            _forget(conn, request_id)
             raise PortClosed(f"port {self.name!r} is not running") from None
         return future
 
-    def _request_handed(
+    def _request_in_loop(
         self,
         conn: ServerConnection,
         future: asyncio.Future[Any],
         request_id: int,
-        frame: bytes,
+        frame: bytes | None,
         timeout: float,
     ) -> None:
-        """In the loop: a request from another thread that could not be written there."""
-        if future.done():  # cancelled already
+        """In the loop: a request from another thread, which wrote it (``frame`` None) or
+        left it to the loop to queue; its deadline starts to count."""
+        if frame is None:
+            conn.sent += 1
+        if future.done():  # cancelled, or answered before the loop got here
             _forget(conn, request_id)
             return
-        if conn.closed or conn._closing:
+        # one written already is failed only once its connection has ended
+        if conn.closed or (frame is not None and conn._closing):
             _forget(conn, request_id)
             future.set_exception(PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed"))
             return
-        try:
-            self._send_frame(conn, frame, request_id)
-        except QueueFull as err:
-            _forget(conn, request_id)
-            future.set_exception(err)
-            return
-        self._arm(conn, future, request_id, timeout)
-
-    def _request_sent(
-        self,
-        conn: ServerConnection,
-        future: asyncio.Future[Any],
-        request_id: int,
-        frame: bytes,
-        timeout: float,
-    ) -> None:
-        """In the loop: a request another thread wrote; its deadline starts to count."""
-        conn.sent += 1
-        if future.done():  # answered (or ended) before the loop got here
-            _forget(conn, request_id)
-            return
-        if conn.closed:  # it ended after the send, its pending requests failed already
-            _forget(conn, request_id)
-            future.set_exception(PortClosed(f"connection {conn.id} (pid {conn.pid}) is closed"))
-            return
+        if frame is not None:
+            try:
+                self._send_frame(conn, frame, request_id)
+            except QueueFull as err:
+                _forget(conn, request_id)
+                future.set_exception(err)
+                return
         self._arm(conn, future, request_id, timeout)
 
     def _arm(
