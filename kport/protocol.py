@@ -359,9 +359,25 @@ def encode_notify_packed(seqs: int | list[int], packed_items: list[bytes]) -> by
     return _frame_parts(head, packed_items)
 
 
+def encode_notify_packed_new(seqs: int | list[int], packed_items: list[bytes]) -> bytes:
+    """:func:`encode_notify_packed` for any thread: no shared packer."""
+    head = _NOTIFY_HEAD + pack_new(seqs) + _array_header(len(packed_items))
+    return _frame_parts(head, packed_items)
+
+
 def encode_request_packed(request_id: int, deadline_ns: int, packed_data: bytes) -> bytes:
-    head = _REQUEST_HEAD + _packer.pack(request_id) + _packer.pack(deadline_ns)
+    """A REQUEST frame from data that is already msgpack bytes; for any thread."""
+    head = _REQUEST_HEAD + pack_new(request_id) + pack_new(deadline_ns)
     return _frame_parts(head, [packed_data])
+
+
+def _array_header(length: int) -> bytes:
+    """msgpack's array header for ``length`` items (fixarray, array 16 or array 32)."""
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 0x10000:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
 
 
 _FIELDS: dict[type, tuple[int, Callable[[Any], tuple[Any, ...]]]] = {
