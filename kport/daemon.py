@@ -16,6 +16,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,9 @@ class Daemon:
         self.journal_error: str | None = None
         self.namespace: Namespace | None = None
         self.seq = 0
+        #: held while events get their seqs and go to the journal and the ports: sources'
+        #: threads and the loop deliver alike, and each port sees seqs in order
+        self._deliver_lock = threading.Lock()
         self.started = time.time()
         self.ports: dict[str, ServerPort] = {}
         self.sources: dict[str, ProcSource | FileSource | NetSource] = {}
@@ -384,17 +388,13 @@ class Daemon:
     # --- events ------------------------------------------------------------------------
 
     def _from_thread(self, batch: list[dict[str, Any]]) -> None:
-        """Called by a source's thread: deliver on the event loop. Called on the loop's
-        own thread (an answer from a decision client), deliver now: a hop through the
-        loop's wake-up pipe would cost two syscalls and a turn of the loop."""
+        """Called by a source's thread (or the loop's: an answer from a decision client):
+        deliver in that thread. Clients with nothing queued are written to from here, so
+        an event costs no wake-up of the loop (see :meth:`ServerPort.publish`)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        if asyncio._get_running_loop() is loop:
-            self.deliver(batch)
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed while we were called
-            loop.call_soon_threadsafe(self.deliver, batch)
+        self.deliver(batch)
 
     def _passes(self, event: dict[str, Any]) -> bool:
         cfg = self.config.proc
@@ -413,32 +413,38 @@ class Daemon:
     def deliver(self, batch: list[dict[str, Any]]) -> None:
         """Give each event its daemon-wide seq and wall-clock time, journal it, send it out.
 
-        Each event is encoded once, for the journal and every client alike; the journal
-        only queues it here, so a slow disk never slows delivery.
+        Any thread may call it. Each event is encoded once, for the journal and every
+        client alike; the journal only queues it here, so a slow disk never slows delivery.
         """
         source = batch[0].get("source", "proc") if batch else "proc"
         port = self.ports.get(source)
         journal = self.journal
-        pack = protocol.pack
+        pack = protocol.pack_new  # not the loop's shared packer: any thread may be here
+        passes = self._passes if source == "proc" else None
         now = time.time_ns()
         rows: list[Row] = []
-        for event in batch:
-            if source == "proc" and not self._passes(event):
-                self.filtered += 1
-                continue
-            self.seq += 1
+        items: list[tuple[int, bytes]] = []
+        with self._deliver_lock:
             seq = self.seq
-            event["seq"] = seq
-            event["ts"] = now
-            item = pack(event)
-            rows.append((seq, now, event.get("source", "proc"), item))
+            for event in batch:
+                if passes is not None and not passes(event):
+                    self.filtered += 1
+                    continue
+                seq += 1
+                event["seq"] = seq
+                event["ts"] = now
+                item = pack(event)
+                rows.append((seq, now, event.get("source", "proc"), item))
+                items.append((seq, item))
+            self.seq = seq
+            # the journal first: a replay reads it up to the port's seq
+            if journal is not None and rows:
+                journal.append_many(rows)
             if port is not None:
-                port.broadcast(item, seq=seq, packed=True)
-        if journal is not None and rows:
-            journal.append_many(rows)
-        rate = self.rates.get(source)
-        if rate is not None:
-            rate.add(len(rows))
+                port.publish(items)
+            rate = self.rates.get(source)
+            if rate is not None:
+                rate.add(len(rows))
 
     def _journal_state(self, durable: bool, reason: str) -> None:
         """Called by the journal's writer when durability goes off or comes back."""
@@ -450,16 +456,17 @@ class Daemon:
 
     def _deliver_own(self, event: dict[str, Any]) -> None:
         """An event of kport's own: to the journal and every event port."""
-        self.seq += 1
-        seq = self.seq
-        event["seq"] = seq
-        event["ts"] = time.time_ns()
-        item = protocol.pack(event)
-        if self.journal is not None:
-            self.journal.append(row_of(seq, event, item))
-        for name, port in self.ports.items():
-            if name not in ("control", "journal"):
-                port.broadcast(item, seq=seq, packed=True)
+        with self._deliver_lock:
+            self.seq += 1
+            seq = self.seq
+            event["seq"] = seq
+            event["ts"] = time.time_ns()
+            item = protocol.pack_new(event)
+            if self.journal is not None:
+                self.journal.append(row_of(seq, event, item))
+            for name, port in self.ports.items():
+                if name not in ("control", "journal"):
+                    port.publish([(seq, item)])
 
     # --- the journal port --------------------------------------------------------------
 

@@ -7,6 +7,8 @@ single event, and then gets its own bounded queue and writer task:
 * ``notify`` never blocks the producer. When a queue is full (messages or bytes) its
   oldest notifications are dropped and the client is sent a LOST frame (count and seq
   range) before the next message it receives.
+* ``publish`` is ``broadcast`` for any thread: a producer's own thread writes to each
+  client that has nothing queued, and hands the rest to the loop to queue.
 * Requests, send-replies and errors are never dropped: they may evict notifications to
   find room, and a request that still finds none fails at once with ``QueueFull``.
 * Every request ends: reply, deadline (``Timeout``), disconnect or shutdown (``PortClosed``).
@@ -137,11 +139,17 @@ class ServerConnection:
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
         self._reading = False
-        self._writing = False
+        #: only the loop writes while set: from creation until the writer task starts
+        #: (after the handshake), and while the writer or a replay has a write under way
+        self._writing = True
         #: held while the socket is written outside the writer task, or while a write is
-        #: claimed: a request sent from another thread (``request_from_thread``) never
-        #: lands inside a frame the loop is writing
+        #: claimed, or while it is closed: a frame sent from another thread
+        #: (``request_from_thread``, ``publish``) never lands inside one the loop is
+        #: writing, nor on a closed socket's reused fd
         self._send_lock = threading.Lock()
+        #: publish() calls whose notifications are on their way to the loop, to be queued:
+        #: until they are, nothing may overtake them
+        self._handed = 0
         #: replaying history: broadcasts skip this connection until it has caught up
         self._held = False
         #: history notifications replayed to this connection
@@ -380,6 +388,9 @@ class ServerPort:
         self.lost = 0
         #: the last seq this port assigned
         self.seq = 0
+        #: orders seqs and notifications between threads (``publish``) and the loop, and
+        #: holds a replay's switch to live notifications still
+        self._publish_lock = threading.Lock()
         self._conns: dict[int, ServerConnection] = {}
         self._conn_ids = itertools.count(1)
         self._request_ids = itertools.count(1)
@@ -579,6 +590,7 @@ class ServerPort:
     # --- sending ---------------------------------------------------------------------
 
     def _next_seq(self, seq: int | None) -> int:
+        """The seq to send under; call with ``_publish_lock`` held."""
         if seq is None:
             self.seq += 1
             return self.seq
@@ -600,9 +612,11 @@ class ServerPort:
         A full queue drops its oldest notifications (counted, and reported to the client
         in a LOST frame). Notifying a connection that has gone is a no-op.
         """
-        seq = self._next_seq(seq)
-        if not conn.closed and not conn._closing:
-            conn._enqueue_notify(seq, self._pack_item(data))
+        item = self._pack_item(data)
+        with self._publish_lock:
+            seq = self._next_seq(seq)
+            if not conn.closed and not conn._closing:
+                conn._enqueue_notify(seq, item)
         return seq
 
     def broadcast(
@@ -618,13 +632,83 @@ class ServerPort:
         With ``packed=True``, ``data`` is already msgpack bytes (for a producer that also
         stores what it sends).
         """
-        seq = self._next_seq(seq)
-        if self._conns:
-            item = data if packed else self._pack_item(data)
+        item = data if packed or not self._conns else self._pack_item(data)
+        with self._publish_lock:
+            seq = self._next_seq(seq)
             for conn in self._conns.values():
                 if not conn._closing and not conn._held and (where is None or where(conn)):
                     conn._enqueue_notify(seq, item)
         return seq
+
+    def publish(self, items: list[tuple[int, bytes]]) -> None:
+        """:meth:`broadcast` from any thread, of notifications already packed:
+        ``items`` is ``(seq, msgpack bytes)`` pairs in ascending seq, after this port's.
+
+        A client with nothing queued or being written gets them at once, one NOTIFY frame
+        written by the calling thread (the loop is not woken); for any other, they are
+        handed to the loop and queued as :meth:`broadcast` queues (bounded, the oldest
+        dropped and reported). Either way each client receives them in seq order.
+        """
+        if not items:
+            return
+        loop = self._loop
+        frame: bytes | None = None
+        later: list[tuple[ServerConnection, bytes | None]] = []
+        with self._publish_lock:
+            self.seq = max(self.seq, items[-1][0])
+            for conn in list(self._conns.values()):  # the loop may add or drop meanwhile
+                if conn._closing or conn._held:
+                    continue
+                rest: bytes | None = None
+                with conn._send_lock:
+                    if not (
+                        conn._queue
+                        or conn._writing
+                        or conn._lost_count
+                        or conn._handed
+                        or conn.closed
+                    ):
+                        if frame is None:
+                            frame = protocol.encode_notify_packed_new(
+                                _seq_run([seq for seq, _ in items]), [item for _, item in items]
+                            )
+                        if len(frame) <= _DIRECT_MAX:
+                            try:
+                                sent = conn._sock.send(frame, socket.MSG_DONTWAIT)
+                            except OSError:
+                                sent = 0  # full or failing: the loop queues, or drops it
+                            if sent == len(frame):
+                                conn.sent += len(items)
+                                continue
+                            if sent:  # never for one skb, but then the rest goes first
+                                conn.sent += len(items)
+                                rest = frame[sent:]
+                    conn._handed += 1
+                later.append((conn, rest))
+        if not later or loop is None:
+            return
+        if asyncio._get_running_loop() is loop:
+            self._publish_in_loop(later, items)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing goes out now
+            loop.call_soon_threadsafe(self._publish_in_loop, later, items)
+
+    def _publish_in_loop(
+        self, later: list[tuple[ServerConnection, bytes | None]], items: list[tuple[int, bytes]]
+    ) -> None:
+        """In the loop: queue what :meth:`publish` could not write at once."""
+        for conn, rest in later:
+            with conn._send_lock:
+                conn._handed -= 1
+                if conn.closed or conn._closing:
+                    continue
+                if rest is not None:  # the end of a frame half written: it goes first
+                    conn._queue.append((_FRAME, None, rest))
+                    conn._queue_bytes += len(rest)
+                    conn._wake.set()
+                    continue
+                for seq, item in items:
+                    conn._enqueue_notify(seq, item)
 
     async def request(self, conn: ServerConnection, data: Any, *, timeout: float = 5.0) -> Any:
         """Send a request and wait for the client's reply.
@@ -700,7 +784,14 @@ class ServerPort:
         sent = False
         if len(frame) <= _DIRECT_MAX:
             with conn._send_lock:
-                if not (conn._queue or conn._writing or conn._lost_count or conn._closing):
+                if not (
+                    conn._queue
+                    or conn._writing
+                    or conn._lost_count
+                    or conn._handed
+                    or conn._closing
+                    or conn.closed
+                ):
                     try:
                         sent = conn._sock.send(frame, socket.MSG_DONTWAIT) == len(frame)
                     except OSError:
@@ -925,6 +1016,7 @@ class ServerPort:
     async def _writer(self, conn: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         sock = conn._sock
+        conn._writing = False  # the handshake is done: other threads may write when idle
         try:
             while True:
                 if not conn._queue and not conn._lost_count:
@@ -969,26 +1061,16 @@ class ServerPort:
         conn._claim_writing()  # requests wait behind the replay
         try:
             while True:
-                upto = self.seq
-                if after >= upto:
-                    break
-                page = history.tail(after, upto)
-                if page is not None:
-                    # Queued like live ones (bounded, oldest dropped and reported), with
-                    # each gap's LOST frame in its place.
-                    gaps = iter(sorted(page.gaps, key=lambda g: g.first))
-                    gap = next(gaps, None)
-                    for seq, item in page.items:
-                        while gap is not None and gap.first < seq:
-                            self._queue_lost_frame(conn, gap)
-                            gap = next(gaps, None)
-                        conn._enqueue_notify(seq, item)
-                        conn.replayed += 1
-                    while gap is not None:
-                        self._queue_lost_frame(conn, gap)
-                        gap = next(gaps, None)
-                    conn._wake.set()
-                    break
+                with self._publish_lock:  # no publish between reading seq and going live
+                    upto = self.seq
+                    if after >= upto:
+                        conn._held = False
+                        break
+                    page = history.tail(after, upto)
+                    if page is not None:
+                        self._queue_page(conn, page)
+                        conn._held = False
+                        break
                 page = await asyncio.to_thread(history.read, after, upto, REPLAY_PAGE)
                 if page.through <= after:
                     raise RuntimeError(f"history read after seq {after} made no progress")
@@ -1015,6 +1097,22 @@ class ServerPort:
             conn._held = False
         conn._writing = False
         await self._writer(conn)
+
+    def _queue_page(self, conn: ServerConnection, page: Page) -> None:
+        """Queue a page of history like live notifications (bounded, the oldest dropped
+        and reported), each gap's LOST frame in its place."""
+        gaps = iter(sorted(page.gaps, key=lambda g: g.first))
+        gap = next(gaps, None)
+        for seq, item in page.items:
+            while gap is not None and gap.first < seq:
+                self._queue_lost_frame(conn, gap)
+                gap = next(gaps, None)
+            conn._enqueue_notify(seq, item)
+            conn.replayed += 1
+        while gap is not None:
+            self._queue_lost_frame(conn, gap)
+            gap = next(gaps, None)
+        conn._wake.set()
 
     def _queue_lost_frame(self, conn: ServerConnection, gap: Gap) -> None:
         frame = conn._proto.send(protocol.Lost(gap.count, gap.first, gap.last))
@@ -1374,7 +1472,8 @@ class ServerPort:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            conn._sock.close()
+            with conn._send_lock:  # no thread is inside a send to this fd, nor starts one
+                conn._sock.close()
         if conn.lost:
             log.info(
                 "port %s: connection %d (pid %d) ended (%s); it lost %d notifications",
@@ -1431,3 +1530,8 @@ async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+def _seq_run(seqs: list[int]) -> int | list[int]:
+    """A NOTIFY frame's seqs: the first of a contiguous run, else the list."""
+    return seqs[0] if seqs[-1] - seqs[0] == len(seqs) - 1 else seqs

@@ -75,6 +75,49 @@ def test_replay_then_live_during_a_stream_has_no_gap_and_no_repeat(
     run(main())
 
 
+def test_replay_then_live_while_a_thread_publishes_has_no_gap_and_no_repeat(
+    rundir: Path, tmp_path: Path
+) -> None:
+    """As the daemon's sources do: another thread journals and publishes while clients
+    connect asking for the past; the switch from replay to live loses and repeats nothing."""
+    total = 50_000
+
+    async def main() -> None:
+        journal = Journal(tmp_path / "j.db", commit_interval_s=0.02)
+        journal.open()
+        journal.start()
+        history = SourceHistory(journal, ["proc"])
+        async with kport.ServerPort("h", runtime_dir=rundir, history=history) as port:
+
+            def produce() -> None:
+                seq = 0
+                while seq < total:
+                    batch = []
+                    for s in range(seq + 1, min(seq + 1 + (1 + seq % 4), total + 1)):
+                        event = {"seq": s, "source": "proc", "kind": "exec", "pid": s}
+                        item = protocol.pack_new(event)
+                        batch.append((s, item))
+                        journal.append(row_of(s, event, item))
+                    port.publish(batch)
+                    seq = batch[-1][0]
+                    if seq % 200 < 4:
+                        time.sleep(0.002)  # a steady stream, not one burst
+
+            producing = asyncio.ensure_future(asyncio.to_thread(produce))
+            clients = []
+            marks = ((1, 0), (5_000, 100), (12_000, 11_000), (20_000, 19_990), (30_000, 0))
+            for at, since in (*marks, (40_000, 39_000)):
+                while port.seq < at:  # connect mid-stream, asking for the past
+                    await asyncio.sleep(0.001)
+                clients.append((since, spawn_client(CLIENT, str(rundir), str(since), str(total))))
+            await producing
+            for since, child in clients:
+                assert await finish(child) == list(range(since + 1, total + 1)), since
+        journal.close()
+
+    run(main())
+
+
 def test_gaps_in_history_arrive_as_lost_with_their_range(rundir: Path, tmp_path: Path) -> None:
     async def main() -> None:
         journal = Journal(tmp_path / "j.db", queue_limit=30)

@@ -378,6 +378,136 @@ def test_requests_from_threads_never_interleave_with_the_loops_writes(rundir: Pa
     run(main())
 
 
+def test_publish_from_a_thread_writes_idle_clients_there_and_queues_for_the_others(
+    rundir: Path,
+) -> None:
+    """An idle client is written by the publishing thread itself; a paused one gets the
+    queue's policy (bounded, the oldest dropped and reported); both see every seq in order."""
+    total = 20_000
+
+    async def main() -> dict[str, Any]:
+        port = kport.ServerPort("pub", runtime_dir=rundir, queue_limit=500, one_way=True)
+        await port.start()
+        paused = spawn_client(PAUSED_CLIENT.replace('"flood"', '"pub"'), str(rundir), stdin=-1)
+        assert paused.stdout is not None and paused.stdin is not None
+        assert (await asyncio.to_thread(paused.stdout.readline)).strip() == "ready"
+        await wait_for(lambda: len(port.connections) == 1)
+        reader = await asyncio.to_thread(kport.connect, "pub", runtime_dir=rundir)
+        await wait_for(lambda: len(port.connections) == 2)
+        slow, idle = port.connections
+        # the first one goes through the loop (the writer starts only after the
+        # handshake); from then on the idle client's queue is empty when we publish
+        port.publish([(1, protocol.pack({"i": 1}))])
+        assert (await asyncio.to_thread(reader.get_message, 5)).seq == 1
+        await wait_for(lambda: idle.queue_depth == 0 and not idle._writing)
+
+        def produce() -> list[int]:
+            written_at_once = []
+            seq = 1
+            while seq < total:
+                size = min(1 + seq % 7, total - seq)
+                items = [(s, protocol.pack_new({"i": s})) for s in range(seq + 1, seq + 1 + size)]
+                before = idle.sent
+                port.publish(items)
+                written_at_once.append(idle.sent - before)
+                seq += size
+                if seq % 500 < 7:
+                    time.sleep(0.001)  # let the reader keep up now and then
+            return written_at_once
+
+        def read_all() -> list[int]:
+            seqs = [1]
+            while seqs[-1] < total:
+                msg = reader.get_message(timeout=10)
+                assert not msg.is_lost, "the reading client lost nothing"
+                seqs.append(msg.seq)
+            return seqs
+
+        reading = asyncio.ensure_future(asyncio.to_thread(read_all))
+        written_at_once = await asyncio.to_thread(produce)
+        seqs = await reading
+        assert port.seq == total
+        assert seqs == list(range(1, total + 1))
+        # most batches went out from the publishing thread, not through the loop
+        assert sum(1 for n in written_at_once if n) > len(written_at_once) // 2
+        paused.stdin.write("go\n")
+        paused.stdin.flush()
+        await wait_for(lambda: slow.queue_depth == 0, timeout=30)
+        server_lost = slow.lost
+        await asyncio.to_thread(reader.close)
+        await port.shutdown(grace=10)
+        out, err = await asyncio.to_thread(paused.communicate, timeout=30)
+        assert paused.returncode == 0, err
+        result: dict[str, Any] = json.loads(out)
+        result["server_lost"] = server_lost
+        return result
+
+    result = run(main())
+    assert result["lost"] > 0, "the client paused: something must have been dropped"
+    assert result["received"] + result["lost"] == total
+    assert result["lost"] == result["server_lost"] == result["conn_lost"]
+    assert result["seqs_sorted"] and result["unique"]
+    assert result["seqs"][-1] == total
+
+
+def test_publishing_threads_never_interleave_with_the_loops_writes(rundir: Path) -> None:
+    """A thread publishes while the loop sends requests to the same client, fast enough
+    that writes are partial: every frame arrives whole, every seq in order or reported."""
+    total = 30_000
+
+    async def main() -> None:
+        async with kport.ServerPort("pmix", runtime_dir=rundir, queue_limit=2000) as port:
+            client = await asyncio.to_thread(kport.connect, "pmix", runtime_dir=rundir)
+            await wait_for(lambda: bool(port.connections))
+            conn = port.connections[0]
+            asks = 300
+
+            def produce() -> None:
+                seq = 0
+                while seq < total:
+                    size = min(1 + seq % 5, total - seq)
+                    port.publish(
+                        [
+                            (s, protocol.pack_new({"note": s, "pad": "y" * (s % 3000)}))
+                            for s in range(seq + 1, seq + 1 + size)
+                        ]
+                    )
+                    seq += size
+
+            def answer() -> tuple[list[int], int, int]:
+                notes: list[int] = []
+                lost = answered = 0
+                while answered < asks or len(notes) + lost < total:
+                    msg = client.get_message(timeout=10)
+                    if msg.needs_reply:
+                        client.reply(msg, msg.data)
+                        answered += 1
+                    elif msg.is_lost:
+                        lost += msg.data["count"]
+                    else:
+                        notes.append(msg.seq)
+                        assert msg.data["note"] == msg.seq
+                return notes, lost, answered
+
+            reading = asyncio.ensure_future(asyncio.to_thread(answer))
+            producing = asyncio.ensure_future(asyncio.to_thread(produce))
+            replies = await asyncio.gather(
+                *(
+                    port.request(conn, {"i": i, "pad": "x" * (i % 4000)}, timeout=30)
+                    for i in range(asks)
+                )
+            )
+            await producing
+            notes, lost, answered = await reading
+            assert [r["i"] for r in replies] == list(range(asks))
+            assert answered == asks
+            assert notes == sorted(notes) and len(set(notes)) == len(notes)
+            assert len(notes) + lost == total
+            await asyncio.to_thread(client.close)
+
+    run(main())
+
+
 def test_killed_client_ends_its_pending_request_at_once(rundir: Path) -> None:
     async def main() -> None:
         async with kport.ServerPort("victim", runtime_dir=rundir) as port:
