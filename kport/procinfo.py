@@ -4,18 +4,37 @@ A pid alone is reused. ``describe`` reads through one open /proc/<pid> directory
 which pins the process it was opened for: once that process is gone, every read through
 the fd fails, even if the pid names another process by then. So what is returned belongs
 to the process whose start time was read first, or is None.
+
+Owner and cgroup come from a pidfd (``PIDFD_GET_INFO``, Linux 6.13+) where the kernel has
+it: one ioctl instead of rendering /proc/<pid>/status and /proc/<pid>/cgroup, whose text
+cost several times more. Older kernels get those two files read.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import pwd
+import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _user_names: dict[int, str | None] = {}
+
+#: _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info) and that struct (64 bytes): mask,
+#: cgroupid, then pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid, spare
+_PIDFD_GET_INFO: Final = (3 << 30) | (64 << 16) | (0xFF << 8) | 11
+_PIDFD_INFO: Final = struct.Struct("=QQ12I")
+_MASK: Final = struct.Struct("=Q")
+_PIDFD_INFO_CREDS: Final = 1 << 1
+_PIDFD_INFO_CGROUPID: Final = 1 << 2
+_pidfd_info = True  # until the kernel says it has no PIDFD_GET_INFO
+#: cgroup v2 path by cgroup id (ids are not reused while the system runs); bounded
+_cgroup_paths: dict[int, str | None] = {}
+_CGROUP_PATHS_MAX: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,13 +198,70 @@ def describe(pid: int, expect_start: int | None = None) -> dict[str, Any] | None
     except OSError:
         return None
     try:
-        return describe_at(proc_dir, expect_start)
+        return describe_at(proc_dir, expect_start, pid)
     finally:
         os.close(proc_dir)
 
 
-def describe_at(proc_dir: int, expect_start: int | None = None) -> dict[str, Any] | None:
-    """:func:`describe` through an open /proc/<pid> directory fd (that process, or None)."""
+def _owner_by_pidfd(pid: int, proc_dir: int) -> tuple[int, int, str | None] | tuple[()] | None:
+    """(euid, egid, cgroup) of the process ``proc_dir`` pins, through a pidfd; ``()`` if
+    that process is gone; None if the kernel cannot say (read /proc instead)."""
+    global _pidfd_info
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as err:
+        return () if err.errno == errno.ESRCH else None
+    try:
+        info = _pidfd_get_info(pidfd)
+        if info is None:
+            return ()
+        mask, cgroup_id, *ids = info
+        if not mask & _PIDFD_INFO_CGROUPID:
+            cgroup = _parse_cgroup(_read("cgroup", proc_dir))
+        else:
+            cgroup = _cgroup_paths.get(cgroup_id, "")
+            if cgroup == "":
+                cgroup = _parse_cgroup(_read("cgroup", proc_dir))
+                again = _pidfd_get_info(pidfd)
+                if again is not None and again[1] == cgroup_id:  # it did not move meanwhile
+                    if len(_cgroup_paths) >= _CGROUP_PATHS_MAX:
+                        _cgroup_paths.clear()
+                    _cgroup_paths[cgroup_id] = cgroup
+    except OSError as err:
+        if err.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            _pidfd_info = False  # this kernel has no PIDFD_GET_INFO: /proc from now on
+        return None
+    finally:
+        os.close(pidfd)
+    # The pidfd named whoever had the pid when it was opened. The process the directory
+    # pins being there still, after every read, means the pid was not reused meanwhile:
+    # all of it is that one process's.
+    try:
+        os.stat("stat", dir_fd=proc_dir)
+    except OSError:
+        return ()
+    return ids[5], ids[6], cgroup  # euid, egid
+
+
+def _pidfd_get_info(pidfd: int) -> tuple[int, ...] | None:
+    """PIDFD_GET_INFO's fields (credentials and cgroup id asked for); None if the process
+    has been reaped. Other errors raise."""
+    buf = bytearray(_PIDFD_INFO.size)
+    _MASK.pack_into(buf, 0, _PIDFD_INFO_CREDS | _PIDFD_INFO_CGROUPID)
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf)
+    except OSError as err:
+        if err.errno == errno.ESRCH:
+            return None
+        raise
+    return _PIDFD_INFO.unpack(buf)
+
+
+def describe_at(
+    proc_dir: int, expect_start: int | None = None, pid: int | None = None
+) -> dict[str, Any] | None:
+    """:func:`describe` through an open /proc/<pid> directory fd (that process, or None).
+    Given ``pid`` (the directory's), owner and cgroup may come from a pidfd."""
     stat = _parse_stat(_read("stat", proc_dir))
     if stat is None or (expect_start is not None and stat.start_time != expect_start):
         return None
@@ -193,14 +269,23 @@ def describe_at(proc_dir: int, expect_start: int | None = None) -> dict[str, Any
         "exe": _readlink("exe", proc_dir),
         "argv": _parse_argv(_read("cmdline", proc_dir)),
         "cwd": _readlink("cwd", proc_dir),
-        "cgroup": _parse_cgroup(_read("cgroup", proc_dir)),
     }
-    status = _read("status", proc_dir)
-    if status is None:
-        return None  # gone while we read: the reads that failed say nothing true
-    owner = _parse_ids(status)
-    info["uid"], info["gid"] = owner if owner else (None, None)
-    info["user"] = user_name(info["uid"]) if info["uid"] is not None else None
+    # read last: the process being there still says the reads above are all its own
+    owner = _owner_by_pidfd(pid, proc_dir) if pid is not None and _pidfd_info else None
+    if owner is None:
+        status = _read("status", proc_dir)
+        if status is None:
+            return None  # gone while we read: the reads that failed say nothing true
+        ids = _parse_ids(status)
+        uid, gid = ids if ids else (None, None)
+        cgroup = _parse_cgroup(_read("cgroup", proc_dir))
+    elif not owner:
+        return None
+    else:
+        uid, gid, cgroup = owner
+    info["cgroup"] = cgroup
+    info["uid"], info["gid"] = uid, gid
+    info["user"] = user_name(uid) if uid is not None else None
     info["ppid"] = stat.ppid
     info["start_time"] = stat.start_time
     info["comm"] = stat.comm

@@ -130,7 +130,7 @@ class Subjects:
         else:
             pinned = self._pinned.get(pid)  # identity() has just pinned it, unless gone
             described = (
-                procinfo.describe_at(pinned[0], start)
+                procinfo.describe_at(pinned[0], start, pid)
                 if pinned is not None
                 else procinfo.describe(pid, start)
             )

@@ -6,6 +6,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from kport import procinfo
 
 
@@ -45,3 +47,26 @@ def test_tty_names() -> None:
     assert procinfo.tty_name(0) is None
     assert procinfo.tty_name((136 << 8) | 3) == "pts/3"
     assert procinfo.tty_name((4 << 8) | 1) == "tty1"
+
+
+def test_owner_and_cgroup_from_a_pidfd_match_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pidfd's answer (PIDFD_GET_INFO) and /proc's status and cgroup files agree."""
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        deadline = time.monotonic() + 5
+        while procinfo.argv(child.pid) != ["sleep", "5"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        procinfo._cgroup_paths.clear()
+        by_pidfd = procinfo.describe(child.pid)
+        assert by_pidfd is not None
+        if procinfo._pidfd_info:  # Linux 6.13+: the cgroup id's path is remembered
+            assert by_pidfd["cgroup"] in procinfo._cgroup_paths.values()
+        monkeypatch.setattr(procinfo, "_pidfd_info", False)
+        by_proc = procinfo.describe(child.pid)
+        assert by_pidfd == by_proc
+        assert by_proc is not None and by_proc["cgroup"] == procinfo.cgroup(child.pid)
+        assert (by_proc["uid"], by_proc["gid"]) == procinfo.ids(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert procinfo.describe(child.pid) is None  # reaped: gone by either road
