@@ -30,6 +30,9 @@ class PortConfig:
 class ProcConfig:
     enabled: bool = True
     threads: bool = False
+    #: above 1000 events/s, read the kernel's events at most once per this window:
+    #: a storm costs one wake-up per batch, at up to this much more latency (0: off)
+    batch_window_ms: float = 2.0
     #: daemon-side filters: an event is sent when it passes every non-empty one
     kinds: list[str] = field(default_factory=list)
     uids: list[int] = field(default_factory=list)
@@ -222,6 +225,8 @@ def load(path: str | Path | None) -> Config:
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
         raise ConfigError(f"{path}: proc.kinds: unknown kinds {sorted(bad)}")
+    if not 0 <= config.proc.batch_window_ms <= 100:
+        raise ConfigError(f"{path}: proc.batch_window_ms must be 0 to 100")
     if config.journal.max_age_days <= 0 or config.journal.max_size_mb <= 0:
         raise ConfigError(f"{path}: journal.max_age_days and journal.max_size_mb must be > 0")
     if config.journal.queue_limit < 1:

@@ -184,7 +184,11 @@ class Daemon:
             history = SourceHistory(journal, ("proc", "kport")) if journal else None
             self._port("proc", one_way=True, history=history)
             self.rates["proc"] = Rate()
-            self.sources["proc"] = ProcSource(self._from_thread, threads=self.config.proc.threads)
+            self.sources["proc"] = ProcSource(
+                self._from_thread,
+                threads=self.config.proc.threads,
+                batch_window_s=self.config.proc.batch_window_ms / 1000,
+            )
         if self.config.file.enabled:
             self._setup_file(journal)
         if self.config.net.enabled:

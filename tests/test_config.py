@@ -40,6 +40,7 @@ def test_journal_section(tmp_path: Path) -> None:
         ("[proc]\nthreads = 1\n", "proc.threads: expected bool"),
         ("[nope]\n", "unknown section"),
         ("[proc]\nkinds = ['bogus']\n", "unknown kinds"),
+        ("[proc]\nbatch_window_ms = -1\n", "proc.batch_window_ms must be 0 to 100"),
         ("[proc\n", "c.toml"),
         ("[journal]\nmax_age_days = 'week'\n", "journal.max_age_days: expected float"),
         ("[journal]\nmax_size_mb = 0\n", "must be > 0"),

@@ -2,7 +2,10 @@
 
 Two threads: the reader does nothing but receive and parse datagrams (so the socket's
 buffer drains even while /proc is slow), the processor enriches each event from /proc,
-keeps the table, and hands batches of finished events to ``emit``. Loss is never silent:
+keeps the table, and hands batches of finished events to ``emit``. Under load (more than
+BATCH_ABOVE events a second) the reader takes what has come at most once per batch
+window: each wake-up of the two threads costs far more than an event, so a storm is
+carried in batches, at up to one window more latency. Loss is never silent:
 ``ENOBUFS``, a per-CPU sequence gap and a full hand-off queue each become a ``lost``
 event, followed by a resync of the table from /proc (synthetic events, flagged).
 """
@@ -29,6 +32,9 @@ HANDOFF_LIMIT: Final = 200_000
 #: datagrams the reader takes per wake-up, at most; and how long it blocks in one read
 DRAIN_DATAGRAMS: Final = 256
 READ_WAIT_S: Final = 0.2
+#: events per second above which the reader batches (see the module docstring)
+BATCH_ABOVE: Final = 1000
+_RATE_SLICE_S: Final = 0.1
 #: exited processes the table remembers, the most recent ones
 EXITED: Final = 4096
 _ENRICHED: Final = (
@@ -111,13 +117,23 @@ class ProcSource:
 
     name: Final = "proc"
 
-    def __init__(self, emit: Emit, *, threads: bool = False, rcvbuf: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        emit: Emit,
+        *,
+        threads: bool = False,
+        rcvbuf: int = 64 << 20,
+        batch_window_s: float = 0.002,
+    ) -> None:
         self.emit = emit
         self.threads = threads
+        self.batch_window_s = batch_window_s
         self.table = ProcessTable()
         self.events = 0
         self.lost = 0
         self.resyncs = 0
+        #: batches the reader handed on (one per wake-up that found events)
+        self.batches = 0
         self._rcvbuf = rcvbuf
         self._sock: socket.socket | None = None
         #: lists of raw events, one per reader wake-up; at most HANDOFF_LIMIT events in
@@ -136,6 +152,7 @@ class ProcSource:
             "events": self.events,
             "lost": self.lost,
             "resyncs": self.resyncs,
+            "batches": self.batches,
             "table": len(self.table),
             "backlog": self._handed - self._taken,
         }
@@ -180,6 +197,11 @@ class ProcSource:
         view = memoryview(buf)
         parse = netlink_proc.parse
         last_seq = self._last_seq
+        window = self.batch_window_s
+        # datagrams in the current rate slice; whether the last slice was over BATCH_ABOVE
+        slice_end = time.monotonic() + _RATE_SLICE_S
+        in_slice = 0
+        busy = False
         while not self._stop.is_set():
             batch: list[netlink_proc.RawEvent] = []
             flags = 0  # the first read waits (up to READ_WAIT_S), the others do not
@@ -207,6 +229,14 @@ class ProcSource:
                         batch.append(raw)
             if batch:
                 self._hand_off(batch)
+                self.batches += 1
+                in_slice += len(batch)
+                now = time.monotonic()
+                if now >= slice_end:
+                    busy = in_slice > BATCH_ABOVE * (now - slice_end + _RATE_SLICE_S)
+                    slice_end, in_slice = now + _RATE_SLICE_S, 0
+                if busy and window > 0:
+                    time.sleep(window)  # let the next ones gather: one wake-up for them all
 
     @staticmethod
     def _lost_marker(count: int | None, reason: str) -> netlink_proc.RawEvent:

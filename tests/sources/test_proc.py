@@ -92,3 +92,29 @@ def test_a_full_hand_off_is_counted_as_lost_never_dropped_silently(
     assert [e["pid"] for e in events if e["kind"] == "exec"] == [2**22 + i for i in range(4)]
     assert [e["count"] for e in events if e["kind"] == "lost"] == [4, 5]
     assert source.lost == 9 and source.status()["backlog"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the proc connector needs root")
+def test_under_load_the_reader_takes_events_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above BATCH_ABOVE events/s the reader waits a window between reads: a storm costs
+    a wake-up per batch, not per event, and every exec still arrives."""
+    monkeypatch.setattr(proc, "BATCH_ABOVE", 50)  # any storm this machine makes is load
+    emitted: list[dict[str, Any]] = []
+    source = ProcSource(emitted.extend, batch_window_s=0.01)
+    source.start()
+    try:
+        time.sleep(0.3)  # let the reader's first rate slice pass
+        pids = []
+        for _ in range(300):
+            pid = os.posix_spawn("/bin/true", ["true", "kport-batch-test"], os.environ)
+            pids.append(pid)
+            os.waitpid(pid, 0)
+        deadline = time.monotonic() + 30
+        while not set(pids) <= {e["pid"] for e in emitted if e["kind"] == "exec"}:
+            assert time.monotonic() < deadline, "execs missing"
+            time.sleep(0.05)
+    finally:
+        source.stop()
+    kernel_events = sum(1 for e in emitted if e["kind"] in ("fork", "exec", "exit"))
+    assert kernel_events >= 900  # fork, exec and exit of each
+    assert source.batches * 3 < kernel_events, (source.batches, kernel_events)
