@@ -77,6 +77,10 @@ _RECV_SIZE: Final = 256 * 1024
 #: a request sent from another thread goes out at once when its frame is at most this
 #: big: one skb on a Unix stream socket, so the send is all or nothing (never half a frame)
 _DIRECT_MAX: Final = 16 * 1024
+#: while requests written from other threads keep coming, the loop starts their deadlines
+#: this often (and at once for the first after a quiet spell), rather than being woken
+#: for each: see ServerPort.request_from_thread
+_THREAD_ASKS_S: Final = 0.05
 _ACCEPT_RETRY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
 )
@@ -406,6 +410,11 @@ class ServerPort:
         self._rview = memoryview(self._rbuf)
         self._closed = False
         self._shut_down = asyncio.Event()
+        #: requests written from other threads whose deadlines the loop has yet to start,
+        #: and whether it will look at them without being woken (see _arm_thread_asks)
+        self._thread_asks: deque[tuple[ServerConnection, asyncio.Future[Any], int, int, float]]
+        self._thread_asks = deque()
+        self._thread_asks_due = False
 
     def __repr__(self) -> str:
         return f"<ServerPort {self.name!r} at {self.path} connections={len(self._conns)}>"
@@ -761,7 +770,8 @@ class ServerPort:
     ) -> asyncio.Future[Any]:
         """:meth:`request_future` for a thread other than the loop's: the request is written
         from the calling thread at once when nothing else is queued for the connection (no
-        wake-up of the loop before the client sees it), else handed to the loop to queue.
+        wake-up of the loop before the client sees it, nor for it: the loop starts its
+        deadline when it next looks, within _THREAD_ASKS_S), else handed to the loop to queue.
         ``on_done`` is the future's done callback, called in the loop's thread. Errors
         found here raise (``OneWayPort``, ``PortClosed``, ``ValueError``); later ones
         (``QueueFull``, ``Timeout``, ``PortClosed``) come in the future."""
@@ -797,13 +807,37 @@ class ServerPort:
                     except OSError:
                         sent = False  # full or failing: the loop's path queues or drops
         try:
-            loop.call_soon_threadsafe(
-                self._request_in_loop, conn, future, request_id, None if sent else frame, timeout
-            )
+            if not sent:
+                loop.call_soon_threadsafe(
+                    self._request_in_loop, conn, future, request_id, frame, timeout
+                )
+            else:
+                # append, then look at the flag; the loop clears it, then takes them all
+                self._thread_asks.append((conn, future, request_id, deadline_ns, timeout))
+                if not self._thread_asks_due:
+                    self._thread_asks_due = True
+                    loop.call_soon_threadsafe(self._arm_thread_asks)
         except RuntimeError:  # the loop closed meanwhile
             _forget(conn, request_id)
             raise PortClosed(f"port {self.name!r} is not running") from None
         return future
+
+    def _arm_thread_asks(self) -> None:
+        """In the loop: start the deadlines of the requests other threads wrote. While they
+        keep coming, look again in _THREAD_ASKS_S; after a quiet spell, the next one wakes
+        the loop. Each deadline counts from when its request was made."""
+        assert self._loop is not None
+        self._thread_asks_due = False
+        asks = self._thread_asks
+        if not asks:
+            return
+        now = time.monotonic_ns()
+        while asks:
+            conn, future, request_id, deadline_ns, timeout = asks.popleft()
+            delay = max(deadline_ns - now, 0) / 1e9
+            self._request_in_loop(conn, future, request_id, None, timeout, delay=delay)
+        self._thread_asks_due = True
+        self._loop.call_later(_THREAD_ASKS_S, self._arm_thread_asks)
 
     def _request_in_loop(
         self,
@@ -812,9 +846,12 @@ class ServerPort:
         request_id: int,
         frame: bytes | None,
         timeout: float,
+        *,
+        delay: float | None = None,
     ) -> None:
         """In the loop: a request from another thread, which wrote it (``frame`` None) or
-        left it to the loop to queue; its deadline starts to count."""
+        left it to the loop to queue; its deadline (``timeout``, or ``delay`` from now)
+        starts to count."""
         if frame is None:
             conn.sent += 1
         if future.done():  # cancelled, or answered before the loop got here
@@ -832,13 +869,21 @@ class ServerPort:
                 _forget(conn, request_id)
                 future.set_exception(err)
                 return
-        self._arm(conn, future, request_id, timeout)
+        self._arm(conn, future, request_id, timeout, delay)
 
     def _arm(
-        self, conn: ServerConnection, future: asyncio.Future[Any], request_id: int, timeout: float
+        self,
+        conn: ServerConnection,
+        future: asyncio.Future[Any],
+        request_id: int,
+        timeout: float,
+        delay: float | None = None,
     ) -> None:
+        """Fail the request with Timeout ``delay`` from now (default ``timeout``)."""
         assert self._loop is not None
-        timer = self._loop.call_later(timeout, _expire, future, self.name, conn, timeout, "reply")
+        timer = self._loop.call_later(
+            timeout if delay is None else delay, _expire, future, self.name, conn, timeout, "reply"
+        )
         future.add_done_callback(functools.partial(_request_done, conn, request_id, timer))
 
     # --- accepting -------------------------------------------------------------------

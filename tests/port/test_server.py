@@ -316,6 +316,48 @@ def test_request_from_thread_is_written_there_or_queued_and_answered_in_the_loop
     run(main())
 
 
+def test_requests_from_a_thread_keep_their_deadlines_though_the_loop_is_not_woken(
+    rundir: Path,
+) -> None:
+    """Written from a thread, a request's deadline is started by the loop when it next
+    looks: each still fails at its own deadline, none early and none much late."""
+
+    async def main() -> None:
+        async with kport.ServerPort("dl", runtime_dir=rundir) as port:
+            client = await kport.aconnect("dl", runtime_dir=rundir)  # reads, never answers
+            await wait_for(lambda: bool(port.connections))
+            conn = port.connections[0]
+            ended: dict[int, tuple[float, Any]] = {}
+
+            def ask_many() -> list[float]:
+                starts = []
+                for i in range(40):
+                    starts.append(time.monotonic())
+                    port.request_from_thread(
+                        conn,
+                        {"i": i},
+                        timeout=0.3,
+                        on_done=lambda f, i=i: ended.__setitem__(
+                            i, (time.monotonic(), f.exception() or f.result())
+                        ),
+                    )
+                    time.sleep(0.011)
+                return starts
+
+            starts = await asyncio.to_thread(ask_many)
+            await wait_for(lambda: len(ended) == 40, timeout=5)
+            for i, start in enumerate(starts):
+                at, outcome = ended[i]
+                assert isinstance(outcome, kport.Timeout), outcome
+                assert "within 0.3 s" in str(outcome)
+                assert 0.3 <= at - start < 0.45, (i, at - start)
+            await wait_for(lambda: conn.pending_requests == 0)
+            assert conn.sent == 40  # every one was written by the thread itself
+            await client.close()
+
+    run(main())
+
+
 def test_requests_from_threads_never_interleave_with_the_loops_writes(rundir: Path) -> None:
     """Two threads ask while the loop floods notifications: every frame arrives whole."""
 
