@@ -361,14 +361,28 @@ def encode_notify_packed(seqs: int | list[int], packed_items: list[bytes]) -> by
 
 def encode_notify_packed_new(seqs: int | list[int], packed_items: list[bytes]) -> bytes:
     """:func:`encode_notify_packed` for any thread: no shared packer."""
-    head = _NOTIFY_HEAD + pack_new(seqs) + _array_header(len(packed_items))
+    first = _uint(seqs) if isinstance(seqs, int) else pack_new(seqs)
+    head = _NOTIFY_HEAD + first + _array_header(len(packed_items))
     return _frame_parts(head, packed_items)
 
 
 def encode_request_packed(request_id: int, deadline_ns: int, packed_data: bytes) -> bytes:
     """A REQUEST frame from data that is already msgpack bytes; for any thread."""
-    head = _REQUEST_HEAD + pack_new(request_id) + pack_new(deadline_ns)
+    head = _REQUEST_HEAD + _uint(request_id) + _uint(deadline_ns)
     return _frame_parts(head, [packed_data])
+
+
+def _uint(value: int) -> bytes:
+    """msgpack's encoding of an unsigned integer, the shortest form (as msgpack's own)."""
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x100:
+        return b"\xcc" + bytes((value,))
+    if value < 0x10000:
+        return b"\xcd" + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return b"\xce" + value.to_bytes(4, "big")
+    return b"\xcf" + value.to_bytes(8, "big")
 
 
 def _array_header(length: int) -> bytes:

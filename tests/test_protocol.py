@@ -92,6 +92,28 @@ def test_packed_notify_equals_plain_notify() -> None:
     assert packed == protocol.encode(Notify(1, items))
 
 
+@given(
+    st.integers(min_value=0, max_value=2**64 - 1),
+    st.integers(min_value=0, max_value=2**64 - 1),
+    st.integers(min_value=0, max_value=70_000),
+)
+def test_frames_for_other_threads_equal_the_shared_packers(
+    ident: int, deadline: int, count: int
+) -> None:
+    """The frames a source's thread builds without the shared packer are byte for byte
+    the ones the protocol encodes: the same shortest integer and array forms."""
+    item = protocol.pack({"k": 1})
+    assert protocol.encode_request_packed(ident, deadline, item) == protocol.encode(
+        Request(ident, deadline, item, packed=True)
+    )
+    items = [item] * (count % 40)
+    for seqs in (ident, [ident, deadline]):
+        assert protocol.encode_notify_packed_new(seqs, items) == protocol.encode(
+            Notify(seqs, items, packed=True)
+        )
+    assert protocol._array_header(count) == msgpack.Packer().pack_array_header(count)
+
+
 def test_bytes_fed_one_at_a_time() -> None:
     client, server = pair()
     data = server.send(Notify(1, ["a"])) + server.send(Request(1, 5, "q"))
