@@ -110,9 +110,13 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Subject:
-    """What a rule looks at: the access and the process asking for it."""
+    """What a rule looks at: the access and the process asking for it.
+
+    Made for each question the cache cannot answer, and not changed after: not frozen,
+    because a frozen dataclass takes four times as long to make.
+    """
 
     kind: str
     path: str | None = None
@@ -155,6 +159,19 @@ class Rule:
     #: where it came from, for messages: "file:line"
     origin: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    #: (its index, what deciding by it says): made once, not on every cache miss
+    _decision: tuple[int | None, Decision] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def decision(self, index: int | None) -> Decision:
+        """What deciding by this rule says, named by its name, else by where it is
+        (``index`` in the rules files; None for a rule kept in memory)."""
+        made = self._decision
+        if made is None or made[0] != index:
+            where = self.origin if index is None else f"rule {index + 1} ({self.origin})"
+            made = self._decision = (index, Decision(self.action, self.name or where))
+        return made[1]
 
     def matches(self, subject: Subject) -> bool:
         if self.kinds and subject.kind not in self.kinds:
@@ -208,6 +225,9 @@ class Decision:
     action: str
     #: the rule that decided, or "default"
     rule: str
+
+
+_DEFAULT_DECISIONS: Final = {action: Decision(action, "default") for action in NET_ACTIONS}
 
 
 def _ids(values: Any, what: str, lookup: Any) -> frozenset[int]:
@@ -482,17 +502,21 @@ class RuleSet:
             cached = self.cached(cache_key)
             if cached is not None:
                 return cached
+        return self.decide_afresh(subject, cache_key)
+
+    def decide_afresh(self, subject: Subject, cache_key: Any = None) -> Decision:
+        """:meth:`decide` for a caller that found ``cache_key`` missing from the cache
+        already (:meth:`cached`): the rules answer, and the answer is cached."""
         self.misses += 1
-        decision = Decision(self.default, "default")
+        decision = _DEFAULT_DECISIONS.get(self.default) or Decision(self.default, "default")
         for rule in self.temporary:
             if rule.matches(subject):
-                decision = Decision(rule.action, rule.name or rule.origin)
+                decision = rule.decision(None)
                 break
         else:
             for index, rule in enumerate(self.rules):
                 if rule.matches(subject):
-                    name = rule.name or f"rule {index + 1} ({rule.origin})"
-                    decision = Decision(rule.action, name)
+                    decision = rule.decision(index)
                     break
         if cache_key is not None:
             self._cache[cache_key] = decision

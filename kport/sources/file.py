@@ -416,7 +416,7 @@ class FileSource:
                 gid=info.get("gid"),
                 ancestors=tuple(info.get("ancestors") or ()),
             )
-            decision = self.rules.decide(subject, key)
+            decision = self.rules.decide_afresh(subject, key)
         if decision.action == "allow":
             self._answer(group, event, True)
             return None

@@ -423,7 +423,7 @@ class NetSource:
                 interface=interface,
                 direction=direction,
             )
-            decision = self.rules.decide(subject, key)
+            decision = self.rules.decide_afresh(subject, key)
         action = decision.action
         if action == "ask":
             host, interface = where or self._where(remote, pkt, inbound)
