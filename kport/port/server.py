@@ -290,6 +290,18 @@ class ServerConnection:
             self._lost_last = seq
         self._wake.set()
 
+    def _idle(self) -> bool:
+        """Whether another thread may write a frame now (``_send_lock`` held): nothing
+        queued, being written, due to be reported lost, or on its way to the loop."""
+        return not (
+            self._queue
+            or self._writing
+            or self._lost_count
+            or self._handed
+            or self._closing
+            or self.closed
+        )
+
     def _claim_writing(self) -> None:
         """From now until ``_writing`` is cleared, only the loop writes this socket."""
         with self._send_lock:
@@ -670,13 +682,7 @@ class ServerPort:
                     continue
                 rest: bytes | None = None
                 with conn._send_lock:
-                    if not (
-                        conn._queue
-                        or conn._writing
-                        or conn._lost_count
-                        or conn._handed
-                        or conn.closed
-                    ):
+                    if conn._idle():
                         if frame is None:
                             frame = protocol.encode_notify_packed_new(
                                 _seq_run([seq for seq, _ in items]), [item for _, item in items]
@@ -794,14 +800,7 @@ class ServerPort:
         sent = False
         if len(frame) <= _DIRECT_MAX:
             with conn._send_lock:
-                if not (
-                    conn._queue
-                    or conn._writing
-                    or conn._lost_count
-                    or conn._handed
-                    or conn._closing
-                    or conn.closed
-                ):
+                if conn._idle():
                     try:
                         sent = conn._sock.send(frame, socket.MSG_DONTWAIT) == len(frame)
                     except OSError:

@@ -33,12 +33,17 @@ print(json.dumps(out))
 """
 
 
+def journaled(journal: Journal, seq: int) -> bytes:
+    """An event as the daemon makes it: journaled, and its bytes to send."""
+    event = {"seq": seq, "ts": time.time_ns(), "source": "proc", "kind": "exec", "pid": seq}
+    item = protocol.pack_new(event)
+    journal.append(row_of(seq, event, item))
+    return item
+
+
 def emit(port: kport.ServerPort, journal: Journal, seq: int) -> None:
     """What the daemon does per event: journal it, then broadcast the same bytes."""
-    event = {"seq": seq, "ts": time.time_ns(), "source": "proc", "kind": "exec", "pid": seq}
-    item = protocol.pack(event)
-    journal.append(row_of(seq, event, item))
-    port.broadcast(item, seq=seq, packed=True)
+    port.broadcast(journaled(journal, seq), seq=seq, packed=True)
 
 
 async def finish(child: Any) -> Any:
@@ -92,12 +97,8 @@ def test_replay_then_live_while_a_thread_publishes_has_no_gap_and_no_repeat(
             def produce() -> None:
                 seq = 0
                 while seq < total:
-                    batch = []
-                    for s in range(seq + 1, min(seq + 1 + (1 + seq % 4), total + 1)):
-                        event = {"seq": s, "source": "proc", "kind": "exec", "pid": s}
-                        item = protocol.pack_new(event)
-                        batch.append((s, item))
-                        journal.append(row_of(s, event, item))
+                    last = min(seq + 1 + seq % 4, total)
+                    batch = [(s, journaled(journal, s)) for s in range(seq + 1, last + 1)]
                     port.publish(batch)
                     seq = batch[-1][0]
                     if seq % 200 < 4:

@@ -472,23 +472,11 @@ def test_publish_from_a_thread_writes_idle_clients_there_and_queues_for_the_othe
         assert seqs == list(range(1, total + 1))
         # most batches went out from the publishing thread, not through the loop
         assert sum(1 for n in written_at_once if n) > len(written_at_once) // 2
-        paused.stdin.write("go\n")
-        paused.stdin.flush()
-        await wait_for(lambda: slow.queue_depth == 0, timeout=30)
-        server_lost = slow.lost
         await asyncio.to_thread(reader.close)
-        await port.shutdown(grace=10)
-        out, err = await asyncio.to_thread(paused.communicate, timeout=30)
-        assert paused.returncode == 0, err
-        result: dict[str, Any] = json.loads(out)
-        result["server_lost"] = server_lost
-        return result
+        return await resume_paused_client(port, slow, paused)
 
     result = run(main())
-    assert result["lost"] > 0, "the client paused: something must have been dropped"
-    assert result["received"] + result["lost"] == total
-    assert result["lost"] == result["server_lost"] == result["conn_lost"]
-    assert result["seqs_sorted"] and result["unique"]
+    check_paused_client(result, total)
     assert result["seqs"][-1] == total
 
 
@@ -595,6 +583,32 @@ PAUSED_CLIENT = """
 """
 
 
+async def resume_paused_client(
+    port: kport.ServerPort, conn: kport.ServerConnection, child: Any
+) -> dict[str, Any]:
+    """Let PAUSED_CLIENT read, shut the port down once its queue is empty, and return
+    what it saw, with what the server counted lost for it."""
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    await wait_for(lambda: conn.queue_depth == 0, timeout=30)
+    server_lost = conn.lost
+    await port.shutdown(grace=10)
+    out, err = await asyncio.to_thread(child.communicate, timeout=30)
+    assert child.returncode == 0, err
+    result: dict[str, Any] = json.loads(out)
+    result["server_lost"] = server_lost
+    return result
+
+
+def check_paused_client(result: dict[str, Any], total: int) -> None:
+    """What PAUSED_CLIENT saw: something dropped, every seq received or reported lost,
+    the same loss counted by server and client, seqs in order and never twice."""
+    assert result["lost"] > 0, "the client paused: something must have been dropped"
+    assert result["received"] + result["lost"] == total
+    assert result["lost"] == result["server_lost"] == result["conn_lost"]
+    assert result["seqs_sorted"] and result["unique"]
+
+
 def test_paused_client_accounts_for_every_notification(rundir: Path) -> None:
     total = 200_000
 
@@ -611,22 +625,10 @@ def test_paused_client_accounts_for_every_notification(rundir: Path) -> None:
             if i % 1000 == 999:
                 await asyncio.sleep(0)
         assert port.seq == total
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        await wait_for(lambda: conn.queue_depth == 0, timeout=30)
-        server_lost = conn.lost
-        await port.shutdown(grace=10)
-        out, err = await asyncio.to_thread(child.communicate, timeout=30)
-        assert child.returncode == 0, err
-        result: dict[str, Any] = json.loads(out)
-        result["server_lost"] = server_lost
-        return result
+        return await resume_paused_client(port, conn, child)
 
     result = run(main())
-    assert result["lost"] > 0, "the client paused: something must have been dropped"
-    assert result["received"] + result["lost"] == total
-    assert result["lost"] == result["server_lost"] == result["conn_lost"]
-    assert result["seqs_sorted"] and result["unique"]
+    check_paused_client(result, total)
     # One connection saw every seq: each lost range is contiguous and exactly its count.
     for first, last, count in result["ranges"]:
         assert last - first + 1 == count
