@@ -354,13 +354,8 @@ def _frame_parts(head: bytes, parts: list[bytes]) -> bytes:
 
 
 def encode_notify_packed(seqs: int | list[int], packed_items: list[bytes]) -> bytes:
-    """A NOTIFY frame from items that are already msgpack bytes (the producer's fast path)."""
-    head = _NOTIFY_HEAD + _packer.pack(seqs) + _packer.pack_array_header(len(packed_items))
-    return _frame_parts(head, packed_items)
-
-
-def encode_notify_packed_new(seqs: int | list[int], packed_items: list[bytes]) -> bytes:
-    """:func:`encode_notify_packed` for any thread: no shared packer."""
+    """A NOTIFY frame from items that are already msgpack bytes (the producer's fast path);
+    for any thread."""
     first = _uint(seqs) if isinstance(seqs, int) else pack_new(seqs)
     head = _NOTIFY_HEAD + first + _array_header(len(packed_items))
     return _frame_parts(head, packed_items)

@@ -104,12 +104,12 @@ def test_frames_for_other_threads_equal_the_shared_packers(
     the ones the protocol encodes: the same shortest integer and array forms."""
     item = protocol.pack({"k": 1})
     assert protocol.encode_request_packed(ident, deadline, item) == protocol.encode(
-        Request(ident, deadline, item, packed=True)
+        Request(ident, deadline, {"k": 1})
     )
     items = [item] * (count % 40)
     for seqs in (ident, [ident, deadline]):
-        assert protocol.encode_notify_packed_new(seqs, items) == protocol.encode(
-            Notify(seqs, items, packed=True)
+        assert protocol.encode_notify_packed(seqs, items) == protocol.encode(
+            Notify(seqs, [{"k": 1}] * len(items))
         )
     assert protocol._array_header(count) == msgpack.Packer().pack_array_header(count)
 

@@ -684,7 +684,7 @@ class ServerPort:
                 with conn._send_lock:
                     if conn._idle():
                         if frame is None:
-                            frame = protocol.encode_notify_packed_new(
+                            frame = protocol.encode_notify_packed(
                                 _seq_run([seq for seq, _ in items]), [item for _, item in items]
                             )
                         if len(frame) <= _DIRECT_MAX:

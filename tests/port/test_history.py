@@ -46,6 +46,14 @@ def emit(port: kport.ServerPort, journal: Journal, seq: int) -> None:
     port.broadcast(journaled(journal, seq), seq=seq, packed=True)
 
 
+def running_journal(tmp_path: Path) -> Journal:
+    """A journal open and writing, committing often: history a replay can read at once."""
+    journal = Journal(tmp_path / "j.db", commit_interval_s=0.02)
+    journal.open()
+    journal.start()
+    return journal
+
+
 async def finish(child: Any) -> Any:
     out, err = await asyncio.to_thread(child.communicate, timeout=60)
     assert child.returncode == 0, err
@@ -58,9 +66,7 @@ def test_replay_then_live_during_a_stream_has_no_gap_and_no_repeat(
     total = 30_000
 
     async def main() -> None:
-        journal = Journal(tmp_path / "j.db", commit_interval_s=0.02)
-        journal.open()
-        journal.start()
+        journal = running_journal(tmp_path)
         history = SourceHistory(journal, ["proc"])
         async with kport.ServerPort("h", runtime_dir=rundir, history=history) as port:
             clients = []
@@ -88,9 +94,7 @@ def test_replay_then_live_while_a_thread_publishes_has_no_gap_and_no_repeat(
     total = 50_000
 
     async def main() -> None:
-        journal = Journal(tmp_path / "j.db", commit_interval_s=0.02)
-        journal.open()
-        journal.start()
+        journal = running_journal(tmp_path)
         history = SourceHistory(journal, ["proc"])
         async with kport.ServerPort("h", runtime_dir=rundir, history=history) as port:
 

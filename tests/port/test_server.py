@@ -23,6 +23,12 @@ from tests.conftest import run, run_as_nobody, spawn_client, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 
+async def first_connection(port: kport.ServerPort) -> kport.ServerConnection:
+    """The port's first client, once it has connected."""
+    await wait_for(lambda: bool(port.connections))
+    return port.connections[0]
+
+
 def test_notify_request_send_between_processes(rundir: Path) -> None:
     async def main() -> None:
         async def on_message(conn: kport.ServerConnection, data: Any) -> Any:
@@ -45,8 +51,7 @@ def test_notify_request_send_between_processes(rundir: Path) -> None:
                 """,
                 str(rundir),
             )
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             assert conn.pid == child.pid
             assert conn.start_time is not None
             port.notify(conn, {"n": 1})
@@ -215,8 +220,7 @@ def test_request_deadline_and_late_reply(rundir: Path) -> None:
     async def main() -> None:
         async with kport.ServerPort("slow", runtime_dir=rundir) as port:
             client = await kport.aconnect("slow", runtime_dir=rundir)
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             started = time.monotonic()
             with pytest.raises(kport.Timeout, match=r"did not reply within 0\.2 s"):
                 await port.request(conn, "q", timeout=0.2)
@@ -237,8 +241,7 @@ def test_request_future_answers_by_callback_and_a_cancelled_one_is_withdrawn(
     async def main() -> None:
         async with kport.ServerPort("cb", runtime_dir=rundir) as port:
             client = await kport.aconnect("cb", runtime_dir=rundir)
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             answers: list[Any] = []
             future = port.request_future(conn, {"n": 1}, timeout=5)
             future.add_done_callback(lambda f: answers.append(f.result()))
@@ -267,8 +270,7 @@ def test_request_from_thread_is_written_there_or_queued_and_answered_in_the_loop
     async def main() -> None:
         async with kport.ServerPort("th", runtime_dir=rundir) as port:
             client = await kport.aconnect("th", runtime_dir=rundir)
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             loop_thread = threading.get_ident()
             answers: list[tuple[Any, bool]] = []
 
@@ -325,8 +327,7 @@ def test_requests_from_a_thread_keep_their_deadlines_though_the_loop_is_not_woke
     async def main() -> None:
         async with kport.ServerPort("dl", runtime_dir=rundir) as port:
             client = await kport.aconnect("dl", runtime_dir=rundir)  # reads, never answers
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             ended: dict[int, tuple[float, Any]] = {}
 
             def ask_many() -> list[float]:
@@ -364,8 +365,7 @@ def test_requests_from_threads_never_interleave_with_the_loops_writes(rundir: Pa
     async def main() -> None:
         async with kport.ServerPort("mix", runtime_dir=rundir) as port:
             client = await asyncio.to_thread(kport.connect, "mix", runtime_dir=rundir)
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             replies: list[Any] = []
             asks = 400
 
@@ -488,8 +488,7 @@ def test_publishing_threads_never_interleave_with_the_loops_writes(rundir: Path)
     async def main() -> None:
         async with kport.ServerPort("pmix", runtime_dir=rundir, queue_limit=2000) as port:
             client = await asyncio.to_thread(kport.connect, "pmix", runtime_dir=rundir)
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             asks = 300
 
             def produce() -> None:
@@ -618,8 +617,7 @@ def test_paused_client_accounts_for_every_notification(rundir: Path) -> None:
         child = spawn_client(PAUSED_CLIENT, str(rundir), stdin=-1)
         assert child.stdout is not None and child.stdin is not None
         assert (await asyncio.to_thread(child.stdout.readline)).strip() == "ready"
-        await wait_for(lambda: bool(port.connections))
-        conn = port.connections[0]
+        conn = await first_connection(port)
         for i in range(total):
             port.notify(conn, {"i": i})
             if i % 1000 == 999:
@@ -707,8 +705,7 @@ def test_queue_full_of_requests_refuses_the_next(rundir: Path) -> None:
     async def main() -> None:
         async with kport.ServerPort("full", runtime_dir=rundir, queue_limit=4) as port:
             client = await asyncio.to_thread(kport.connect, "full", runtime_dir=rundir)
-            await wait_for(lambda: bool(port.connections))
-            conn = port.connections[0]
+            conn = await first_connection(port)
             big = "x" * 60_000
             # The client does not read: fill the socket buffer, then the queue.
             while conn.queue_depth < 4:
