@@ -12,6 +12,7 @@ import tomli_w
 from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
 from kport.sources.net import MAX_QUEUES, VERDICTS, queue_count
+from kport.sources.proc import BATCH_ABOVE
 
 
 class ConfigError(ValueError):
@@ -30,9 +31,10 @@ class PortConfig:
 class ProcConfig:
     enabled: bool = True
     threads: bool = False
-    #: above 1000 events/s, read the kernel's events at most once per this window:
-    #: a storm costs one wake-up per batch, at up to this much more latency (0: off)
+    #: above batch_above events/s, read the kernel's events at most once per this
+    #: window: a storm costs one wake-up per batch, at up to this much more latency (0: off)
     batch_window_ms: float = 2.0
+    batch_above: int = BATCH_ABOVE
     #: daemon-side filters: an event is sent when it passes every non-empty one
     kinds: list[str] = field(default_factory=list)
     uids: list[int] = field(default_factory=list)
@@ -227,6 +229,8 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: proc.kinds: unknown kinds {sorted(bad)}")
     if not 0 <= config.proc.batch_window_ms <= 100:
         raise ConfigError(f"{path}: proc.batch_window_ms must be 0 to 100")
+    if config.proc.batch_above < 0:
+        raise ConfigError(f"{path}: proc.batch_above must be >= 0 (events per second)")
     if config.journal.max_age_days <= 0 or config.journal.max_size_mb <= 0:
         raise ConfigError(f"{path}: journal.max_age_days and journal.max_size_mb must be > 0")
     if config.journal.queue_limit < 1:

@@ -188,6 +188,7 @@ class Daemon:
                 self._from_thread,
                 threads=self.config.proc.threads,
                 batch_window_s=self.config.proc.batch_window_ms / 1000,
+                batch_above=self.config.proc.batch_above,
             )
         if self.config.file.enabled:
             self._setup_file(journal)

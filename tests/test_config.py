@@ -41,6 +41,7 @@ def test_journal_section(tmp_path: Path) -> None:
         ("[nope]\n", "unknown section"),
         ("[proc]\nkinds = ['bogus']\n", "unknown kinds"),
         ("[proc]\nbatch_window_ms = -1\n", "proc.batch_window_ms must be 0 to 100"),
+        ("[proc]\nbatch_above = -5\n", "proc.batch_above must be >= 0"),
         ("[proc\n", "c.toml"),
         ("[journal]\nmax_age_days = 'week'\n", "journal.max_age_days: expected float"),
         ("[journal]\nmax_size_mb = 0\n", "must be > 0"),

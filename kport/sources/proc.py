@@ -3,7 +3,7 @@
 Two threads: the reader does nothing but receive and parse datagrams (so the socket's
 buffer drains even while /proc is slow), the processor enriches each event from /proc,
 keeps the table, and hands batches of finished events to ``emit``. Under load (more than
-BATCH_ABOVE events a second) the reader takes what has come at most once per batch
+``batch_above`` events a second) the reader takes what has come at most once per batch
 window: each wake-up of the two threads costs far more than an event, so a storm is
 carried in batches, at up to one window more latency. Loss is never silent:
 ``ENOBUFS``, a per-CPU sequence gap and a full hand-off queue each become a ``lost``
@@ -32,8 +32,9 @@ HANDOFF_LIMIT: Final = 200_000
 #: datagrams the reader takes per wake-up, at most; and how long it blocks in one read
 DRAIN_DATAGRAMS: Final = 256
 READ_WAIT_S: Final = 0.2
-#: events per second above which the reader batches (see the module docstring)
-BATCH_ABOVE: Final = 1000
+#: events per second above which the reader batches (see the module docstring); a
+#: process run is three (fork, exec, exit): 4500 is 1500 runs a second
+BATCH_ABOVE: Final = 4500
 _RATE_SLICE_S: Final = 0.1
 #: exited processes the table remembers, the most recent ones
 EXITED: Final = 4096
@@ -124,10 +125,12 @@ class ProcSource:
         threads: bool = False,
         rcvbuf: int = 64 << 20,
         batch_window_s: float = 0.002,
+        batch_above: int = BATCH_ABOVE,
     ) -> None:
         self.emit = emit
         self.threads = threads
         self.batch_window_s = batch_window_s
+        self.batch_above = batch_above
         self.table = ProcessTable()
         self.events = 0
         self.lost = 0
@@ -198,7 +201,8 @@ class ProcSource:
         parse = netlink_proc.parse
         last_seq = self._last_seq
         window = self.batch_window_s
-        # datagrams in the current rate slice; whether the last slice was over BATCH_ABOVE
+        batch_above = self.batch_above
+        # events in the current rate slice; whether the last slice was over batch_above
         slice_end = time.monotonic() + _RATE_SLICE_S
         in_slice = 0
         busy = False
@@ -233,7 +237,7 @@ class ProcSource:
                 in_slice += len(batch)
                 now = time.monotonic()
                 if now >= slice_end:
-                    busy = in_slice > BATCH_ABOVE * (now - slice_end + _RATE_SLICE_S)
+                    busy = in_slice > batch_above * (now - slice_end + _RATE_SLICE_S)
                     slice_end, in_slice = now + _RATE_SLICE_S, 0
                 if busy and window > 0:
                     time.sleep(window)  # let the next ones gather: one wake-up for them all

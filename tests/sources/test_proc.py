@@ -95,12 +95,42 @@ def test_a_full_hand_off_is_counted_as_lost_never_dropped_silently(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the proc connector needs root")
-def test_under_load_the_reader_takes_events_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above BATCH_ABOVE events/s the reader waits a window between reads: a storm costs
-    a wake-up per batch, not per event, and every exec still arrives."""
-    monkeypatch.setattr(proc, "BATCH_ABOVE", 50)  # any storm this machine makes is load
+def test_below_batch_above_the_reader_does_not_wait() -> None:
+    """Under the rate threshold every wake-up's events go on at once: a long window is
+    never slept, so a storm is read in many small batches, each exec as it comes."""
     emitted: list[dict[str, Any]] = []
-    source = ProcSource(emitted.extend, batch_window_s=0.01)
+    source = ProcSource(emitted.extend, batch_window_s=0.5, batch_above=10**9)
+    source.start()
+
+    def storm(count: int) -> set[int]:
+        pids = set()
+        for _ in range(count):
+            pid = os.posix_spawn("/bin/true", ["true", "kport-unbatched-test"], os.environ)
+            pids.add(pid)
+            os.waitpid(pid, 0)
+        return pids
+
+    try:
+        time.sleep(0.3)
+        storm(100)  # past the reader's first rate slice: batching would have begun
+        before = source.batches
+        ours = storm(200)
+        deadline = time.monotonic() + 30
+        while not {e["pid"] for e in list(emitted) if e["kind"] == "exit"} >= ours:
+            assert time.monotonic() < deadline, "exits missing"
+            time.sleep(0.05)
+    finally:
+        source.stop()
+    # had the 0.5 s window been slept, these 200 runs would have been a few batches
+    assert source.batches - before > 50, source.batches - before
+
+
+def test_under_load_the_reader_takes_events_in_batches() -> None:
+    """Above batch_above events/s the reader waits a window between reads: a storm costs
+    a wake-up per batch, not per event, and every exec still arrives."""
+    emitted: list[dict[str, Any]] = []
+    # any storm this machine makes is load
+    source = ProcSource(emitted.extend, batch_window_s=0.01, batch_above=50)
     source.start()
     try:
         time.sleep(0.3)  # let the reader's first rate slice pass
