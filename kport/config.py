@@ -12,7 +12,7 @@ import tomli_w
 from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
 from kport.sources.net import MAX_QUEUES, VERDICTS, queue_count
-from kport.sources.proc import BATCH_ABOVE
+from kport.sources.proc import BATCH_ABOVE, BATCH_WINDOW_S
 
 
 class ConfigError(ValueError):
@@ -33,7 +33,7 @@ class ProcConfig:
     threads: bool = False
     #: above batch_above events/s, read the kernel's events at most once per this
     #: window: a storm costs one wake-up per batch, at up to this much more latency (0: off)
-    batch_window_ms: float = 2.0
+    batch_window_ms: float = BATCH_WINDOW_S * 1000
     batch_above: int = BATCH_ABOVE
     #: daemon-side filters: an event is sent when it passes every non-empty one
     kinds: list[str] = field(default_factory=list)

@@ -302,6 +302,17 @@ class ServerConnection:
             or self.closed
         )
 
+    def _send_direct(self, frame: bytes) -> int:
+        """Another thread's write of ``frame``, ``_send_lock`` held and the connection
+        idle: the bytes the socket took at once (never blocking), 0 when it took none or
+        the frame is too big to go out whole; the loop's path queues or drops the rest."""
+        if len(frame) > _DIRECT_MAX:
+            return 0
+        try:
+            return self._sock.send(frame, socket.MSG_DONTWAIT)
+        except OSError:
+            return 0  # full or failing
+
     def _claim_writing(self) -> None:
         """From now until ``_writing`` is cleared, only the loop writes this socket."""
         with self._send_lock:
@@ -687,17 +698,13 @@ class ServerPort:
                             frame = protocol.encode_notify_packed(
                                 _seq_run([seq for seq, _ in items]), [item for _, item in items]
                             )
-                        if len(frame) <= _DIRECT_MAX:
-                            try:
-                                sent = conn._sock.send(frame, socket.MSG_DONTWAIT)
-                            except OSError:
-                                sent = 0  # full or failing: the loop queues, or drops it
-                            if sent == len(frame):
-                                conn.sent += len(items)
-                                continue
-                            if sent:  # never for one skb, but then the rest goes first
-                                conn.sent += len(items)
-                                rest = frame[sent:]
+                        sent = conn._send_direct(frame)
+                        if sent == len(frame):
+                            conn.sent += len(items)
+                            continue
+                        if sent:  # never for one skb, but then the rest goes first
+                            conn.sent += len(items)
+                            rest = frame[sent:]
                     conn._handed += 1
                 later.append((conn, rest))
         if not later or loop is None:
@@ -797,14 +804,8 @@ class ServerPort:
         future.add_done_callback(on_done)
         conn._eager[request_id] = on_done
         conn._pending[request_id] = future  # before the send: the reply may come at once
-        sent = False
-        if len(frame) <= _DIRECT_MAX:
-            with conn._send_lock:
-                if conn._idle():
-                    try:
-                        sent = conn._sock.send(frame, socket.MSG_DONTWAIT) == len(frame)
-                    except OSError:
-                        sent = False  # full or failing: the loop's path queues or drops
+        with conn._send_lock:
+            sent = conn._idle() and conn._send_direct(frame) == len(frame)
         try:
             if not sent:
                 loop.call_soon_threadsafe(

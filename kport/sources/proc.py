@@ -35,6 +35,8 @@ READ_WAIT_S: Final = 0.2
 #: events per second above which the reader batches (see the module docstring); a
 #: process run is three (fork, exec, exit): 4500 is 1500 runs a second
 BATCH_ABOVE: Final = 4500
+#: how long the reader waits between reads while batching
+BATCH_WINDOW_S: Final = 0.002
 _RATE_SLICE_S: Final = 0.1
 #: exited processes the table remembers, the most recent ones
 EXITED: Final = 4096
@@ -124,7 +126,7 @@ class ProcSource:
         *,
         threads: bool = False,
         rcvbuf: int = 64 << 20,
-        batch_window_s: float = 0.002,
+        batch_window_s: float = BATCH_WINDOW_S,
         batch_above: int = BATCH_ABOVE,
     ) -> None:
         self.emit = emit
