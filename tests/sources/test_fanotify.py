@@ -207,7 +207,7 @@ def test_a_rename_is_one_event_with_both_paths(name_fs: Path) -> None:
         (name_fs / "old").rename(sub / "renamed")
         collect(group, events, bool)
     assert [(e.kinds, e.old_path, e.path, e.name) for e in events] == [
-        (["rename"], str(name_fs / "old"), str(sub / "renamed"), "renamed")
+        (("rename",), str(name_fs / "old"), str(sub / "renamed"), "renamed")
     ]
 
 
@@ -245,7 +245,7 @@ def test_open_perm_allow_and_deny(tmpfs: Path, owned: list[FanotifyEvent], allow
         opener.start()
         try:
             [event] = collect(group, owned, bool)
-            assert event.kinds == ["open_perm"] and event.permission
+            assert event.kinds == ("open_perm",) and event.permission
             assert event.path == str(target) and event.pid == os.getpid()
             time.sleep(0.1)
             assert opener.is_alive(), "the open did not wait for the answer"
@@ -286,7 +286,7 @@ def test_open_exec_perm_denies_running_a_script(tmpfs: Path, owned: list[Fanotif
                 before = len(owned)
                 collect(group, owned, lambda evs: len(evs) > before)  # noqa: B023
                 [event] = owned[before:]
-                assert event.kinds == ["open_exec_perm"] and event.path == str(script)
+                assert event.kinds == ("open_exec_perm",) and event.path == str(script)
                 assert event.pid != os.getpid()  # the child that calls execve
                 group.respond(event.fd, allow=allow)
                 event.close()
@@ -350,10 +350,10 @@ def test_a_full_queue_reports_overflow(tmpfs: Path) -> None:
         while batch := group.read_events():
             events.extend(batch)
     assert len(events) == limit + 1
-    assert all(e.kinds == ["create"] for e in events[:-1])
+    assert all(e.kinds == ("create",) for e in events[:-1])
     assert events[0].path == str(tmpfs / "f0")
     last = events[-1]
-    assert last.overflow and last.kinds == ["overflow"] and last.fd == fa.FAN_NOFD
+    assert last.overflow and last.kinds == ("overflow",) and last.fd == fa.FAN_NOFD
     assert last.path is None and last.name is None
 
 
