@@ -478,10 +478,16 @@ class FileSource:
 
         assert self.ask is not None
         request = {
-            k: record.get(k) for k in ("kind", "path", "pid", "start_time", "exe", "uid", "user")
+            "kind": record["kind"],
+            "path": record["path"],
+            "pid": record["pid"],
+            "start_time": record["start_time"],
+            "exe": record["exe"],
+            "uid": record["uid"],
+            "user": record["user"],
+            "cmdline": record["argv"],
+            "ancestors": record["ancestors"],
         }
-        request["cmdline"] = record.get("argv")
-        request["ancestors"] = record.get("ancestors")
         self.ask(request, done)
 
     def _finish(
