@@ -350,8 +350,7 @@ def pack_new(data: Any) -> bytes:
         packer = _thread_packers.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
     try:
         return packer.pack(data)  # type: ignore[no-any-return]
-    except (TypeError, ValueError, OverflowError) as err:
-        packer.reset()  # a failed pack may leave a part in the buffer
+    except (TypeError, ValueError, OverflowError) as err:  # the packer has reset itself
         raise TypeError(f"kport can only carry msgpack-encodable data: {err}") from err
 
 

@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -138,19 +139,9 @@ def kinds_of(mask: int) -> list[str]:
     return [name for bit, name in KINDS.items() if mask & bit]
 
 
-#: the masks seen so far → their kinds; a group sees few distinct masks, and this many at
-#: most are kept (the rest are named afresh each time)
-_KINDS_KEPT: Final = 1024
-_kinds_seen: dict[int, tuple[str, ...]] = {}
-
-
+@functools.lru_cache(maxsize=1024)  # a group sees few distinct masks
 def _kinds(mask: int) -> tuple[str, ...]:
-    kinds = _kinds_seen.get(mask)
-    if kinds is None:
-        kinds = tuple(kinds_of(mask))
-        if len(_kinds_seen) < _KINDS_KEPT:
-            _kinds_seen[mask] = kinds
-    return kinds
+    return tuple(kinds_of(mask))
 
 
 # --- the pure parser ------------------------------------------------------------------

@@ -61,8 +61,6 @@ NAME_KINDS: Final[dict[str, int]] = {
     "attrib": fan.FAN_ATTRIB,
 }
 NOTIFY_KINDS: Final = {**FD_KINDS, **NAME_KINDS}
-#: a permission event's bit → its kind (the kernel never merges permission events)
-_PERMISSION_KIND_OF: Final = {bit: kind for kind, bit in PERMISSION_KINDS.items()}
 DEFAULT_PERMISSIONS: Final = ("open_perm", "open_exec_perm")
 DEFAULT_EVENTS: Final = ("close_write", "create", "delete", "move", "attrib")
 
@@ -407,7 +405,8 @@ class FileSource:
             if group is self._names and not self._in_scope(event.path):
                 return None
             return self._notification(event)
-        kind = _PERMISSION_KIND_OF[event.mask & fan.FAN_PERMISSION_EVENTS]
+        # its one permission bit's name: the kernel never merges permission events
+        kind = fan.KINDS[event.mask & fan.FAN_PERMISSION_EVENTS]
         pid = event.pid
         if pid == self.own_pid or pid in self.trusted():
             self._answer(group, event, True)  # never wait on ourselves or a decider
