@@ -47,12 +47,15 @@ import re
 import time
 import tomllib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 log = logging.getLogger("kport.rules")
+
+#: a compiled pattern's match, or several patterns' as one
+Match = Callable[[str], "re.Match[str] | None"]
 
 ACTIONS: Final = ("allow", "deny", "ask", "log")
 NET_ACTIONS: Final = ("allow", "deny", "reject", "ask", "log")
@@ -114,8 +117,9 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 class Subject:
     """What a rule looks at: the access and the process asking for it.
 
-    Made for each question the cache cannot answer, and not changed after: not frozen,
-    because a frozen dataclass takes four times as long to make.
+    Made for a question the cache cannot answer. Not frozen, because a frozen dataclass
+    takes four times as long to make; the rules keep none once they have answered, so a
+    source may reuse one for the same process's next question.
     """
 
     kind: str
@@ -164,6 +168,28 @@ class Rule:
         default=None, init=False, repr=False, compare=False
     )
 
+    #: each list of patterns as one regex's match (None: no such criterion), and whether
+    #: any connection criterion is set: made once, so a cache miss runs one regex per
+    #: criterion and skips the checks a file rule never has
+    _path: Match | None = field(default=None, init=False, repr=False, compare=False)
+    _exe: Match | None = field(default=None, init=False, repr=False, compare=False)
+    _ancestor: Match | None = field(default=None, init=False, repr=False, compare=False)
+    _net: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._path = _one_match(self.path)
+        self._exe = _one_match(self.exe)
+        self._ancestor = _one_match(self.ancestors)
+        self._net = bool(
+            self.protocols
+            or self.direction
+            or self.ports
+            or self.interfaces
+            or self.hosts
+            or self.addresses
+            or self.cmdline
+        )
+
     def decision(self, index: int | None) -> Decision:
         """What deciding by this rule says, named by its name, else by where it is
         (``index`` in the rules files; None for a rule kept in memory)."""
@@ -176,23 +202,18 @@ class Rule:
     def matches(self, subject: Subject) -> bool:
         if self.kinds and subject.kind not in self.kinds:
             return False
-        if self.path and not (
-            subject.path is not None and any(p.match(subject.path) for p in self.path)
-        ):
+        if self._path is not None and (subject.path is None or not self._path(subject.path)):
             return False
-        if self.exe and not (
-            subject.exe is not None and any(p.match(subject.exe) for p in self.exe)
-        ):
+        if self._exe is not None and (subject.exe is None or not self._exe(subject.exe)):
             return False
         if self.uids and subject.uid not in self.uids:
             return False
         if self.gids and not (self.gids & (subject.groups | {subject.gid})):
             return False
-        if self.ancestors and not any(
-            p.match(exe) for exe in subject.ancestors for p in self.ancestors
-        ):
+        ancestor = self._ancestor
+        if ancestor is not None and not any(ancestor(exe) for exe in subject.ancestors):
             return False
-        return self._matches_net(subject)
+        return not self._net or self._matches_net(subject)
 
     def _matches_net(self, subject: Subject) -> bool:
         if self.protocols and subject.protocol not in self.protocols:
@@ -218,6 +239,15 @@ class Rule:
         return not self.cmdline or (
             subject.cmdline is not None and any(p.match(subject.cmdline) for p in self.cmdline)
         )
+
+
+def _one_match(patterns: tuple[re.Pattern[str], ...]) -> Match | None:
+    """Several anchored patterns as one regex's match: any of them, in one call."""
+    if not patterns:
+        return None
+    if len(patterns) == 1:
+        return patterns[0].match
+    return re.compile("|".join(f"(?:{p.pattern})" for p in patterns)).match
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,39 @@ ancestors = ["/usr/sbin/sshd"]
     )
 
 
+def test_a_rule_with_several_globs_matches_any_of_them_whole() -> None:
+    rules, _ = parse(
+        """
+[[rule]]
+action = "deny"
+path = ["/srv/*.key", "/etc/shadow", "/home/**/id_[!.]*"]
+exe = ["/usr/bin/cat", "/usr/bin/le?s"]
+ancestors = ["/usr/sbin/cron", "/usr/bin/*sh"]
+""",
+        "t.toml",
+    )
+    rs = RuleSet(default="allow")
+    rs.rules = rules
+    by = {"exe": "/usr/bin/less", "ancestors": ("/usr/bin/zsh",)}
+    for path in ("/srv/a.key", "/etc/shadow", "/home/u/.ssh/id_rsa"):
+        assert rs.decide(subject(path=path, **by)).action == "deny", path
+    # each glob is anchored at both ends, alone as much as beside the others
+    for path in ("/srv/a/b.key", "/etc/shadow.bak", "/x/etc/shadow", "/home/u/id_.x"):
+        assert rs.decide(subject(path=path, **by)).action == "allow", path
+    zsh = ("/usr/bin/zsh",)
+    assert rs.decide(subject(path="/etc/shadow", exe="/usr/bin/cat", ancestors=zsh)).action == (
+        "deny"
+    )
+    assert rs.decide(subject(path="/etc/shadow", exe="/usr/bin/lesss", ancestors=zsh)).action == (
+        "allow"
+    )
+    assert rs.decide(subject(path="/etc/shadow", exe="/usr/bin/cat")).action == "allow"
+    deep = ("/usr/bin/python3", "/usr/sbin/cron")
+    assert rs.decide(subject(path="/etc/shadow", exe="/usr/bin/cat", ancestors=deep)).action == (
+        "deny"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

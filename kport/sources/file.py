@@ -184,6 +184,9 @@ class FileSource:
         self.lost = 0
         self._asks = 0
         self._asks_lock = threading.Lock()
+        #: the last subject the rules saw, and the process details it was made from
+        self._last_subject: Subject | None = None
+        self._last_info: dict[str, Any] | None = None
         self._marks_lock = threading.Lock()
         self._content: fan.FanotifyGroup | None = None
         self._names: fan.FanotifyGroup | None = None
@@ -419,15 +422,7 @@ class FileSource:
         info = info or {}
         decision = None if key is None else self.rules.cached(key)
         if decision is None:
-            subject = Subject(
-                kind=kind,
-                path=path,
-                exe=info.get("exe"),
-                uid=info.get("uid"),
-                gid=info.get("gid"),
-                ancestors=tuple(info.get("ancestors") or ()),
-            )
-            decision = self.rules.decide_afresh(subject, key)
+            decision = self.rules.decide_afresh(self._subject(kind, path, info), key)
         if decision.action == "allow":
             self._answer(group, event, True)
             return None
@@ -440,6 +435,26 @@ class FileSource:
         self._answer(group, event, allow)  # the verdict first, everything else after
         record["verdict"] = "allow" if allow else "deny"
         return record
+
+    def _subject(self, kind: str, path: str | None, info: dict[str, Any]) -> Subject:
+        """The rules' view of this access. The last one is kept and only its kind and
+        path change while the same process asks again (``info`` is the same cached
+        mapping then): the rules keep no subject once they have answered."""
+        subject = self._last_subject
+        if subject is None or info is not self._last_info:
+            subject = self._last_subject = Subject(
+                kind,
+                path,
+                info.get("exe"),
+                info.get("uid"),
+                info.get("gid"),
+                ancestors=tuple(info.get("ancestors") or ()),
+            )
+            self._last_info = info
+        else:
+            subject.kind = kind
+            subject.path = path
+        return subject
 
     def _answer(self, group: fan.FanotifyGroup, event: fan.FanotifyEvent, allow: bool) -> None:
         try:

@@ -112,6 +112,38 @@ def test_rules_decide_and_the_verdict_comes_with_the_event(tmp_path: Path, mount
         source.stop()
 
 
+def test_each_question_is_decided_for_its_own_process_path_and_kind(
+    tmp_path: Path, mount: Path
+) -> None:
+    """Questions in a row, from one process and from others, for different paths: each is
+    decided on its own process and path, not on the one before it."""
+    rules = rules_file(
+        tmp_path,
+        f'default = "allow"\n[[rule]]\naction = "deny"\npath = "{mount}/secret*"\n'
+        f'[[rule]]\naction = "deny"\nexe = "/usr/bin/cat"\npath = "{mount}/plain*"\n',
+    )
+    (mount / "other.txt").write_text("o\n")
+    source = FileSource(
+        Collected(), paths=[str(mount)], rules=rules, ask=None, default_verdict=True
+    )
+    source.start()
+    script = (
+        "import sys\nfor p in sys.argv[1:]:\n    try:\n        open(p).close()\n"
+        "        print('allowed')\n    except PermissionError:\n        print('denied')"
+    )
+    files = [str(mount / n) for n in ("plain.txt", "secret.txt", "other.txt", "plain.txt")]
+    try:
+        for _ in range(2):
+            run = subprocess.run(
+                ["python3", "-c", script, *files], capture_output=True, text=True, check=False
+            )
+            assert run.stdout.split() == ["allowed", "denied", "allowed", "allowed"]
+            assert cat(mount / "plain.txt").returncode != 0  # cat may not read it
+            assert cat(mount / "other.txt").stdout == "o\n"
+    finally:
+        source.stop()
+
+
 def test_asks_are_answered_by_the_callback_or_by_the_default(tmp_path: Path, mount: Path) -> None:
     rules = rules_file(tmp_path, 'default = "ask"\n')
     asked: list[dict[str, Any]] = []
