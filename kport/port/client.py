@@ -184,9 +184,13 @@ class Connection:
             )
             return
         # The socket stays blocking (a writer in another thread never changes a reader's
-        # wait); a timed read waits in poll first. Only this thread reads, so readable
+        # wait), yet every read waits in poll first, for POLLIN alone: a reader blocked in
+        # recvmsg on a unix stream socket is also woken whenever the port reads what this
+        # side wrote (the kernel's write-space wake-up shares the socket's wait queue), a
+        # wasted context switch per request answered. Only this thread reads, so readable
         # stays readable until the recvmsg below.
-        if timeout is not None and not self._poller.poll(max(0, math.ceil(timeout * 1000))):
+        wait_ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
+        if not self._poller.poll(wait_ms):
             return
         try:
             # recv_into a buffer kept for the connection: a fresh 256 KiB bytes per read
