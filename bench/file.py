@@ -5,7 +5,9 @@ An opener process (never the daemon, which allows its own opens) opens and close
 on a tmpfs that the bench mounts itself: one file again and again, or a new file each
 time. Each monitor in turn is the only one watching that mount. Each monitored run is
 done twice, with the opener and the monitor pinned to one CPU and to two: an answer from
-another CPU costs that CPU's wake-up, which in a VM is most of the latency.
+another CPU costs that CPU's wake-up, which in a VM is most of the latency. The whole set
+of runs is repeated (three times by default) and each figure is the median over those
+rounds, so that the machine's drift between one monitor's run and another's weighs less.
 
 fapolicyd marks every mount of the types in its ``watch_fs``, and tmpfs is mounted
 elsewhere too (/dev/shm, /run, other programs' mounts). So it runs in a mount namespace of
@@ -27,6 +29,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -528,15 +531,110 @@ SCENARIOS = (
 )
 
 
-def run(count: int = 20_000, rounds: int = 500, json_dir: str | None = None) -> dict[str, Any]:
-    """``count`` timed opens per run, after ``rounds`` warm-up opens."""
+def _round(
+    workdir: Path,
+    mnt: Path,
+    opens: dict[str, tuple[list[str], list[str]]],
+    placements: list[Placement],
+    marked: set[str],
+) -> dict[str, dict[str, Any]]:
+    """Every run once: no monitor, kport by rules, kport asking a client, fapolicyd."""
+    runs: dict[str, dict[str, Any]] = {}
+    for kind, (paths, warmup) in opens.items():
+        runs[f"baseline_{kind}"] = _measure(paths, warmup, placements[0])
+
+    rules = workdir / "rules.toml"
+    rules.write_text(
+        tomli_w.dumps(
+            {
+                "default": "allow",
+                "rule": [{"name": "bench", "action": "allow", "path": [f"{mnt}/**"]}],
+            }
+        )
+    )
+    by_rules = {
+        "enabled": True,
+        "paths": [str(mnt)],
+        "rules": [str(rules)],
+        "default_action": "allow",
+    }
+    with _kport(workdir, "rules", by_rules) as (pid, rundir):
+        for at in placements:
+            # A new opener each run: its (pid, start time) is in no cache entry yet.
+            runs[f"kport_hit/{at.name}"] = _kport_run(rundir, *opens["same"], at, [pid])
+            runs[f"kport_miss/{at.name}"] = _kport_run(rundir, *opens["distinct"], at, [pid])
+
+    by_client = {
+        "enabled": True,
+        "paths": [str(mnt)],
+        "default_action": "ask",
+        "decision_deadline_s": 10.0,
+    }
+    with (
+        _kport(workdir, "client", by_client) as (pid, rundir),
+        _decider(rundir, workdir) as decider,
+    ):
+        for at in placements:
+            runs[f"kport_client/{at.name}"] = _kport_run(rundir, *opens["same"], at, [pid, decider])
+
+    # One fapolicyd per run: it reports its counts as it exits, not before.
+    for at in placements:
+        for kind in ("same", "distinct"):
+            with _fapolicyd(workdir, mnt) as fap:
+                pid = fap["pid"]
+                result = _measure(*opens[kind], at, [pid], namespace_of=pid)
+            result["fapolicyd_counts"] = fap["counts"]
+            runs[f"fapolicyd_{kind}/{at.name}"] = result
+            marked.update(fap["marked"])
+
+    for key, _, _, baseline in SCENARIOS:
+        for at in placements:
+            r = runs[f"{key}/{at.name}"]
+            r["baseline"] = baseline
+            r["added_p50_us"] = r["p50_us"] - runs[baseline]["p50_us"]
+    return runs
+
+
+#: what the summary of several rounds takes the median of
+_MEDIANS = ("p50_us", "p99_us", "opens_per_s", "cpu_s_per_1000_opens", "added_p50_us")
+
+
+def _summary(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each run's median over the rounds, and its counts added up."""
+    runs: dict[str, dict[str, Any]] = {}
+    for key, first in rounds[0].items():
+        r: dict[str, Any] = {"rounds": len(rounds)}
+        for field in _MEDIANS:
+            values = [one[key][field] for one in rounds if one[key].get(field) is not None]
+            if len(values) == len(rounds):
+                r[field] = statistics.median(values)
+            elif field in first:
+                r[field] = None
+        if "baseline" in first:
+            r["baseline"] = first["baseline"]
+        for counts in ("kport_counts", "fapolicyd_counts"):
+            if counts in first:
+                total: dict[str, int] = {}
+                for one in rounds:
+                    for name, n in one[key][counts].items():
+                        total[name] = total.get(name, 0) + n
+                r[counts] = total
+        runs[key] = r
+    return runs
+
+
+def run(
+    count: int = 20_000, rounds: int = 500, json_dir: str | None = None, repeat: int = 3
+) -> dict[str, Any]:
+    """``count`` timed opens per run, after ``rounds`` warm-up opens; every run is done
+    ``repeat`` times, the whole set in turn, and each figure is the median of them."""
     if os.geteuid() != 0:
         raise SystemExit("kport bench file: run as root (fanotify and mount need it)")
-    if count < 1 or rounds < 1:
-        raise SystemExit("kport bench file: --count and --rounds must be >= 1")
+    if count < 1 or rounds < 1 or repeat < 1:
+        raise SystemExit("kport bench file: --count, --rounds and --repeat must be >= 1")
     placements = _placements()
-    runs: dict[str, dict[str, Any]] = {}
     marked: set[str] = set()
+    each: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="kport-bench-file-") as tmp, _mount() as mnt:
         workdir = Path(tmp)
         files = _make_files(mnt, count, rounds)
@@ -544,64 +642,18 @@ def run(count: int = 20_000, rounds: int = 500, json_dir: str | None = None) -> 
             "same": (files["same"], files["same_warmup"]),
             "distinct": (files["distinct"], files["distinct_warmup"]),
         }
-        for kind, (paths, warmup) in opens.items():
-            runs[f"baseline_{kind}"] = _measure(paths, warmup, placements[0])
-
-        rules = workdir / "rules.toml"
-        rules.write_text(
-            tomli_w.dumps(
-                {
-                    "default": "allow",
-                    "rule": [{"name": "bench", "action": "allow", "path": [f"{mnt}/**"]}],
-                }
-            )
-        )
-        by_rules = {
-            "enabled": True,
-            "paths": [str(mnt)],
-            "rules": [str(rules)],
-            "default_action": "allow",
-        }
-        with _kport(workdir, "rules", by_rules) as (pid, rundir):
-            for at in placements:
-                # A new opener each run: its (pid, start time) is in no cache entry yet.
-                runs[f"kport_hit/{at.name}"] = _kport_run(rundir, *opens["same"], at, [pid])
-                runs[f"kport_miss/{at.name}"] = _kport_run(rundir, *opens["distinct"], at, [pid])
-
-        by_client = {
-            "enabled": True,
-            "paths": [str(mnt)],
-            "default_action": "ask",
-            "decision_deadline_s": 10.0,
-        }
-        with (
-            _kport(workdir, "client", by_client) as (pid, rundir),
-            _decider(rundir, workdir) as decider,
-        ):
-            for at in placements:
-                runs[f"kport_client/{at.name}"] = _kport_run(
-                    rundir, *opens["same"], at, [pid, decider]
-                )
-
-        # One fapolicyd per run: it reports its counts as it exits, not before.
-        for at in placements:
-            for kind in ("same", "distinct"):
-                with _fapolicyd(workdir, mnt) as fap:
-                    pid = fap["pid"]
-                    result = _measure(*opens[kind], at, [pid], namespace_of=pid)
-                result["fapolicyd_counts"] = fap["counts"]
-                runs[f"fapolicyd_{kind}/{at.name}"] = result
-                marked.update(fap["marked"])
-
-    for key, _, _, baseline in SCENARIOS:
-        for at in placements:
-            r = runs[f"{key}/{at.name}"]
-            r["baseline"] = baseline
-            r["added_p50_us"] = r["p50_us"] - runs[baseline]["p50_us"]
+        # Whole sets in turn, not each monitor's repeats together: the machine's drift
+        # (noisy neighbours in a VM) then falls on kport and fapolicyd alike.
+        for n in range(repeat):
+            own = workdir / f"round-{n + 1}"  # fresh daemons, state and logs each round
+            own.mkdir()
+            each.append(_round(own, mnt, opens, placements, marked))
+    runs = _summary(each)
 
     # Narrow enough for 80 columns, where rich wraps anything wider.
     table = Table(
-        f"open()+close() on a {FSTYPE}: {count:,} timed per run, after {rounds:,} warm-up",
+        f"open()+close() on a {FSTYPE}: {count:,} timed per run, after {rounds:,} warm-up; "
+        f"medians of {repeat} rounds",
         ["monitor", "files", "CPUs", "p50 µs", "p99 µs", "opens/s", "+p50", "CPU ms"],
     )
     rows = [(f"baseline_{kind}", "none", kind, "") for kind in opens]
@@ -631,10 +683,16 @@ def run(count: int = 20_000, rounds: int = 500, json_dir: str | None = None) -> 
         "client: daemon and decider together)."
     )
     print(f"fapolicyd marked: {', '.join(sorted(marked)) or 'nothing'}")
+    if repeat > 1:
+        table = Table("+p50 µs in each round", ["monitor", "files", "CPUs", "rounds"])
+        for key, label, kind, cpus in rows[len(opens) :]:
+            added = " / ".join(f"{one[key]['added_p50_us']:+.1f}" for one in each)
+            table.row(label, kind, cpus, added)
+        table.show()
 
     columns = ["allowed", "asked", "cache_hits", "cache_misses"]
     table = Table(
-        "Decisions each monitor counted (warm-up included)",
+        f"Decisions each monitor counted (warm-up included, {repeat} rounds)",
         ["monitor", "files", "CPUs", "allowed", "asked", "hits", "misses"],
     )
     odd = []
@@ -673,8 +731,10 @@ def run(count: int = 20_000, rounds: int = 500, json_dir: str | None = None) -> 
         "fstype": FSTYPE,
         "count": count,
         "warmup": rounds,
+        "repeat": repeat,
         "placements": [at._asdict() for at in placements],
         "runs": runs,
+        "rounds": each,
         "fapolicyd_marked": sorted(marked),
         "targets": {
             f"{name} ({cpus} CPU)": {"measured_us": m, "limit_us": lim, "met": met[name, cpus]}

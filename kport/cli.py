@@ -28,7 +28,9 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     sys.path.insert(0, str(root))
     module = importlib.import_module(f"bench.{args.name}")
-    options = {k: v for k, v in vars(args).items() if k in ("count", "rounds") and v is not None}
+    options = {
+        k: v for k, v in vars(args).items() if k in ("count", "rounds", "repeat") and v is not None
+    }
     module.run(**options, json_dir=args.json_dir)
     return 0
 
@@ -527,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--count", type=int, help="messages in the throughput run")
     bench.add_argument(
         "--rounds", type=int, help="round trips (port) or interleaved rounds (journal)"
+    )
+    bench.add_argument(
+        "--repeat", type=int, help="times the whole set of runs is repeated (file; default 3)"
     )
     bench.add_argument("--json-dir", help="where to save the JSON results (default bench/results)")
     bench.set_defaults(func=_bench)
