@@ -341,15 +341,20 @@ def pack(data: Any) -> bytes:
 _thread_packers = threading.local()
 
 
+def _own_packer() -> msgpack.Packer:
+    """The calling thread's own packer (made on its first use)."""
+    try:
+        return _thread_packers.packer
+    except AttributeError:
+        packer = _thread_packers.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+        return packer
+
+
 def pack_new(data: Any) -> bytes:
     """:func:`pack` for any thread: with that thread's own packer (the shared packer is
     one buffer, for the thread that packs frames)."""
     try:
-        packer = _thread_packers.packer
-    except AttributeError:
-        packer = _thread_packers.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-    try:
-        return packer.pack(data)  # type: ignore[no-any-return]
+        return _own_packer().pack(data)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as err:  # the packer has reset itself
         raise TypeError(f"kport can only carry msgpack-encodable data: {err}") from err
 
@@ -366,37 +371,20 @@ def _frame_parts(head: bytes, parts: list[bytes]) -> bytes:
 def encode_notify_packed(seqs: int | list[int], packed_items: list[bytes]) -> bytes:
     """A NOTIFY frame from items that are already msgpack bytes (the producer's fast path);
     for any thread."""
-    first = _uint(seqs) if isinstance(seqs, int) else pack_new(seqs)
-    head = _NOTIFY_HEAD + first + _array_header(len(packed_items))
+    head = _NOTIFY_HEAD + pack_new(seqs) + _array_header(len(packed_items))
     return _frame_parts(head, packed_items)
 
 
 def encode_request_packed(request_id: int, deadline_ns: int, packed_data: bytes) -> bytes:
     """A REQUEST frame from data that is already msgpack bytes; for any thread."""
-    head = _REQUEST_HEAD + _uint(request_id) + _uint(deadline_ns)
+    packer = _own_packer()
+    head = _REQUEST_HEAD + packer.pack(request_id) + packer.pack(deadline_ns)
     return _frame_parts(head, [packed_data])
 
 
-def _uint(value: int) -> bytes:
-    """msgpack's encoding of an unsigned integer, the shortest form (as msgpack's own)."""
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x100:
-        return b"\xcc" + bytes((value,))
-    if value < 0x10000:
-        return b"\xcd" + value.to_bytes(2, "big")
-    if value < 0x100000000:
-        return b"\xce" + value.to_bytes(4, "big")
-    return b"\xcf" + value.to_bytes(8, "big")
-
-
 def _array_header(length: int) -> bytes:
-    """msgpack's array header for ``length`` items (fixarray, array 16 or array 32)."""
-    if length < 16:
-        return bytes((0x90 | length,))
-    if length < 0x10000:
-        return b"\xdc" + length.to_bytes(2, "big")
-    return b"\xdd" + length.to_bytes(4, "big")
+    """msgpack's array header for ``length`` items, from the calling thread's packer."""
+    return _own_packer().pack_array_header(length)  # type: ignore[no-any-return]
 
 
 _FIELDS: dict[type, tuple[int, Callable[[Any], tuple[Any, ...]]]] = {

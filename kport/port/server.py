@@ -360,10 +360,7 @@ class ServerConnection:
                 run_bytes += len(item)
             self._queue_bytes -= run_bytes
             self._queued_notifies -= len(items)
-            contiguous = seqs[-1] - seqs[0] == len(seqs) - 1
-            frame = self._proto.send(
-                protocol.Notify(seqs[0] if contiguous else seqs, items, packed=True)
-            )
+            frame = self._proto.send(protocol.Notify(_seq_run(seqs), items, packed=True))
             parts.append(frame)
             total += len(frame)
             self.sent += len(items)
@@ -792,7 +789,7 @@ class ServerPort:
         if loop is None or loop.is_closed():
             raise PortClosed(f"port {self.name!r} is not running")
         request_id, deadline_ns = self._new_request(conn, timeout)
-        # msgpack.packb, not the shared packer: this runs beside the loop's thread
+        # this thread's own packer, not the loop's shared one
         item = protocol.pack_new(data)
         if len(item) > self.max_frame - 64:
             raise ValueError(
@@ -1177,10 +1174,7 @@ class ServerPort:
             nonlocal size
             if run:
                 seqs = [seq for seq, _ in run]
-                contiguous = seqs[-1] - seqs[0] == len(seqs) - 1
-                notify = protocol.Notify(
-                    seqs[0] if contiguous else seqs, [item for _, item in run], packed=True
-                )
+                notify = protocol.Notify(_seq_run(seqs), [item for _, item in run], packed=True)
                 frames.append(conn._proto.send(notify))
                 conn.replayed += len(run)
                 run.clear()
