@@ -12,6 +12,7 @@ the uid it was first seen with until its next exec.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
@@ -28,6 +29,8 @@ CACHE_SIZE: Final = 4096
 PINNED: Final = 256
 #: how far up the parent chain ancestry goes
 ANCESTRY_LIMIT: Final = 32
+#: pauses (s) before each read of a process caught mid-exec (no argv yet): 1.1 ms in all
+MID_EXEC_WAITS: Final = (0.0, 0.0001, 0.0002, 0.0003, 0.0005)
 
 
 class Subjects:
@@ -97,6 +100,8 @@ class Subjects:
         info = self._read(pid, identity)
         if info is None:
             return self._gone(pid)
+        if not info["argv"]:
+            return info  # still mid-exec: the next lookup reads it again
         self._cache[pid] = info
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -128,12 +133,7 @@ class Subjects:
         ):
             info = {k: entry.get(k) for k in ("argv", "uid", "gid", "user", "ppid")}
         else:
-            pinned = self._pinned.get(pid)  # identity() has just pinned it, unless gone
-            described = (
-                procinfo.describe_at(pinned[0], start, pid)
-                if pinned is not None
-                else procinfo.describe(pid, start)
-            )
+            described = self._describe(pid, start)
             if described is None:
                 return None
             info = {k: described.get(k) for k in ("argv", "uid", "gid", "user", "ppid")}
@@ -141,6 +141,24 @@ class Subjects:
         info["exe"] = exe
         info["ancestors"] = self._ancestors(info.get("ppid"))
         return info
+
+    def _describe(self, pid: int, start: int) -> Info | None:
+        """/proc's account of ``pid``, once its exec is through. The kernel names the new
+        executable before it puts the new program's arguments in place, so a user process
+        (its exe was readable) with no argv is mid-exec: read again, a few times, briefly."""
+        described = None
+        for wait in MID_EXEC_WAITS:
+            if wait:
+                time.sleep(wait)
+            pinned = self._pinned.get(pid)  # identity() has just pinned it, unless gone
+            described = (
+                procinfo.describe_at(pinned[0], start, pid)
+                if pinned is not None
+                else procinfo.describe(pid, start)
+            )
+            if described is None or described.get("argv"):
+                break
+        return described
 
     def _ancestors(self, ppid: int | None) -> list[str]:
         """The executables of the parent chain, nearest first (unreadable ones left out)."""
