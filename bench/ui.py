@@ -166,9 +166,23 @@ def _reachable(found: Stack) -> bool:
         return False
 
 
-def main_thread_tasks(trace: bytes) -> list[tuple[float, float]]:
-    """(wall ms, CPU ms) of each task the page's main thread ran, from a Chromium trace
-    (the renderer's main thread that ran the most tasks, if there are several)."""
+@dataclass
+class Traced:
+    """The page's main-thread tasks, from a Chromium trace."""
+
+    #: (wall ms, CPU ms) of each task
+    tasks: list[tuple[float, float]]
+    #: what the task with the most CPU time spent it on: its heaviest parts, CPU ms each
+    heaviest: str
+
+    @property
+    def longest_cpu_ms(self) -> float:
+        return round(max((cpu for _, cpu in self.tasks), default=0.0), 1)
+
+
+def page_tasks(trace: bytes) -> Traced:
+    """The tasks of the page's main thread (the renderer's main thread that ran the most
+    tasks, if there are several) in a Chromium trace."""
     data = json.loads(trace)
     events = data["traceEvents"] if isinstance(data, dict) else data
     mains = {
@@ -176,12 +190,31 @@ def main_thread_tasks(trace: bytes) -> list[tuple[float, float]]:
         for e in events
         if e.get("ph") == "M" and e.get("args", {}).get("name") == "CrRendererMain"
     }
-    tasks: dict[tuple[int, int], list[tuple[float, float]]] = {thread: [] for thread in mains}
+    spans: dict[tuple[int, int], list[dict[str, Any]]] = {thread: [] for thread in mains}
     for e in events:
         thread = (e.get("pid"), e.get("tid"))
-        if e.get("ph") == "X" and e.get("name") == "RunTask" and thread in tasks:
-            tasks[thread].append((e["dur"] / 1000, e.get("tdur", 0) / 1000))
-    return max(tasks.values(), key=len, default=[])
+        if e.get("ph") == "X" and thread in spans:
+            spans[thread].append(e)
+    on_main = max(spans.values(), key=lambda s: sum(e["name"] == "RunTask" for e in s), default=[])
+    tasks = [e for e in on_main if e["name"] == "RunTask"]
+    if not tasks:
+        return Traced([], "")
+    top = max(tasks, key=lambda e: e.get("tdur", 0))
+    start, end = top["ts"], top["ts"] + top["dur"]
+    parts = sorted(
+        (e for e in on_main if e is not top and start <= e["ts"] < end),
+        key=lambda e: -e.get("tdur", 0),
+    )[:4]
+    heaviest = ", ".join(f"{_part_name(e)} {e.get('tdur', 0) / 1000:.1f}" for e in parts)
+    return Traced([(e["dur"] / 1000, e.get("tdur", 0) / 1000) for e in tasks], heaviest)
+
+
+def _part_name(event: dict[str, Any]) -> str:
+    data = event.get("args", {}).get("data") or {}
+    where = data.get("functionName") or ""
+    if data.get("url"):
+        where += f"@{str(data['url']).rsplit('/', 1)[-1]}:{data.get('lineNumber')}"
+    return f"{event['name']}({where})" if where else str(event["name"])
 
 
 def _cpu_ticks() -> tuple[int, int]:
@@ -241,13 +274,13 @@ def measure(rate: float, seconds: float, window: int = 100_000) -> dict[str, Any
         lost = sum(ports[name]["lost"] for name in ("proc", "file", "net"))
         long_tasks = page.evaluate("window.__longTasks.splice(0)")
         steal = _steal_pct(ticks, _cpu_ticks())
-        traced = main_thread_tasks(browser.stop_tracing())
+        traced = page_tasks(browser.stop_tracing())
         browser.start_tracing(page=page, categories=TRACE_CATEGORIES)
         ticks = _cpu_ticks()
         frames = page.evaluate(SCROLL)
         scroll_long = page.evaluate("window.__longTasks.splice(0)")
         scroll_steal = _steal_pct(ticks, _cpu_ticks())
-        scroll_traced = main_thread_tasks(browser.stop_tracing())
+        scroll_traced = page_tasks(browser.stop_tracing())
         browser.close()
     return {
         "rate": rate,
@@ -262,8 +295,9 @@ def measure(rate: float, seconds: float, window: int = 100_000) -> dict[str, Any
         "fell_behind": state["dropped"],
         "long_tasks": len(long_tasks),
         "longest_task_ms": round(max(long_tasks, default=0.0), 1),
-        "tasks_traced": len(traced),
-        "longest_task_cpu_ms": round(max((cpu for _, cpu in traced), default=0.0), 1),
+        "tasks_traced": len(traced.tasks),
+        "longest_task_cpu_ms": traced.longest_cpu_ms,
+        "longest_task_cpu_parts": traced.heaviest,
         "steal_pct": steal,
         "heap_mib": heap,
         "heap_first_half_max": max(heap[: len(heap) // 2 or 1]),
@@ -274,8 +308,9 @@ def measure(rate: float, seconds: float, window: int = 100_000) -> dict[str, Any
         "scroll_frame_max_ms": round(max(frames, default=0.0), 1),
         "scroll_long_tasks": len(scroll_long),
         "scroll_longest_task_ms": round(max(scroll_long, default=0.0), 1),
-        "scroll_tasks_traced": len(scroll_traced),
-        "scroll_longest_task_cpu_ms": round(max((cpu for _, cpu in scroll_traced), default=0.0), 1),
+        "scroll_tasks_traced": len(scroll_traced.tasks),
+        "scroll_longest_task_cpu_ms": scroll_traced.longest_cpu_ms,
+        "scroll_longest_task_cpu_parts": scroll_traced.heaviest,
         "scroll_steal_pct": scroll_steal,
     }
 
@@ -320,4 +355,9 @@ def run(json_dir: str | None = None, count: int | None = None, rounds: int | Non
             f"{r['scroll_longest_task_ms']} ({r['scroll_longest_task_cpu_ms']}) ms",
         )
     table.show()
+    for name, r in results.items():
+        print(
+            f"{name}: the task with the most CPU time ({r['longest_task_cpu_ms']} ms) spent it "
+            f"on {r['longest_task_cpu_parts'] or '-'}"
+        )
     save_results("ui", {"runs": results}, json_dir)
