@@ -1,5 +1,7 @@
 """`kport bench file`: what a file-access decision adds to open()+close(), by kport (rules,
-cache hit and miss; a decision client) and by fapolicyd, against no monitor at all.
+cache hit and miss; a decision client) and by fapolicyd, against no monitor at all; and
+the floor under a decision client's round trip on this machine: a bare Python daemon and
+decision client (bench/chain.py).
 
 An opener process (never the daemon, which allows its own opens) opens and closes files
 on a tmpfs that the bench mounts itself: one file again and again, or a new file each
@@ -41,6 +43,7 @@ from typing import Any, NamedTuple
 
 import tomli_w
 
+from bench.chain import chain
 from bench.common import Table, apt_install_without_starting, percentile, save_results
 
 FSTYPE = "tmpfs"
@@ -526,6 +529,7 @@ SCENARIOS = (
     ("kport_hit", "kport rule", "same", "baseline_same"),
     ("kport_miss", "kport rule", "distinct", "baseline_distinct"),
     ("kport_client", "kport client", "same", "baseline_same"),
+    ("chain_client", "python chain", "same", "baseline_same"),
     ("fapolicyd_same", "fapolicyd", "same", "baseline_same"),
     ("fapolicyd_distinct", "fapolicyd", "distinct", "baseline_distinct"),
 )
@@ -538,7 +542,8 @@ def _round(
     placements: list[Placement],
     marked: set[str],
 ) -> dict[str, dict[str, Any]]:
-    """Every run once: no monitor, kport by rules, kport asking a client, fapolicyd."""
+    """Every run once: no monitor, kport by rules, kport asking a client, the bare
+    Python chain asking its client, fapolicyd."""
     runs: dict[str, dict[str, Any]] = {}
     for kind, (paths, warmup) in opens.items():
         runs[f"baseline_{kind}"] = _measure(paths, warmup, placements[0])
@@ -576,6 +581,10 @@ def _round(
     ):
         for at in placements:
             runs[f"kport_client/{at.name}"] = _kport_run(rundir, *opens["same"], at, [pid, decider])
+
+    with chain(mnt) as pids:
+        for at in placements:
+            runs[f"chain_client/{at.name}"] = _measure(*opens["same"], at, pids)
 
     # One fapolicyd per run: it reports its counts as it exits, not before.
     for at in placements:
@@ -680,7 +689,9 @@ def run(
         "files: the same file each time (kport rule: a cache hit) or a new one (a miss). "
         "CPUs: the opener and the monitor on one CPU, or on two. +p50: µs over the "
         "no-monitor p50 for those files. CPU ms: the monitor's CPU time per open (kport "
-        "client: daemon and decider together)."
+        "client: daemon and decider together). python chain: a bare Python daemon and "
+        "decision client (bench/chain.py), the floor of any client-decided round trip "
+        "made of Python processes on this machine."
     )
     print(f"fapolicyd marked: {', '.join(sorted(marked)) or 'nothing'}")
     if repeat > 1:
@@ -725,6 +736,13 @@ def run(
     for (name, cpus), (measured, limit) in targets.items():
         table.row(name, cpus, f"{measured:.1f}", f"{limit:.1f}", "yes" if met[name, cpus] else "NO")
     table.show()
+    floor = [
+        f"{at.name} CPU{'s' if at.name != 'one' else ''}: "
+        f"{runs[f'chain_client/{at.name}']['p50_us']:.1f} µs (kport client "
+        f"{runs[f'kport_client/{at.name}']['p50_us']:.1f})"
+        for at in placements
+    ]
+    print(f"The floor, a bare Python chain's round trip p50: {'; '.join(floor)}")
 
     result = {
         "bench": "file",
