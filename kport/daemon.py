@@ -280,7 +280,7 @@ class Daemon:
             watches=file_source.watches_of(cfg.paths, cfg.mounts, cfg.filesystems),
             permissions=cfg.permissions,
             events=cfg.events,
-            processes=proc.table.lookup if isinstance(proc, ProcSource) else None,
+            processes=proc.table if isinstance(proc, ProcSource) else None,
             rules=rules,
             ask=decisions.ask_from_thread,
             default_verdict=cfg.default_verdict == "allow",
@@ -336,7 +336,7 @@ class Daemon:
             ask=decisions.ask_from_thread,
             default_verdict=cfg.default_verdict,
             trusted=lambda: decisions.deciders,
-            processes=table.lookup if table is not None else None,
+            processes=table,
             candidates=table.candidates if table is not None else all_processes,
             queue_length=cfg.queue_length,
         )

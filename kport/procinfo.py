@@ -40,6 +40,7 @@ _CGROUP_PATHS_MAX: Final = 4096
 @dataclass(frozen=True, slots=True)
 class Stat:
     comm: str
+    state: str  # R, S, D, Z (a zombie: exited, not yet reaped)...
     ppid: int
     tty_nr: int
     start_time: int  # clock ticks after boot
@@ -79,6 +80,7 @@ def _parse_stat(raw: bytes | None) -> Stat | None:
     try:
         return Stat(
             comm=raw[raw.find(b"(") + 1 : close].decode(errors="replace"),
+            state=fields[0].decode(),
             ppid=int(fields[1]),
             tty_nr=int(fields[4]),
             start_time=int(fields[19]),

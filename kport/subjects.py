@@ -7,6 +7,12 @@ argv, uid, gid, user, the parent chain — is read once per identity: from the p
 source's table when it runs (it is filled at exec time, before the process could open
 anything), from /proc otherwise. A process that changes its uid without an exec keeps
 the uid it was first seen with until its next exec.
+
+A process gone before its lookup (a notification is read after the fact) is named from
+the table only once the proc source has applied its exit, and so every exec before it:
+until then the table may still hold what the process inherited at fork, its parent's
+program. The lookup waits briefly for that; a process it cannot name surely is reported
+without a name, never with another's.
 """
 
 from __future__ import annotations
@@ -14,14 +20,23 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from kport import procinfo
 
 Info = dict[str, Any]
-#: the proc source's table lookup: pid → its entry (exe, argv, uid, start_time, ppid...)
-TableLookup = Callable[[int], Info | None]
+
+
+class ProcessTableView(Protocol):
+    """What is read of the proc source's table (``kport.sources.proc.ProcessTable``):
+    entries by pid, each with exe, argv, uid, start_time, ppid..."""
+
+    def lookup(self, pid: int) -> Info | None:
+        """The live process ``pid``, else the last one that exited with that pid."""
+
+    def exited_entry(self, pid: int) -> Info | None:
+        """The last process ``pid`` named, once its exit has been applied."""
+
 
 #: identities kept at once; the least recently seen goes first
 CACHE_SIZE: Final = 4096
@@ -31,18 +46,28 @@ PINNED: Final = 256
 ANCESTRY_LIMIT: Final = 32
 #: pauses (s) before each read of a process caught mid-exec (no argv yet): 1.1 ms in all
 MID_EXEC_WAITS: Final = (0.0, 0.0001, 0.0002, 0.0003, 0.0005)
+#: how long a lookup of a gone process waits for the table to apply its exit, at most,
+#: and how often it looks meanwhile: the proc source is a few ms behind at worst, unless
+#: it is overwhelmed, when waiting would only stall the source that asks
+SETTLE_WAIT_S: Final = 0.02
+SETTLE_POLL_S: Final = 0.0002
+#: after a wait that ran out, no lookup waits again for this long
+SETTLE_BACKOFF_S: Final = 1.0
 
 
 class Subjects:
     """Process details by pid, checked against the process's identity on every lookup."""
 
-    def __init__(self, table: TableLookup | None = None) -> None:
+    def __init__(self, table: ProcessTableView | None = None) -> None:
         self.table = table
         self._cache: OrderedDict[int, Info] = OrderedDict()
         #: pid → (its /proc directory fd, its start time), the oldest first
         self._pinned: dict[int, tuple[int, int]] = {}
         self.hits = 0
         self.misses = 0
+        #: lookups of gone processes the table had not caught up with in time
+        self.unsettled = 0
+        self._no_wait_until = 0.0
 
     def identity(self, pid: int) -> tuple[int, str] | None:
         """(start_time, exe) of ``pid`` now, or None if it is gone (or a kernel thread).
@@ -108,23 +133,43 @@ class Subjects:
         return info
 
     def _gone(self, pid: int) -> Info | None:
-        """A process that exited before it could be read (a notification is read after
-        the fact): what was last seen of that pid here, or what the table knew."""
+        """A process that exited before it could be read: the table's account once it has
+        applied the exit (it saw every exec), else what was last seen of that pid here."""
         seen = self._cache.pop(pid, None)
-        if seen is not None:
-            return {**seen, "gone": True}
-        entry = self.table(pid) if self.table else None
-        if entry is None:
+        entry = self._settled(pid) if self.table is not None else None
+        if entry is not None and (entry.get("exe") or seen is None):
+            info = {k: entry.get(k) for k in ("start_time", "exe", "argv", "uid", "gid", "user")}
+            info["ppid"] = entry.get("ppid")
+            info["ancestors"] = self._ancestors(entry.get("ppid"))
+        elif seen is not None:
+            info = seen
+        else:
             return None
-        info = {k: entry.get(k) for k in ("start_time", "exe", "argv", "uid", "gid", "user")}
-        info["ppid"] = entry.get("ppid")
-        info["ancestors"] = self._ancestors(entry.get("ppid"))
-        info["gone"] = True
-        return info
+        return {**info, "gone": True}
+
+    def _settled(self, pid: int) -> Info | None:
+        """The table's entry for gone ``pid`` once its exit is applied, waiting up to
+        SETTLE_WAIT_S for the proc source to get there; None if it did not."""
+        assert self.table is not None
+        exited_entry = self.table.exited_entry
+        entry = exited_entry(pid)
+        if entry is not None or time.monotonic() < self._no_wait_until:
+            return entry
+        stat = procinfo.read_stat(pid)
+        if stat is not None and stat.state not in ("Z", "X"):
+            return None  # not gone: a kernel thread (no exe), the table will not see it end
+        deadline = time.monotonic() + SETTLE_WAIT_S
+        while (entry := exited_entry(pid)) is None:
+            if time.monotonic() >= deadline:
+                self.unsettled += 1
+                self._no_wait_until = time.monotonic() + SETTLE_BACKOFF_S
+                return None
+            time.sleep(SETTLE_POLL_S)
+        return entry
 
     def _read(self, pid: int, identity: tuple[int, str]) -> Info | None:
         start, exe = identity
-        entry = self.table(pid) if self.table else None
+        entry = self.table.lookup(pid) if self.table is not None else None
         if (
             entry is not None
             and entry.get("start_time") == start
@@ -167,7 +212,7 @@ class Subjects:
         pid = ppid
         while pid and pid not in seen and len(seen) < ANCESTRY_LIMIT:
             seen.add(pid)
-            entry = self.table(pid) if self.table else None
+            entry = self.table.lookup(pid) if self.table is not None else None
             if entry is not None and entry.get("exe"):
                 chain.append(entry["exe"])
                 pid = entry.get("ppid")

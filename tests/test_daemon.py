@@ -713,6 +713,30 @@ def test_watches_change_while_running_and_notifications_reach_port_and_journal(
         )
 
 
+def test_a_short_lived_process_is_named_by_its_own_program_or_not_at_all(
+    rundir: Path, tmp_path: Path
+) -> None:
+    # Each `touch` is gone before its create event is read: it is named from the proc
+    # source's table, which held its parent's program (this Python) from the fork until the
+    # exec was handled. A wrong name is worse than none.
+    touches = 200
+    with watched_mount(tmp_path) as mount, file_daemon(rundir, mount):
+        conn = kport.connect("file", runtime_dir=str(rundir))
+        try:
+            for i in range(touches):
+                subprocess.run(["touch", str(mount / f"f{i}")], check=True)
+            named: dict[str | None, int] = {}
+            for _ in range(touches):
+                event = next_file_event(conn, lambda e: e["kind"] == "create")
+                named[event["exe"]] = named.get(event["exe"], 0) + 1
+                assert event["exe"] is not None or event["gone"] is True, event
+        finally:
+            conn.close()
+    touch = os.path.realpath("/usr/bin/touch")
+    assert set(named) <= {touch, None}, named
+    assert named.get(touch, 0) >= touches // 2, named
+
+
 def test_a_full_fanotify_queue_is_a_lost_event(rundir: Path, tmp_path: Path) -> None:
     limit_file = Path("/proc/sys/fs/fanotify/max_queued_events")
     limit = limit_file.read_text()

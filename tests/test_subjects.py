@@ -6,10 +6,36 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 from kport import procinfo
-from kport.subjects import Subjects
+from kport.sources.proc import ProcessTable
+from kport.subjects import SETTLE_WAIT_S, Subjects
+
+
+def table_of(entries: dict[int, dict[str, Any]], *, exited: bool = False) -> ProcessTable:
+    """The proc source's table holding ``entries``, live or with their exits applied."""
+    table = ProcessTable()
+    table.procs.update(entries)
+    if exited:
+        for pid in entries:
+            table.remove(pid)
+    return table
+
+
+def sleeper_gone() -> tuple[int, dict[str, Any]]:
+    """A `sleep 60` seen whole, then killed and reaped: (its pid, what /proc said of it)."""
+    child = subprocess.Popen(["sleep", "60"])
+    deadline = time.monotonic() + 10
+    while procinfo.argv(child.pid) != ["sleep", "60"]:  # exec done? (exe changes first)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    described = {**(procinfo.describe(child.pid) or {}), "ppid": os.getpid()}
+    child.kill()
+    child.wait()
+    return child.pid, described
 
 
 def test_a_lookup_names_the_process_and_its_parents() -> None:
@@ -55,30 +81,71 @@ def test_an_exec_is_a_new_identity_read_once_the_exec_is_through() -> None:
 
 
 def test_a_process_gone_is_none_or_what_the_table_knew() -> None:
-    child = subprocess.Popen(["sleep", "60"])
-    deadline = time.monotonic() + 10
-    while procinfo.argv(child.pid) != ["sleep", "60"]:  # exec done? (exe changes first)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    table = {child.pid: {**(procinfo.describe(child.pid) or {}), "ppid": os.getpid()}}
-    child.kill()
-    child.wait()
-    assert Subjects().get(child.pid) is None
-    info = Subjects(table.get).get(child.pid)
+    pid, described = sleeper_gone()
+    assert Subjects().get(pid) is None
+    info = Subjects(table_of({pid: described}, exited=True)).get(pid)
     assert info is not None and info["gone"] is True
     assert info["exe"] == os.path.realpath("/usr/bin/sleep") and info["argv"] == ["sleep", "60"]
     assert info["ancestors"][0] == procinfo.exe(os.getpid())
+
+
+def test_a_gone_process_is_named_by_the_table_only_once_its_exit_is_applied() -> None:
+    # The table still holds the fork's entry, the parent's program, when the lookup comes:
+    # the lookup waits for the proc source to apply the exec and the exit.
+    pid, described = sleeper_gone()
+    table = table_of({pid: {**described, "exe": "/the/parent", "argv": ["parent"]}})
+
+    def proc_source_catches_up() -> None:
+        time.sleep(SETTLE_WAIT_S / 4)
+        table.procs[pid] = described
+        table.remove(pid)
+
+    catching_up = threading.Thread(target=proc_source_catches_up)
+    catching_up.start()
+    try:
+        info = Subjects(table).get(pid)
+    finally:
+        catching_up.join()
+    assert info is not None and info["gone"] is True
+    assert info["exe"] == os.path.realpath("/usr/bin/sleep") and info["argv"] == ["sleep", "60"]
+
+
+def test_a_gone_process_the_table_never_caught_up_with_is_not_named() -> None:
+    pid, described = sleeper_gone()
+    table = table_of({pid: {**described, "exe": "/the/parent", "argv": ["parent"]}})
+    subjects = Subjects(table)
+    t0 = time.monotonic()
+    assert subjects.get(pid) is None  # never the parent's program
+    assert SETTLE_WAIT_S <= time.monotonic() - t0 < 1 and subjects.unsettled == 1
+    # A table that fell behind is not waited for again at once: that would stall the source.
+    t0 = time.monotonic()
+    assert subjects.get(pid) is None and time.monotonic() - t0 < SETTLE_WAIT_S
+    # What was seen of the process while it lived is still told.
+    subjects = Subjects(table)
+    subjects._cache[pid] = described
+    seen = subjects.get(pid)
+    assert seen is not None and seen["gone"] is True and seen["argv"] == ["sleep", "60"]
+
+
+def test_a_kernel_thread_is_not_waited_for() -> None:
+    kthreadd = 2  # no exe to read: looked up as gone, but it is not
+    assert procinfo.read_stat(kthreadd) is not None
+    table = table_of({kthreadd: {"exe": None, "argv": None, "start_time": 0, "ppid": 0}})
+    subjects = Subjects(table)
+    t0 = time.monotonic()
+    assert subjects.get(kthreadd) is None
+    assert time.monotonic() - t0 < SETTLE_WAIT_S and subjects.unsettled == 0
 
 
 def test_the_table_is_used_when_it_knows_the_identity() -> None:
     pid = os.getpid()
     described = procinfo.describe(pid)
     assert described is not None
-    table = {pid: {**described, "argv": ["from", "the", "table"]}}
-    assert (Subjects(table.get).get(pid) or {})["argv"] == ["from", "the", "table"]
+    table = table_of({pid: {**described, "argv": ["from", "the", "table"]}})
+    assert (Subjects(table).get(pid) or {})["argv"] == ["from", "the", "table"]
     # A table entry for another identity (a reused pid) is not used.
-    table[pid]["start_time"] -= 1
-    assert (Subjects(table.get).get(pid) or {})["argv"] == described["argv"]
+    table.procs[pid]["start_time"] -= 1
+    assert (Subjects(table).get(pid) or {})["argv"] == described["argv"]
 
 
 def test_a_pinned_process_that_exits_is_gone_and_its_fd_closed() -> None:

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 from kport.decisions import MAX_ASKS, Ask
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
-from kport.subjects import Subjects, TableLookup
+from kport.subjects import ProcessTableView, Subjects
 
 log = logging.getLogger("kport.file")
 
@@ -155,7 +155,7 @@ class FileSource:
         trusted: Callable[[], frozenset[int]] = frozenset,
         permissions: Iterable[str] = DEFAULT_PERMISSIONS,
         events: Iterable[str] = DEFAULT_EVENTS,
-        processes: TableLookup | None = None,
+        processes: ProcessTableView | None = None,
     ) -> None:
         unknown = [k for k in permissions if k not in PERMISSION_KINDS]
         unknown += [k for k in events if k not in NOTIFY_KINDS]
@@ -344,7 +344,11 @@ class FileSource:
             "without_names": sorted(self.unnamed),
             "reported": list(self.events_reported),
             **self.rules.status(),
-            "processes": {"hits": self.subjects.hits, "misses": self.subjects.misses},
+            "processes": {
+                "hits": self.subjects.hits,
+                "misses": self.subjects.misses,
+                "unsettled": self.subjects.unsettled,
+            },
         }
 
     # --- the reader thread ------------------------------------------------------------
@@ -530,8 +534,8 @@ class FileSource:
             record["from"] = event.old_path
         if event.deleted:
             record["deleted"] = True
-        if info is None:
-            record["gone"] = True
+        if info is None or info.get("gone"):
+            record["gone"] = True  # exited before it was read: named from what was seen
         return record
 
     @staticmethod

@@ -37,7 +37,7 @@ from kport.sources import firewall, nfqueue
 from kport.sources import packet as packets
 from kport.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket
 from kport.sources.sockets import Candidates, Owners, SocketDiag, all_processes
-from kport.subjects import Subjects, TableLookup
+from kport.subjects import ProcessTableView, Subjects
 
 log = logging.getLogger("kport.net")
 
@@ -92,7 +92,7 @@ class NetSource:
         default_verdict: str,
         backend: str = "auto",
         trusted: Callable[[], frozenset[int]] = frozenset,
-        processes: TableLookup | None = None,
+        processes: ProcessTableView | None = None,
         candidates: Candidates = all_processes,
         queue_length: int = 4096,
     ) -> None:

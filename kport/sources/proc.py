@@ -76,6 +76,11 @@ class ProcessTable:
         entry = self.procs.get(pid)
         return entry if entry is not None else self.exited.get(pid)
 
+    def exited_entry(self, pid: int) -> Event | None:
+        """The last process ``pid`` named, once its exit has been applied here (while the
+        pid names no live process in the table): an account that saw every exec of it."""
+        return None if pid in self.procs else self.exited.get(pid)
+
     def candidates(self, uid: int | None) -> list[int]:
         """Every live pid, those of ``uid`` first and the most recently started first
         among them: who most likely owns a socket ``uid`` just opened."""
@@ -381,6 +386,10 @@ class ProcSource:
         else:
             entry = known or {k: None for k in _ENRICHED}
             entry = {**entry, "exe": None, "argv": None, "cwd": None}
+            if known is not None:
+                # Gone before it could be read: what it inherited at fork is no longer its
+                # program, and a later lookup of it must not be told that it is.
+                self.table.procs[pid] = entry
             event["gone"] = True
         event["thread"] = False
         self._identify(event, pid, entry)

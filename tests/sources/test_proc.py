@@ -63,7 +63,25 @@ def test_the_table_remembers_the_last_exited_processes() -> None:
     assert len(table.exited) == EXITED
     table.procs[3] = {"pid": 3, "exe": "/bin/live"}
     assert table.lookup(3) == {"pid": 3, "exe": "/bin/live"}  # the live one first
+    assert table.exited_entry(3) is None  # its exit has not been applied yet
+    assert table.exited_entry(EXITED + 2) == {"pid": EXITED + 2, "exe": f"/bin/p{EXITED + 2}"}
     assert table.remove(99_999) is None
+
+
+def test_an_exec_read_too_late_leaves_no_inherited_program_in_the_table() -> None:
+    # A fork's entry holds what the child inherited, its parent's program. When the
+    # process is gone before its exec is handled, that is not its program any more.
+    source = ProcSource(lambda batch: None)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    parent = {"exe": "/the/parent", "argv": ["parent"], "start_time": 1, "uid": 0}
+    source.table.procs[child.pid] = dict(parent)
+    ids = {"pid": child.pid, "tgid": child.pid}
+    (event,) = source._handle(("exec", 0, 1, time.monotonic_ns(), ids))
+    assert event["gone"] is True and event["exe"] is None and event["missing"] == ["exe", "argv"]
+    entry = source.table.get(child.pid)
+    assert entry is not None and entry["exe"] is None and entry["argv"] is None
+    assert entry["start_time"] == 1  # what it still is: the same process
 
 
 def test_a_full_hand_off_is_counted_as_lost_never_dropped_silently(
