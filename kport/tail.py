@@ -49,7 +49,9 @@ class Filter:
 
 
 def format_line(event: dict[str, Any]) -> str:
-    """time, kind, pid, user, command, parent: what a person scanning the log wants."""
+    """time, kind, pid, user, then what a person scanning the log wants of that source: a
+    process's command and parent; a file's path, or a connection's peer, with the verdict
+    and who gave it, then the command behind it."""
     ts = event.get("ts")
     clock = time.strftime("%H:%M:%S", time.localtime(ts / 1e9)) if ts else "--:--:--"
     millis = f".{(ts // 1_000_000) % 1000:03d}" if ts else ""
@@ -64,6 +66,14 @@ def format_line(event: dict[str, Any]) -> str:
     command = " ".join(argv) if argv else (event.get("exe") or event.get("comm") or "?")
     if event.get("gone"):
         command += " (gone)"
+    user = event.get("user") or event.get("uid")
+    source = event.get("source")
+    width = 14 if source in ("file", "net") else 8  # open_exec_perm; exec, snapshot
+    head = f"{clock}{millis} {kind:<{width}} {event.get('pid', '?'):>7} {user or '?':<10} "
+    if source == "file":
+        return f"{head}{_file_target(event)}{_verdict(event)}  by {command}"
+    if source == "net":
+        return f"{head}{_connection(event)}{_verdict(event)}  by {command}"
     extra = ""
     if kind == "exit":
         extra = (
@@ -77,12 +87,50 @@ def format_line(event: dict[str, Any]) -> str:
         extra = " " + " ".join(
             f"{k}={event[k]}" for k in ("euid", "egid", "comm", "tracer_pid") if k in event
         )
-    user = event.get("user") or event.get("uid")
     parent = f" <- {event.get('parent_exe') or '?'}({event.get('ppid')})"
-    return (
-        f"{clock}{millis} {kind:<8} {event.get('pid', '?'):>7} {user or '?':<10} "
-        f"{command}{extra}{parent}"
-    )
+    return f"{head}{command}{extra}{parent}"
+
+
+def _file_target(event: dict[str, Any]) -> str:
+    """The file, and what else the event says of it (a move's origin, merged kinds)."""
+    text = str(event.get("path") or "?")
+    if event.get("dir"):
+        text += "/"
+    if event.get("from"):
+        text = f"{event['from']} -> {text}"
+    notes = ["+".join(map(str, event["kinds"]))] if event.get("kinds") else []
+    if event.get("deleted"):
+        notes.append("deleted")
+    return text + (f" [{', '.join(notes)}]" if notes else "")
+
+
+def _connection(event: dict[str, Any]) -> str:
+    """The peer of a connection, as a person would say it."""
+    protocol = event.get("protocol") or "?"
+    if event.get("direction") == "in":
+        text = f"{protocol} from {event.get('src')} to port {event.get('dport')}"
+    else:
+        host = f" ({event['host']})" if event.get("host") else ""
+        text = f"{protocol} to {event.get('dst')}{host} port {event.get('dport')}"
+    if event.get("interface"):
+        text += f" on {event['interface']}"
+    return text
+
+
+def _verdict(event: dict[str, Any]) -> str:
+    """`` -> deny (rule "no keys")``: the verdict and who gave it, if the event has one."""
+    verdict = event.get("verdict")
+    if verdict is None:
+        return ""
+    why = event.get("decided_by")
+    rule = event.get("rule")
+    if why in (None, "rule") and rule not in (None, "default"):
+        why = f"rule {rule!r}"
+    elif why in ("decided", "client"):
+        why = "decision client"
+    elif why is None and rule == "default":
+        why = "no rule matched"
+    return f" -> {verdict}" + (f" ({why})" if why else "")
 
 
 def print_message(msg: Message, *, as_json: bool, out: TextIO, console: Console | None) -> None:
@@ -95,6 +143,8 @@ def print_message(msg: Message, *, as_json: bool, out: TextIO, console: Console 
     line = format_line(event)
     if console is not None:
         colour = _COLOURS.get(event.get("kind", ""), "")
+        if event.get("verdict") in ("deny", "reject"):
+            colour = "bold red"
         console.print(
             f"[{colour}]{escape(line)}[/]" if colour else escape(line),
             highlight=False,
