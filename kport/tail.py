@@ -118,7 +118,7 @@ def _connection(event: dict[str, Any]) -> str:
 
 
 def _verdict(event: dict[str, Any]) -> str:
-    """`` -> deny (rule "no keys")``: the verdict and who gave it, if the event has one."""
+    """`` -> deny (rule 'no keys')``: the verdict and who gave it, if the event has one."""
     verdict = event.get("verdict")
     if verdict is None:
         return ""
@@ -128,7 +128,7 @@ def _verdict(event: dict[str, Any]) -> str:
         why = f"rule {rule!r}"
     elif why in ("decided", "client"):
         why = "decision client"
-    elif why is None and rule == "default":
+    elif why in (None, "default") and rule == "default":
         why = "no rule matched"
     return f" -> {verdict}" + (f" ({why})" if why else "")
 

@@ -37,6 +37,8 @@ def test_a_file_event_names_the_file_the_verdict_and_who_gave_it() -> None:
     assert "/k -> deny (rule 'no keys')  by" in by_rule
     by_default = line(source="file", kind="open_perm", path="/k", verdict="deny", rule="default")
     assert "/k -> deny (no rule matched)" in by_default
+    net_default = line(source="net", verdict="allow", rule="default", decided_by="default")
+    assert "-> allow (no rule matched)" in net_default
 
 
 def test_a_file_notification_says_what_else_happened_to_the_file() -> None:
