@@ -1,6 +1,6 @@
 """`kport serve`: wires the kernel sources to the journal and their ports, with daemon-wide
 seq and filters, a journal port for history, a control port for `kport status`, and a clean
-shutdown on SIGTERM/SIGINT."""
+shutdown on SIGTERM, SIGINT or SIGHUP."""
 
 from __future__ import annotations
 
@@ -151,13 +151,15 @@ class Daemon:
         return port
 
     async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT or :meth:`stop`."""
+        """Serve until SIGTERM/SIGINT/SIGHUP or :meth:`stop`."""
         # The sources' threads and the event loop share the GIL. With the default 5 ms
         # switch interval a thread waking from I/O queues behind a busy one (the convoy
         # effect), which put milliseconds onto every delivery.
         sys.setswitchinterval(0.0005)
         self._loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: a daemon started at a terminal that closes would otherwise die at
+        # once, leaving its sockets, and its firewall rules for a fail-closed queue.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._loop.add_signal_handler(sig, self.stop)
         journal = self.journal
         if journal is not None:

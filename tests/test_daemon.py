@@ -99,6 +99,15 @@ def wait_until(predicate: Any, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def test_a_hang_up_stops_it_as_cleanly_as_sigterm(rundir: Path) -> None:
+    proc = start_daemon(rundir)
+    proc.send_signal(signal.SIGHUP)  # the terminal it was started at closed
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "stopped" in err or "stopping" in err, err
+    assert not list(rundir.glob("*.sock"))
+
+
 def test_every_exec_and_exit_of_1000_processes(daemon: subprocess.Popen[str], rundir: Path) -> None:
     collector = Collector(rundir)
     try:
