@@ -10,7 +10,10 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from kport import procinfo
+from kport import subjects as subjects_module
 from kport.sources.proc import ProcessTable
 from kport.subjects import SETTLE_WAIT_S, Subjects
 
@@ -89,14 +92,18 @@ def test_a_process_gone_is_none_or_what_the_table_knew() -> None:
     assert info["ancestors"][0] == procinfo.exe(os.getpid())
 
 
-def test_a_gone_process_is_named_by_the_table_only_once_its_exit_is_applied() -> None:
+def test_a_gone_process_is_named_by_the_table_only_once_its_exit_is_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The table still holds the fork's entry, the parent's program, when the lookup comes:
-    # the lookup waits for the proc source to apply the exec and the exit.
+    # the lookup waits for the proc source to apply the exec and the exit. (A wait long
+    # enough that a busy machine cannot make the catching up late.)
+    monkeypatch.setattr(subjects_module, "SETTLE_WAIT_S", 10.0)
     pid, described = sleeper_gone()
     table = table_of({pid: {**described, "exe": "/the/parent", "argv": ["parent"]}})
 
     def proc_source_catches_up() -> None:
-        time.sleep(SETTLE_WAIT_S / 4)
+        time.sleep(0.005)
         table.procs[pid] = described
         table.remove(pid)
 
