@@ -11,8 +11,10 @@ the uid it was first seen with until its next exec.
 A process gone before its lookup (a notification is read after the fact) is named from
 the table only once the proc source has applied its exit, and so every exec before it:
 until then the table may still hold what the process inherited at fork, its parent's
-program. The lookup waits briefly for that; a process it cannot name surely is reported
-without a name, never with another's.
+program. A lookup never waits for that: it says the answer is :data:`PENDING`, to a
+caller that can ask again shortly (the file source holds such a notification back), or
+names the process from what was seen of it while it lived, or not at all: never with
+another's name.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, overload
 
 from kport import procinfo
 
@@ -46,13 +48,17 @@ PINNED: Final = 256
 ANCESTRY_LIMIT: Final = 32
 #: pauses (s) before each read of a process caught mid-exec (no argv yet): 1.1 ms in all
 MID_EXEC_WAITS: Final = (0.0, 0.0001, 0.0002, 0.0003, 0.0005)
-#: how long a lookup of a gone process waits for the table to apply its exit, at most,
-#: and how often it looks meanwhile: the proc source is a few ms behind at worst, unless
-#: it is overwhelmed, when waiting would only stall the source that asks
-SETTLE_WAIT_S: Final = 0.02
-SETTLE_POLL_S: Final = 0.0002
-#: after a wait that ran out, no lookup waits again for this long
-SETTLE_BACKOFF_S: Final = 1.0
+
+
+class Pending:
+    """The answer for a gone process whose exit the table has not applied yet: ask again
+    shortly (the proc source is a few ms behind at worst, unless it is overwhelmed)."""
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING: Final = Pending()
 
 
 class Subjects:
@@ -65,9 +71,8 @@ class Subjects:
         self._pinned: dict[int, tuple[int, int]] = {}
         self.hits = 0
         self.misses = 0
-        #: lookups of gone processes the table had not caught up with in time
+        #: final lookups of gone processes that the table had not caught up with
         self.unsettled = 0
-        self._no_wait_until = 0.0
 
     def identity(self, pid: int) -> tuple[int, str] | None:
         """(start_time, exe) of ``pid`` now, or None if it is gone (or a kernel thread).
@@ -109,13 +114,21 @@ class Subjects:
         for pid in list(self._pinned):
             self._unpin(pid)
 
-    def get(self, pid: int) -> Info | None:
+    @overload
+    def get(self, pid: int) -> Info | None: ...
+
+    @overload
+    def get(self, pid: int, *, final: bool) -> Info | Pending | None: ...
+
+    def get(self, pid: int, *, final: bool = True) -> Info | Pending | None:
         """What kport reports about ``pid``: start_time, exe, argv, uid, gid, user,
         ppid and ancestors (executables up the parent chain, nearest first); None if the
-        process is gone. The identity is checked, the rest comes from cache when it may."""
+        process is gone. The identity is checked, the rest comes from cache when it may.
+        A gone process is named as :meth:`_gone` says; with ``final`` False, PENDING
+        while the table may still learn its name."""
         identity = self.identity(pid)
         if identity is None:
-            return self._gone(pid)
+            return self._gone(pid, final)
         cached = self._cache.get(pid)
         if cached is not None and (cached["start_time"], cached["exe"]) == identity:
             self.hits += 1
@@ -124,7 +137,7 @@ class Subjects:
         self.misses += 1
         info = self._read(pid, identity)
         if info is None:
-            return self._gone(pid)
+            return self._gone(pid, final)
         if not info["argv"]:
             return info  # still mid-exec: the next lookup reads it again
         self._cache[pid] = info
@@ -132,11 +145,16 @@ class Subjects:
             self._cache.popitem(last=False)
         return info
 
-    def _gone(self, pid: int) -> Info | None:
+    def _gone(self, pid: int, final: bool) -> Info | Pending | None:
         """A process that exited before it could be read: the table's account once it has
-        applied the exit (it saw every exec), else what was last seen of that pid here."""
+        applied the exit (it saw every exec), else what was last seen of that pid here;
+        PENDING instead, unless ``final``, while the table may still catch up."""
+        entry = self.table.exited_entry(pid) if self.table is not None else None
+        if entry is None and self._table_behind(pid):
+            if not final:
+                return PENDING
+            self.unsettled += 1
         seen = self._cache.pop(pid, None)
-        entry = self._settled(pid) if self.table is not None else None
         if entry is not None and (entry.get("exe") or seen is None):
             info = {k: entry.get(k) for k in ("start_time", "exe", "argv", "uid", "gid", "user")}
             info["ppid"] = entry.get("ppid")
@@ -147,25 +165,13 @@ class Subjects:
             return None
         return {**info, "gone": True}
 
-    def _settled(self, pid: int) -> Info | None:
-        """The table's entry for gone ``pid`` once its exit is applied, waiting up to
-        SETTLE_WAIT_S for the proc source to get there; None if it did not."""
-        assert self.table is not None
-        exited_entry = self.table.exited_entry
-        entry = exited_entry(pid)
-        if entry is not None or time.monotonic() < self._no_wait_until:
-            return entry
+    def _table_behind(self, pid: int) -> bool:
+        """Can the table still learn of ``pid``'s exit? Not without a table, nor for a
+        process that has not exited (a kernel thread: it has no exe to read)."""
+        if self.table is None:
+            return False
         stat = procinfo.read_stat(pid)
-        if stat is not None and stat.state not in ("Z", "X"):
-            return None  # not gone: a kernel thread (no exe), the table will not see it end
-        deadline = time.monotonic() + SETTLE_WAIT_S
-        while (entry := exited_entry(pid)) is None:
-            if time.monotonic() >= deadline:
-                self.unsettled += 1
-                self._no_wait_until = time.monotonic() + SETTLE_BACKOFF_S
-                return None
-            time.sleep(SETTLE_POLL_S)
-        return entry
+        return stat is None or stat.state in ("Z", "X")
 
     def _read(self, pid: int, identity: tuple[int, str]) -> Info | None:
         start, exe = identity

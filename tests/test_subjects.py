@@ -6,16 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
-import pytest
-
 from kport import procinfo
-from kport import subjects as subjects_module
 from kport.sources.proc import ProcessTable
-from kport.subjects import SETTLE_WAIT_S, Subjects
+from kport.subjects import PENDING, Subjects
 
 
 def table_of(entries: dict[int, dict[str, Any]], *, exited: bool = False) -> ProcessTable:
@@ -92,56 +88,39 @@ def test_a_process_gone_is_none_or_what_the_table_knew() -> None:
     assert info["ancestors"][0] == procinfo.exe(os.getpid())
 
 
-def test_a_gone_process_is_named_by_the_table_only_once_its_exit_is_applied(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_gone_process_is_named_by_the_table_only_once_its_exit_is_applied() -> None:
     # The table still holds the fork's entry, the parent's program, when the lookup comes:
-    # the lookup waits for the proc source to apply the exec and the exit. (A wait long
-    # enough that a busy machine cannot make the catching up late.)
-    monkeypatch.setattr(subjects_module, "SETTLE_WAIT_S", 10.0)
+    # until the proc source has applied the exec and the exit, the answer is pending.
     pid, described = sleeper_gone()
     table = table_of({pid: {**described, "exe": "/the/parent", "argv": ["parent"]}})
-
-    def proc_source_catches_up() -> None:
-        time.sleep(0.005)
-        table.procs[pid] = described
-        table.remove(pid)
-
-    catching_up = threading.Thread(target=proc_source_catches_up)
-    catching_up.start()
-    try:
-        info = Subjects(table).get(pid)
-    finally:
-        catching_up.join()
-    assert info is not None and info["gone"] is True
+    subjects = Subjects(table)
+    assert subjects.get(pid, final=False) is PENDING
+    table.procs[pid] = described
+    table.remove(pid)
+    info = subjects.get(pid, final=False)
+    assert isinstance(info, dict) and info["gone"] is True
     assert info["exe"] == os.path.realpath("/usr/bin/sleep") and info["argv"] == ["sleep", "60"]
+    assert subjects.unsettled == 0
 
 
-def test_a_gone_process_the_table_never_caught_up_with_is_not_named() -> None:
+def test_a_final_lookup_never_names_a_gone_process_by_a_table_behind() -> None:
     pid, described = sleeper_gone()
     table = table_of({pid: {**described, "exe": "/the/parent", "argv": ["parent"]}})
     subjects = Subjects(table)
-    t0 = time.monotonic()
     assert subjects.get(pid) is None  # never the parent's program
-    assert SETTLE_WAIT_S <= time.monotonic() - t0 < 1 and subjects.unsettled == 1
-    # A table that fell behind is not waited for again at once: that would stall the source.
-    t0 = time.monotonic()
-    assert subjects.get(pid) is None and time.monotonic() - t0 < SETTLE_WAIT_S
+    assert subjects.unsettled == 1
     # What was seen of the process while it lived is still told.
-    subjects = Subjects(table)
     subjects._cache[pid] = described
     seen = subjects.get(pid)
     assert seen is not None and seen["gone"] is True and seen["argv"] == ["sleep", "60"]
 
 
-def test_a_kernel_thread_is_not_waited_for() -> None:
-    kthreadd = 2  # no exe to read: looked up as gone, but it is not
+def test_a_kernel_thread_is_not_pending() -> None:
+    kthreadd = 2  # no exe to read, so looked up as gone: but it is not, nor will it be
     assert procinfo.read_stat(kthreadd) is not None
     table = table_of({kthreadd: {"exe": None, "argv": None, "start_time": 0, "ppid": 0}})
     subjects = Subjects(table)
-    t0 = time.monotonic()
-    assert subjects.get(kthreadd) is None
-    assert time.monotonic() - t0 < SETTLE_WAIT_S and subjects.unsettled == 0
+    assert subjects.get(kthreadd, final=False) is None and subjects.unsettled == 0
 
 
 def test_the_table_is_used_when_it_knows_the_identity() -> None:

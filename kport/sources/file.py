@@ -8,6 +8,9 @@ before anything else happens to it (no logging, no journal, no delivery first). 
 daemon's own process and the decision clients' processes are allowed at once, so a
 decision client that opens a watched file while it decides never waits on itself; the
 daemon's own notifications are dropped (its journal may live on a watched filesystem).
+A notification from a process that has exited is held back, with the ones after it, until
+the proc source's table has learnt that process's name (at most SETTLE_S); permission
+events wait for none of them.
 Rules decide in the thread (cached per process identity, path and kind); an ``ask`` goes
 to the daemon's ``ask`` callback, which must answer through ``done`` by its deadline, and
 the number of asks in flight is bounded: beyond it the default verdict is written at
@@ -24,6 +27,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -31,7 +35,7 @@ from typing import Any, Final, Literal
 from kport.decisions import MAX_ASKS, Ask
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
-from kport.subjects import ProcessTableView, Subjects
+from kport.subjects import Pending, ProcessTableView, Subjects
 
 log = logging.getLogger("kport.file")
 
@@ -85,6 +89,13 @@ MarkOf = Literal["path", "mount", "filesystem"]
 #: opener shares a CPU with the daemon, its next open is queued by the time the answer to
 #: the last one is written: reading again at once saves a poll per event.
 READS_BEFORE_POLL: Final = 64
+#: how long a notification from a gone process is held back, at most, for the proc
+#: source's table to learn its name (kport.subjects); the notifications after it are held
+#: with it, so that they stay in order; and how often the reader looks again meanwhile
+SETTLE_S: Final = 0.02
+HELD_POLL_MS: Final = 1
+#: notifications held back at once, at most; beyond it the oldest goes on as it is
+HELD_MAX: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,8 @@ class FileSource:
         self.lost = 0
         self._asks = 0
         self._asks_lock = threading.Lock()
+        #: (deadline in monotonic ns, notification), in the order they were read
+        self._held: deque[tuple[int, fan.FanotifyEvent]] = deque()
         #: the last subject the rules saw, and the process details it was made from
         self._last_subject: Subject | None = None
         self._last_info: dict[str, Any] | None = None
@@ -361,15 +374,18 @@ class FileSource:
         poller.register(self._stop_r, select.POLLIN)
         stop = self._stop_r
         while True:
-            ready = poller.poll(1000)
+            ready = poller.poll(HELD_POLL_MS if self._held else 1000)
             self.rules.reload_if_due()
             for fd, _ in ready:
                 if fd == stop:
+                    self._release(everything=True)
                     return
                 group = groups[fd]
                 for _ in range(READS_BEFORE_POLL):
                     if not self._read(group):
                         break
+            if self._held:
+                self._release()
 
     def _read(self, group: fan.FanotifyGroup) -> int:
         try:
@@ -410,6 +426,9 @@ class FileSource:
             if event.pid == self.own_pid:
                 return None  # our own writes (the journal): reporting them would feed back
             if group is self._names and not self._in_scope(event.path):
+                return None
+            if self._held:  # behind one that is held back: in order
+                self._hold(event)
                 return None
             return self._notification(event)
         # its one permission bit's name: the kernel never merges permission events
@@ -521,10 +540,40 @@ class FileSource:
         record["decided_by"] = why
         self.emit([record])
 
-    def _notification(self, event: fan.FanotifyEvent) -> Event:
+    def _notification(self, event: fan.FanotifyEvent) -> Event | None:
+        """The event's record, or None when it is held back for its process's name."""
+        info = self.subjects.get(event.pid, final=False) if event.pid > 0 else None
+        if isinstance(info, Pending):
+            self._hold(event)
+            return None
+        return self._notification_record(event, info)
+
+    def _hold(self, event: fan.FanotifyEvent) -> None:
+        self._held.append((time.monotonic_ns() + int(SETTLE_S * 1e9), event))
+        if len(self._held) > HELD_MAX:
+            self._release(oldest=True)
+
+    def _release(self, *, everything: bool = False, oldest: bool = False) -> None:
+        """Report the held notifications whose process is named now, or whose time is up,
+        from the oldest on (``everything``: all of them; ``oldest``: at least the first)."""
+        held = self._held
+        now = time.monotonic_ns()
+        out = []
+        while held:
+            deadline, event = held[0]
+            final = everything or oldest or now >= deadline
+            info = self.subjects.get(event.pid, final=final) if event.pid > 0 else None
+            if isinstance(info, Pending):
+                break
+            held.popleft()
+            oldest = False
+            out.append(self._notification_record(event, info))
+        if out:
+            self.emit(out)
+
+    def _notification_record(self, event: fan.FanotifyEvent, info: dict[str, Any] | None) -> Event:
         named = {"move" if k == "rename" else k for k in event.kinds}
         kinds = [k for k in _PRECEDENCE if k in named]
-        info = self.subjects.get(event.pid) if event.pid > 0 else None
         record = self._record(kinds[0] if kinds else "?", event.path, event.pid, info or {})
         if len(kinds) > 1:  # the kernel merges events on one file that are still queued
             record["kinds"] = kinds

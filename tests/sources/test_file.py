@@ -15,7 +15,9 @@ import pytest
 
 from kport.decisions import Done
 from kport.rules import RuleSet
+from kport.sources import file as file_source
 from kport.sources.file import FileSource, Watch
+from kport.sources.proc import ProcessTable
 from tests.conftest import mount_tmpfs, mounted
 
 pytestmark = [
@@ -301,6 +303,80 @@ def test_notifications_name_the_entry_and_the_process(
     assert {e["pid"] for e in events} == {e["pid"] for e in events if e["pid"] != os.getpid()}
     assert all(e["exe"] and "python" in e["exe"] and e["start_time"] for e in events)
     assert not any(e["kind"] == "lost" for e in events)
+
+
+def creates(got: Collected) -> list[dict[str, Any]]:
+    with got.lock:
+        return [e for e in got.events if e["kind"] == "create"]
+
+
+@contextlib.contextmanager
+def made_and_gone(
+    source: FileSource, monkeypatch: pytest.MonkeyPatch, mount: Path, names: list[str]
+) -> Iterator[dict[str, int]]:
+    """Directories made by `mkdir`s (no open: no permission event) that have exited before
+    the source reads their create events; yields {name: the pid that made it}."""
+    gate = threading.Event()  # the reader waits here before it reads
+    monkeypatch.setattr(source.rules, "reload_if_due", lambda: gate.wait(30))
+    made = {}
+    for name in names:
+        mkdir = subprocess.Popen(["mkdir", str(mount / name)])
+        assert mkdir.wait() == 0
+        made[name] = mkdir.pid
+    gate.set()
+    yield made
+
+
+def test_a_notification_is_held_until_its_process_is_named_and_opens_go_on(
+    tmp_path: Path, mount: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each `mkdir` is gone when its create is read, and the proc source's table has not
+    # handled it yet: the create is held back (the one after it too, to stay in order)
+    # until the table names it. Opens are decided meanwhile.
+    monkeypatch.setattr(file_source, "SETTLE_S", 60.0)  # held until the table names it
+    table = ProcessTable()
+    options = {"paths": [str(mount)], "events": ["create"], "processes": table}
+    with (
+        running(tmp_path, 'default = "allow"\n', **options) as (source, got),
+        made_and_gone(source, monkeypatch, mount, ["first", "second"]) as made,
+    ):
+        t0 = time.monotonic()
+        assert cat(mount / "plain.txt").returncode == 0
+        assert time.monotonic() - t0 < 5  # not held behind the notifications
+        time.sleep(0.1)
+        assert creates(got) == []
+
+        def named_by_the_table(name: str) -> None:
+            entry = {"exe": f"/named/{name}", "argv": ["mkdir", name], "start_time": 1}
+            table.procs[made[name]] = entry
+            table.remove(made[name])
+
+        named_by_the_table("second")
+        time.sleep(0.1)
+        assert creates(got) == []  # the second waits behind the first, in order
+        named_by_the_table("first")
+        both = wait_for_events(got, lambda evs: len(evs) >= 2)
+        assert [e["path"] for e in both] == [str(mount / "first"), str(mount / "second")]
+        assert [(e["exe"], e["gone"]) for e in both] == [
+            ("/named/first", True),
+            ("/named/second", True),
+        ]
+        assert source.subjects.unsettled == 0
+
+
+def test_a_process_the_table_never_names_is_reported_in_time_without_a_name(
+    tmp_path: Path, mount: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = ProcessTable()  # a proc source that fell behind, or lost the process
+    options = {"paths": [str(mount)], "events": ["create"], "processes": table}
+    with running(tmp_path, 'default = "allow"\n', **options) as (source, got):
+        with made_and_gone(source, monkeypatch, mount, ["unnamed"]):
+            t0 = time.monotonic()
+            (event,) = wait_for_events(got, bool)
+            assert time.monotonic() - t0 < 1  # SETTLE_S (20 ms), and a poll
+        assert event["path"] == str(mount / "unnamed") and event["gone"] is True
+        assert event["exe"] is None and event["argv"] is None
+        assert source.subjects.unsettled == 1
 
 
 def test_a_source_drops_its_own_notifications(tmp_path: Path, mount: Path) -> None:
