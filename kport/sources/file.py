@@ -562,7 +562,11 @@ class FileSource:
         while held:
             deadline, event = held[0]
             final = everything or oldest or now >= deadline
-            info = self.subjects.get(event.pid, final=final) if event.pid > 0 else None
+            try:
+                info = self.subjects.get(event.pid, final=final) if event.pid > 0 else None
+            except Exception:  # one odd lookup must not stop the source, nor lose the event
+                log.exception("file: naming the process of pid %d failed", event.pid)
+                info = None
             if isinstance(info, Pending):
                 break
             held.popleft()
