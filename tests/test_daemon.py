@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -734,16 +735,16 @@ def test_a_short_lived_process_is_named_by_its_own_program_or_not_at_all(
         try:
             for i in range(touches):
                 subprocess.run(["touch", str(mount / f"f{i}")], check=True)
-            named: dict[str | None, int] = {}
+            named: Counter[str | None] = Counter()
             for _ in range(touches):
                 event = next_file_event(conn, lambda e: e["kind"] == "create")
-                named[event["exe"]] = named.get(event["exe"], 0) + 1
+                named[event["exe"]] += 1
                 assert event["exe"] is not None or event["gone"] is True, event
         finally:
             conn.close()
     touch = os.path.realpath("/usr/bin/touch")
     assert set(named) <= {touch, None}, named
-    assert named.get(touch, 0) >= touches // 2, named
+    assert named[touch] >= touches // 2, named
 
 
 def test_a_full_fanotify_queue_is_a_lost_event(rundir: Path, tmp_path: Path) -> None:

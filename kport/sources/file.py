@@ -427,9 +427,6 @@ class FileSource:
                 return None  # our own writes (the journal): reporting them would feed back
             if group is self._names and not self._in_scope(event.path):
                 return None
-            if self._held:  # behind one that is held back: in order
-                self._hold(event)
-                return None
             return self._notification(event)
         # its one permission bit's name: the kernel never merges permission events
         kind = fan.KINDS[event.mask & fan.FAN_PERMISSION_EVENTS]
@@ -541,12 +538,20 @@ class FileSource:
         self.emit([record])
 
     def _notification(self, event: fan.FanotifyEvent) -> Event | None:
-        """The event's record, or None when it is held back for its process's name."""
-        info = self.subjects.get(event.pid, final=False) if event.pid > 0 else None
-        if isinstance(info, Pending):
-            self._hold(event)
-            return None
-        return self._notification_record(event, info)
+        """The event's record, or None when it is held back: for its process's name, or
+        behind one that is (so that they stay in order)."""
+        if not self._held:
+            info = self._process_of(event, final=False)
+            if not isinstance(info, Pending):
+                return self._notification_record(event, info)
+        self._hold(event)
+        return None
+
+    def _process_of(
+        self, event: fan.FanotifyEvent, *, final: bool
+    ) -> dict[str, Any] | Pending | None:
+        """Who made the event (see Subjects.get); None for an event with no process."""
+        return self.subjects.get(event.pid, final=final) if event.pid > 0 else None
 
     def _hold(self, event: fan.FanotifyEvent) -> None:
         self._held.append((time.monotonic_ns() + int(SETTLE_S * 1e9), event))
@@ -563,7 +568,7 @@ class FileSource:
             deadline, event = held[0]
             final = everything or oldest or now >= deadline
             try:
-                info = self.subjects.get(event.pid, final=final) if event.pid > 0 else None
+                info = self._process_of(event, final=final)
             except Exception:  # one odd lookup must not stop the source, nor lose the event
                 log.exception("file: naming the process of pid %d failed", event.pid)
                 info = None
