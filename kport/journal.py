@@ -594,10 +594,11 @@ class Journal:
             self._set_durable(False, f"cannot write {self.path}: {err}")
             return False
         self._batch_max = min(BATCH_MAX, self._batch_max * 2)
+        if not self.durable:
+            # before the commit is published: whoever sees it committed sees it durable
+            self._set_durable(True, f"writing {self.path} again")
         self.committed = through
         self.written += len(rows)
-        if not self.durable:
-            self._set_durable(True, f"writing {self.path} again")
         return True
 
     def _set_durable(self, durable: bool, reason: str) -> None:
