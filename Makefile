@@ -3,6 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kport-installed
 TEST_STAMP := $(VENV)/.kport-test-installed
+BPF_OBJ := kport/sources/proc_bpf.bpf.o
 
 .PHONY: setup run test lint clean
 
@@ -13,11 +14,16 @@ $(STAMP): pyproject.toml scripts/setup-system.sh
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# the proc source's eBPF object, built against this kernel's BTF (where it has none, kport
+# uses the proc connector, and this says so)
+$(BPF_OBJ): kport/sources/proc_bpf.bpf.c scripts/build-bpf.sh $(STAMP)
+	sh scripts/build-bpf.sh --optional $@
+
 $(TEST_STAMP): $(STAMP)
 	sh scripts/setup-system.sh --tests
 	touch $(TEST_STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) $(BPF_OBJ)
 
 run: setup
 	@echo "kport serve with its web UI: open the URL below; or watch with '$(BIN)/kport tail proc'"

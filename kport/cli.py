@@ -227,6 +227,19 @@ def _status(args: argparse.Namespace) -> int:
             str(s.get("backlog", "-")),
         )
     console.print(sources)
+    proc = status["sources"].get("proc")
+    if proc and proc.get("backend") == "bpf":
+        console.print(
+            f"processes: eBPF ({proc['programs']} programs), {proc['kernel_records']} records "
+            f"in the kernel, {proc['kernel_dropped']} dropped by a full ring",
+            soft_wrap=True,
+        )
+    elif proc and proc.get("backend"):
+        why = proc.get("fallback_reason")
+        console.print(
+            "processes: the proc connector" + (f" (eBPF cannot load: {why})" if why else ""),
+            soft_wrap=True,
+        )
     file = status["sources"].get("file")
     if file:
         console.print(

@@ -12,7 +12,8 @@ import tomli_w
 from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
 from kport.sources.net import MAX_QUEUES, VERDICTS, queue_count
-from kport.sources.proc import BATCH_ABOVE, BATCH_WINDOW_S
+from kport.sources.proc import BACKENDS, BATCH_ABOVE, BATCH_WINDOW_S
+from kport.sources.proc_bpf import ARGV_CAP, RING_DEFAULT, RING_MIN
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,14 @@ class PortConfig:
 @dataclass
 class ProcConfig:
     enabled: bool = True
+    #: auto (eBPF where it loads, else the proc connector), bpf, connector
+    backend: str = "auto"
     threads: bool = False
+    #: eBPF: bytes of each exec's argv read in the kernel, at most (longer: truncated)
+    argv_max: int = 4096
+    #: eBPF: the ring buffer's size in KiB, a power of two (full: the kernel counts what
+    #: it drops, and a lost event says how many)
+    ring_kb: int = RING_DEFAULT // 1024
     #: above batch_above events/s, read the kernel's events at most once per this
     #: window: a storm costs one wake-up per batch, at up to this much more latency (0: off)
     batch_window_ms: float = BATCH_WINDOW_S * 1000
@@ -229,6 +237,15 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: proc.kinds: unknown kinds {sorted(bad)}")
     if not 0 <= config.proc.batch_window_ms <= 100:
         raise ConfigError(f"{path}: proc.batch_window_ms must be 0 to 100")
+    if config.proc.backend not in BACKENDS:
+        raise ConfigError(f"{path}: proc.backend must be {', '.join(BACKENDS)}")
+    if not 0 <= config.proc.argv_max <= ARGV_CAP:
+        raise ConfigError(f"{path}: proc.argv_max must be 0 to {ARGV_CAP} (bytes)")
+    ring = config.proc.ring_kb * 1024
+    if ring < RING_MIN or ring & (ring - 1):
+        raise ConfigError(
+            f"{path}: proc.ring_kb must be a power of two, at least {RING_MIN // 1024}"
+        )
     if config.proc.batch_above < 0:
         raise ConfigError(f"{path}: proc.batch_above must be >= 0 (events per second)")
     if config.journal.max_age_days <= 0 or config.journal.max_size_mb <= 0:

@@ -191,6 +191,9 @@ class Daemon:
                 threads=self.config.proc.threads,
                 batch_window_s=self.config.proc.batch_window_ms / 1000,
                 batch_above=self.config.proc.batch_above,
+                backend=self.config.proc.backend,
+                argv_max=self.config.proc.argv_max,
+                ring_bytes=self.config.proc.ring_kb * 1024,
             )
         if self.config.file.enabled:
             self._setup_file(journal)

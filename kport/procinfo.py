@@ -101,6 +101,12 @@ def ticks_from_monotonic_ns(ns: int) -> int:
     return (ns + offset) * _CLK_TCK // 1_000_000_000
 
 
+def ticks_from_boottime_ns(ns: int) -> int:
+    """A CLOCK_BOOTTIME time in ns (a task's start_boottime) as /proc start-time ticks:
+    exactly what /proc/<pid>/stat says for the same task."""
+    return ns // (1_000_000_000 // _CLK_TCK)
+
+
 def ticks_to_seconds(ticks: int) -> float:
     return ticks / _CLK_TCK
 

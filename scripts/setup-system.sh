@@ -10,6 +10,11 @@ fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need="$need python3-venv"
 command -v python3 >/dev/null 2>&1 || need="$need python3"
 for cmd in make gcc; do command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"; done
+# the proc source's eBPF object: built by scripts/build-bpf.sh, loaded through libbpf.so.1
+command -v clang >/dev/null 2>&1 || need="$need clang"
+command -v llvm-strip >/dev/null 2>&1 || need="$need llvm"
+command -v bpftool >/dev/null 2>&1 || need="$need bpftool"
+[ -f /usr/include/bpf/bpf_helpers.h ] || need="$need libbpf-dev"
 # the firewall's filter rules (iptables-nft, with the xtables NFQUEUE target)
 command -v iptables-restore >/dev/null 2>&1 || need="$need iptables"
 # the firewall tests make network namespaces of their own

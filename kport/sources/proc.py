@@ -1,13 +1,22 @@
 """The proc source: process events from the kernel, enriched and kept in a process table.
 
-Two threads: the reader does nothing but receive and parse datagrams (so the socket's
-buffer drains even while /proc is slow), the processor enriches each event from /proc,
-keeps the table, and hands batches of finished events to ``emit``. Under load (more than
-``batch_above`` events a second) the reader takes what has come at most once per batch
-window: each wake-up of the two threads costs far more than an event, so a storm is
-carried in batches, at up to one window more latency. Loss is never silent:
-``ENOBUFS``, a per-CPU sequence gap and a full hand-off queue each become a ``lost``
-event, followed by a resync of the table from /proc (synthetic events, flagged).
+Two backends. ``bpf`` (proc_bpf.py): programs on the sched_process_* tracepoints read each
+exec whole in the kernel, at the moment itself (ids, start time, exe, argv, cwd, cgroup),
+into a ring buffer that one thread drains; nothing is read from /proc after the fact, so
+a process that lives a millisecond arrives with its argv. The ring is the bounded queue:
+when it is full the kernel refuses the record and counts it, per CPU, and the count
+becomes a ``lost`` event. ``connector``: the netlink proc connector, enriched from /proc,
+where eBPF cannot load; ``auto`` takes the first that works and says which.
+
+The connector backend has two threads: the reader does nothing but receive and parse
+datagrams (so the socket's buffer drains even while /proc is slow), the processor
+enriches each event from /proc, keeps the table, and hands batches of finished events to
+``emit``. Both backends, under load (more than ``batch_above`` events a second), take
+what has come at most once per batch window: each wake-up costs far more than an event,
+so a storm is carried in batches, at up to one window more latency. Loss is never
+silent: a full ring, ``ENOBUFS``, a per-CPU sequence gap and a full hand-off queue each
+become a ``lost`` event, followed by a resync of the table from /proc (synthetic events,
+flagged).
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from kport import procinfo
-from kport.sources import netlink_proc
+from kport.sources import netlink_proc, proc_bpf
+from kport.sources.proc_bpf import BpfUnavailable, ProcBpf
 
 log = logging.getLogger("kport.proc")
 
@@ -52,8 +62,16 @@ _ENRICHED: Final = (
     "cgroup",
     "tty",
 )
+#: how often the eBPF reader reads the kernel's drop counters while records flow (it also
+#: reads them whenever it waited in vain): a drop with no record after it is seen by then
+COUNTERS_EVERY_S: Final = 1.0
+BACKENDS: Final = ("auto", "bpf", "connector")
 Event = dict[str, Any]
 Emit = Callable[[list[Event]], None]
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode(errors="replace")
 
 
 class ProcessTable:
@@ -133,9 +151,25 @@ class ProcSource:
         rcvbuf: int = 64 << 20,
         batch_window_s: float = BATCH_WINDOW_S,
         batch_above: int = BATCH_ABOVE,
+        backend: str = "auto",
+        argv_max: int = 4096,
+        ring_bytes: int = proc_bpf.RING_DEFAULT,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"proc backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.emit = emit
         self.threads = threads
+        self.wanted = backend
+        #: the backend in use once started, and why auto did not take eBPF
+        self.backend: str | None = None
+        self.fallback_reason: str | None = None
+        self.argv_max = argv_max
+        self.ring_bytes = ring_bytes
+        self._bpf: ProcBpf | None = None
+        #: per CPU, the kernel's drop count up to which losses have been reported
+        self._drops: dict[int, int] = {}
+        #: exits of one process reported twice by two of its threads ending at once
+        self.duplicates = 0
         self.batch_window_s = batch_window_s
         self.batch_above = batch_above
         self.table = ProcessTable()
@@ -158,7 +192,20 @@ class ProcSource:
         self._pending_lost: int | None = None
 
     def status(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self._bpf is not None:
+            counters = self._bpf.counters()
+            extra = {
+                "programs": self._bpf.flavour,
+                "kernel_records": sum(c[0] for c in counters),
+                "kernel_dropped": sum(c[1] for c in counters),
+                "duplicates": self.duplicates,
+            }
+        elif self.fallback_reason:
+            extra = {"fallback_reason": self.fallback_reason}
         return {
+            "backend": self.backend,
+            **extra,
             "events": self.events,
             "lost": self.lost,
             "resyncs": self.resyncs,
@@ -170,7 +217,29 @@ class ProcSource:
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Subscribe (raises if the kernel or our privileges do not allow it), then run."""
+        """Attach to the kernel (raises if it or our privileges do not allow it), seed the
+        table from /proc, then run."""
+        if self.wanted in ("auto", "bpf"):
+            try:
+                self._bpf = ProcBpf(
+                    argv_max=self.argv_max, threads=self.threads, ring_bytes=self.ring_bytes
+                )
+            except BpfUnavailable as err:
+                if self.wanted == "bpf":
+                    raise BpfUnavailable(f"proc.backend = bpf cannot load: {err}") from err
+                self.fallback_reason = str(err)
+                log.warning("proc: eBPF cannot load (%s); using the proc connector", err)
+        if self._bpf is not None:
+            self.backend = "bpf"
+            log.info("proc: eBPF backend (%s programs)", self._bpf.flavour)
+            # Attached before seeding, so nothing falls between the two.
+            self.emit(self._seed())
+            thread = threading.Thread(target=self._bpf_loop, name="kport-proc-bpf", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            return
+        self.backend = "connector"
+        log.info("proc: proc connector backend")
         self._sock = netlink_proc.open_socket(self._rcvbuf)
         # Blocking reads that give up after READ_WAIT_S, so the reader notices stop():
         # one recv per wake-up (a Python-level timeout would poll() before every recv).
@@ -195,6 +264,181 @@ class ProcSource:
         if self._sock is not None:
             netlink_proc.unsubscribe(self._sock)
             self._sock.close()
+        if self._bpf is not None:
+            self._bpf.close()
+
+    # --- the eBPF backend's thread ----------------------------------------------------
+
+    def _bpf_loop(self) -> None:
+        """Drain the ring as records come; in a storm (above batch_above events/s) once per
+        batch window, with the programs told not to wake us meanwhile."""
+        bpf = self._bpf
+        assert bpf is not None
+        window = self.batch_window_s
+        batch_above = self.batch_above
+        slice_end = time.monotonic() + _RATE_SLICE_S
+        counters_at = time.monotonic() + COUNTERS_EVERY_S
+        in_slice = 0
+        busy = False
+        waited_in_vain = False
+        while not self._stop.is_set():
+            if busy:
+                time.sleep(window)  # the next ones gather: one wake-up for them all
+            else:
+                # A timeout drains too: a record submitted quietly just before the
+                # programs were told to wake us again would otherwise wait for the next.
+                waited_in_vain = not bpf.wait(READ_WAIT_S)
+            try:
+                raws = bpf.drain()
+            except OSError as err:
+                log.error("proc: %s", err)
+                time.sleep(0.1)
+                continue
+            batch: list[Event] = []
+            for raw in raws:
+                try:
+                    batch.extend(self._from_record(proc_bpf.parse(raw)))
+                except Exception:  # one odd record must not stop the source
+                    log.exception("proc: ring record %r could not be handled", raw[:64])
+            now = time.monotonic()
+            if waited_in_vain or now >= counters_at:
+                counters_at = now + COUNTERS_EVERY_S
+                batch.extend(self._unreported_drops(bpf))
+            if batch:
+                self.events += len(batch)
+                self.batches += 1
+                self.emit(batch)
+            in_slice += len(raws)
+            if now >= slice_end:
+                was = busy
+                busy = window > 0 and in_slice > batch_above * (now - slice_end + _RATE_SLICE_S)
+                slice_end, in_slice = now + _RATE_SLICE_S, 0
+                if busy != was:
+                    try:
+                        bpf.set_quiet(busy)
+                    except OSError as err:  # then it wakes us as before: only dearer
+                        log.error("proc: %s", err)
+
+    def _unreported_drops(self, bpf: ProcBpf) -> list[Event]:
+        """Drops the kernel counted that no record has reported yet (none came after)."""
+        out: list[Event] = []
+        for cpu, (_attempts, dropped) in enumerate(bpf.counters()):
+            out.extend(self._drops_to(cpu, dropped))
+        return out
+
+    def _drops_to(self, cpu: int, dropped: int) -> list[Event]:
+        seen = self._drops.get(cpu, 0)
+        if dropped <= seen:
+            return []
+        self._drops[cpu] = dropped
+        return self._lost(dropped - seen, f"the kernel's ring was full (cpu {cpu})")
+
+    def _from_record(self, rec: proc_bpf.Record) -> list[Event]:
+        """One ring record as events, the table kept by it; a loss it reveals first."""
+        out = self._drops_to(rec.cpu, rec.dropped) if rec.dropped else []
+        event: Event = {"source": "proc", "kind": "", "ktime": rec.ktime, "cpu": rec.cpu}
+        thread = bool(rec.flags & proc_bpf.FLAG_THREAD)
+        if rec.kind == proc_bpf.KIND_EXEC:
+            out.append(self._bpf_exec(event, rec))
+        elif rec.kind == proc_bpf.KIND_FORK and thread:
+            event.update(kind="clone", thread=True, tid=rec.pid)
+            self._identify(event, rec.tgid, self.table.get(rec.tgid))
+            out.append(event)
+        elif rec.kind == proc_bpf.KIND_FORK:
+            out.append(self._bpf_fork(event, rec))
+        else:
+            exit_event = self._bpf_exit(event, rec, thread)
+            if exit_event is not None:
+                out.append(exit_event)
+        return out
+
+    def _bpf_fork(self, event: Event, rec: proc_bpf.Record) -> Event:
+        parent = self.table.get(rec.b)
+        entry: Event = dict(parent) if parent else {k: None for k in _ENRICHED}
+        entry.update(
+            ppid=rec.b,
+            start_time=procinfo.ticks_from_boottime_ns(rec.start_boottime),
+            uid=rec.euid,
+            gid=rec.egid,
+            user=procinfo.user_name(rec.euid),
+        )
+        self.table.procs[rec.tgid] = entry
+        event.update(kind="fork", thread=False, parent_pid=rec.b)
+        self._identify(event, rec.tgid, entry)
+        return event
+
+    def _bpf_exec(self, event: Event, rec: proc_bpf.Record) -> Event:
+        truncated = bool(rec.flags & proc_bpf.FLAG_ARGV_TRUNCATED)
+        argv: list[str] | None = None
+        if not rec.flags & proc_bpf.FLAG_ARGV_UNREAD:
+            args = proc_bpf.split_argv(rec.argv or b"", truncated)
+            try:
+                argv = [a.decode() for a in args]
+            except UnicodeDecodeError:
+                # shown with U+FFFD where bytes are not UTF-8; the bytes as they are beside
+                argv = [a.decode(errors="replace") for a in args]
+                event["argv_bytes"] = args
+        known = self.table.get(rec.tgid)
+        entry: Event = {
+            **(known or {}),
+            "exe": _text(rec.exe),
+            "argv": argv,
+            "cwd": _text(rec.cwd),
+            "uid": rec.euid,
+            "gid": rec.egid,
+            "user": procinfo.user_name(rec.euid),
+            "ppid": rec.ppid,
+            "start_time": procinfo.ticks_from_boottime_ns(rec.start_boottime),
+            "cgroup": _text(rec.cgroup),
+            "tty": procinfo.tty_name(rec.b),
+            "comm": rec.comm.decode(errors="replace"),
+        }
+        self.table.procs[rec.tgid] = entry
+        event.update(
+            kind="exec",
+            thread=False,
+            filename=_text(rec.filename),
+            comm=entry["comm"],
+            ns_pid=rec.ns_pid,
+            ruid=rec.uid,
+            rgid=rec.gid,
+            cgroup_id=rec.cgroup_id,
+            argv_size=rec.argv_size,
+        )
+        if truncated:
+            event["truncated"] = True
+        if rec.flags & proc_bpf.FLAG_PATH_TRUNCATED:
+            event["path_truncated"] = True
+        self._identify(event, rec.tgid, entry)
+        missing = [k for k in ("exe", "argv") if not event.get(k)]
+        if missing:
+            event["missing"] = missing
+        return event
+
+    def _bpf_exit(self, event: Event, rec: proc_bpf.Record, thread: bool) -> Event | None:
+        status = rec.a
+        event.update(
+            kind="exit",
+            code=(status >> 8) & 0xFF if status & 0x7F == 0 else None,
+            signal=status & 0x7F or None,
+            core=bool(status & 0x80),
+            thread=thread,
+        )
+        if thread:
+            event["tid"] = rec.pid
+            self._identify(event, rec.tgid, self.table.get(rec.tgid))
+            return event
+        start = procinfo.ticks_from_boottime_ns(rec.start_boottime)
+        if rec.tgid not in self.table.procs:
+            before = self.table.exited.get(rec.tgid)
+            if before is not None and before.get("start_time") == start:
+                self.duplicates += 1  # its other thread's report came first
+                return None
+        entry = self.table.remove(rec.tgid)
+        self._identify(event, rec.tgid, entry)
+        # both from the kernel's boot-time clock: the exit's and the start's
+        event["run_time_s"] = round((rec.boot_ns - rec.start_boottime) / 1e9, 6)
+        return event
 
     # --- the reader thread -------------------------------------------------------------
 
