@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: a kernel thread's flag in /proc/<pid>/stat's flags (include/linux/sched.h)
+PF_KTHREAD: Final = 0x00200000
 _user_names: dict[int, str | None] = {}
 
 #: _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info) and that struct (64 bytes): mask,
@@ -44,6 +46,11 @@ class Stat:
     ppid: int
     tty_nr: int
     start_time: int  # clock ticks after boot
+    flags: int = 0  # the kernel's PF_* flags of the task
+
+    @property
+    def kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
 
 
 def _read(path: str, dir_fd: int | None = None) -> bytes | None:
@@ -84,6 +91,7 @@ def _parse_stat(raw: bytes | None) -> Stat | None:
             ppid=int(fields[1]),
             tty_nr=int(fields[4]),
             start_time=int(fields[19]),
+            flags=int(fields[6]),
         )
     except (IndexError, ValueError):
         return None

@@ -167,11 +167,12 @@ class Subjects:
 
     def _table_behind(self, pid: int) -> bool:
         """Can the table still learn of ``pid``'s exit? Not without a table, nor for a
-        process that has not exited (a kernel thread: it has no exe to read)."""
+        kernel thread (it has no exe to read, and never exits). A process whose exe cannot
+        be read is exiting: a zombie, or not yet one but with its memory already gone."""
         if self.table is None:
             return False
         stat = procinfo.read_stat(pid)
-        return stat is None or stat.state in ("Z", "X")
+        return stat is None or not stat.kernel_thread
 
     def _read(self, pid: int, identity: tuple[int, str]) -> Info | None:
         start, exe = identity

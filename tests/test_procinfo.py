@@ -70,3 +70,9 @@ def test_owner_and_cgroup_from_a_pidfd_match_proc(monkeypatch: pytest.MonkeyPatc
         child.kill()
         child.wait()
     assert procinfo.describe(child.pid) is None  # reaped: gone by either road
+
+
+def test_a_kernel_thread_is_told_by_its_flags() -> None:
+    kthreadd, me = procinfo.read_stat(2), procinfo.read_stat(os.getpid())
+    assert kthreadd is not None and kthreadd.kernel_thread
+    assert me is not None and not me.kernel_thread

@@ -170,6 +170,8 @@ class ProcSource:
         self._drops: dict[int, int] = {}
         #: exits of one process reported twice by two of its threads ending at once
         self.duplicates = 0
+        #: records taken from the kernel's ring (with the drops it counted: all it made)
+        self.records = 0
         self.batch_window_s = batch_window_s
         self.batch_above = batch_above
         self.table = ProcessTable()
@@ -199,6 +201,7 @@ class ProcSource:
                 "programs": self._bpf.flavour,
                 "kernel_records": sum(c[0] for c in counters),
                 "kernel_dropped": sum(c[1] for c in counters),
+                "records": self.records,
                 "duplicates": self.duplicates,
             }
         elif self.fallback_reason:
@@ -294,6 +297,7 @@ class ProcSource:
                 log.error("proc: %s", err)
                 time.sleep(0.1)
                 continue
+            self.records += len(raws)
             batch: list[Event] = []
             for raw in raws:
                 try:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from kport import procinfo
-from kport.sources import proc
+from kport.sources import proc, proc_bpf
 from kport.sources.proc import EXITED, ProcessTable, ProcSource
 
 
@@ -171,3 +171,53 @@ def test_under_load_the_reader_takes_events_in_batches() -> None:
     kernel_events = sum(1 for e in emitted if e["kind"] in ("fork", "exec", "exit"))
     assert kernel_events >= 900  # fork, exec and exit of each of ours, and others'
     assert source.batches * 3 < kernel_events, (source.batches, kernel_events)
+
+
+def test_a_tiny_ring_loses_records_and_lost_events_count_every_one() -> None:
+    """The eBPF ring made a page on purpose, drained every 50 ms: the kernel refuses what
+    does not fit, and the lost events' counts are exactly what it refused, which covers
+    every event of ours that is missing."""
+    emitted: list[dict[str, Any]] = []
+    source = ProcSource(
+        emitted.extend,
+        backend="bpf",
+        ring_bytes=proc_bpf.RING_MIN,
+        batch_window_s=0.05,
+        batch_above=0,  # any event makes a storm: drained once per window
+    )
+    source.start()
+    try:
+        time.sleep(0.3)  # past the reader's first rate slice
+        pids: list[int] = []
+
+        def storm() -> None:
+            for _ in range(100):
+                pid = os.posix_spawn("/bin/true", ["true", "kport-tiny-ring"], os.environ)
+                pids.append(pid)
+                os.waitpid(pid, 0)
+
+        spawners = [threading.Thread(target=storm) for _ in range(4)]
+        for spawner in spawners:
+            spawner.start()
+        for spawner in spawners:
+            spawner.join()
+        deadline = time.monotonic() + 30
+        while True:  # until every record the kernel made is taken or counted
+            status = source.status()
+            reported = sum(e["count"] for e in list(emitted) if e["kind"] == "lost")
+            if status["records"] + reported == status["kernel_records"]:
+                break
+            assert time.monotonic() < deadline, (status, reported)
+            time.sleep(0.05)
+    finally:
+        source.stop()
+    assert status["kernel_dropped"] == reported == source.lost > 0
+    ours = set(pids)
+    got = sum(
+        1
+        for e in emitted
+        if e["kind"] in ("fork", "exec", "exit") and e["pid"] in ours and not e.get("synthetic")
+    )
+    missing = 3 * len(ours) - got
+    assert 0 < missing <= reported
+    assert source.resyncs == sum(1 for e in emitted if e["kind"] == "lost")
