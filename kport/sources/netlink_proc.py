@@ -72,8 +72,24 @@ class ProcConnectorUnavailable(KportError):
     """The kernel has no proc connector, or this process may not listen to it."""
 
 
-def open_socket(rcvbuf: int = 64 * 1024 * 1024) -> socket.socket:
-    """A netlink socket subscribed to process events, with a large receive buffer."""
+#: the kinds a subscription may be limited to (Linux 6.6+: struct proc_input)
+FILTERS_FROM: Final = (6, 6)
+
+
+def can_filter() -> bool:
+    """Does this kernel take a subscription to some kinds only (and drop the rest)?"""
+    release = os.uname().release.split(".")
+    try:
+        return (int(release[0]), int(release[1].split("-")[0])) >= FILTERS_FROM
+    except (IndexError, ValueError):
+        return False
+
+
+def open_socket(rcvbuf: int = 64 * 1024 * 1024, events: int | None = None) -> socket.socket:
+    """A netlink socket subscribed to process events, with a large receive buffer.
+
+    ``events``: only these (EV_* bits; see :func:`can_filter`), the others dropped by the
+    kernel. A filtered socket's per-CPU sequence has gaps: the dropped events used seqs."""
     try:
         sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_CONNECTOR
@@ -88,7 +104,7 @@ def open_socket(rcvbuf: int = 64 * 1024 * 1024) -> socket.socket:
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((0, CN_IDX_PROC))
-        _subscribe(sock, PROC_CN_MCAST_LISTEN)
+        _subscribe(sock, PROC_CN_MCAST_LISTEN, events)
     except PermissionError as err:
         sock.close()
         raise AccessDenied(
@@ -109,8 +125,8 @@ def open_socket(rcvbuf: int = 64 * 1024 * 1024) -> socket.socket:
     return sock
 
 
-def _subscribe(sock: socket.socket, op: int) -> None:
-    payload = struct.pack("=I", op)
+def _subscribe(sock: socket.socket, op: int, events: int | None = None) -> None:
+    payload = struct.pack("=I", op) if events is None else struct.pack("=II", op, events)
     cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload
     msg = NLMSGHDR.pack(NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn
     sock.send(msg)

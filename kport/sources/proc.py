@@ -22,6 +22,7 @@ flagged).
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import queue
 import socket
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from kport import procinfo
+from kport.errors import KportError
 from kport.sources import netlink_proc, proc_bpf
 from kport.sources.proc_bpf import BpfUnavailable, ProcBpf
 
@@ -66,6 +68,15 @@ _ENRICHED: Final = (
 #: reads them whenever it waited in vain): a drop with no record after it is seen by then
 COUNTERS_EVERY_S: Final = 1.0
 BACKENDS: Final = ("auto", "bpf", "connector")
+#: what the eBPF backend takes from the proc connector: the kinds no tracepoint gives
+SIDE_EVENTS: Final = (
+    netlink_proc.EV_UID
+    | netlink_proc.EV_GID
+    | netlink_proc.EV_SID
+    | netlink_proc.EV_COMM
+    | netlink_proc.EV_PTRACE
+    | netlink_proc.EV_COREDUMP
+)
 Event = dict[str, Any]
 Emit = Callable[[list[Event]], None]
 
@@ -172,6 +183,9 @@ class ProcSource:
         self.duplicates = 0
         #: records taken from the kernel's ring (with the drops it counted: all it made)
         self.records = 0
+        #: with eBPF: are uid, gid, sid, comm, ptrace and coredump events reported (from
+        #: the proc connector), and if not, why
+        self.side_events: str | None = None
         self.batch_window_s = batch_window_s
         self.batch_above = batch_above
         self.table = ProcessTable()
@@ -203,6 +217,7 @@ class ProcSource:
                 "kernel_dropped": sum(c[1] for c in counters),
                 "records": self.records,
                 "duplicates": self.duplicates,
+                "side_events": self.side_events,
             }
         elif self.fallback_reason:
             extra = {"fallback_reason": self.fallback_reason}
@@ -235,23 +250,51 @@ class ProcSource:
         if self._bpf is not None:
             self.backend = "bpf"
             log.info("proc: eBPF backend (%s programs)", self._bpf.flavour)
+            side = self._side_socket()
             # Attached before seeding, so nothing falls between the two.
             self.emit(self._seed())
-            thread = threading.Thread(target=self._bpf_loop, name="kport-proc-bpf", daemon=True)
+            thread = threading.Thread(
+                target=self._bpf_loop, args=(side,), name="kport-proc-bpf", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
             return
         self.backend = "connector"
         log.info("proc: proc connector backend")
-        self._sock = netlink_proc.open_socket(self._rcvbuf)
+        self._listen(netlink_proc.open_socket(self._rcvbuf))
+        # Subscribe before seeding, so nothing falls between the two.
+        self.emit(self._seed())
+        self._start_connector_threads()
+
+    def _side_socket(self) -> socket.socket | None:
+        """With eBPF: the proc connector for uid, gid, sid, comm, ptrace and coredump,
+        which no tracepoint gives, subscribed to those kinds alone (the kernel drops the
+        rest for this socket), read by the eBPF thread beside its ring."""
+        if not netlink_proc.can_filter():
+            self.side_events = "no: this kernel cannot limit a subscription (Linux 6.6+)"
+        else:
+            try:
+                sock = netlink_proc.open_socket(4 << 20, events=SIDE_EVENTS)
+            except KportError as err:
+                self.side_events = f"no: {err}"
+            else:
+                sock.setblocking(False)
+                self._sock = sock  # unsubscribed and closed by stop()
+                self.side_events = "yes"
+                return sock
+        log.warning("proc: uid, gid, sid, comm, ptrace and coredump events: %s", self.side_events)
+        return None
+
+    def _listen(self, sock: socket.socket) -> None:
+        self._sock = sock
         # Blocking reads that give up after READ_WAIT_S, so the reader notices stop():
         # one recv per wake-up (a Python-level timeout would poll() before every recv).
         self._sock.settimeout(None)
         self._sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(READ_WAIT_S * 1e6))
         )
-        # Subscribe before seeding, so nothing falls between the two.
-        self.emit(self._seed())
+
+    def _start_connector_threads(self) -> None:
         for target, name in (
             (self._read_loop, "kport-proc-reader"),
             (self._process_loop, "kport-proc-processor"),
@@ -272,11 +315,15 @@ class ProcSource:
 
     # --- the eBPF backend's thread ----------------------------------------------------
 
-    def _bpf_loop(self) -> None:
+    def _bpf_loop(self, side: socket.socket | None) -> None:
         """Drain the ring as records come; in a storm (above batch_above events/s) once per
-        batch window, with the programs told not to wake us meanwhile."""
+        batch window, with the programs told not to wake us meanwhile. The connector's
+        events (``side``) are read in the same wake-up and put in their place by time."""
         bpf = self._bpf
         assert bpf is not None
+        if side is not None:
+            bpf.also_wake_on(side.fileno())
+        side_buf = bytearray(65536)
         window = self.batch_window_s
         batch_above = self.batch_above
         slice_end = time.monotonic() + _RATE_SLICE_S
@@ -291,6 +338,8 @@ class ProcSource:
                 # A timeout drains too: a record submitted quietly just before the
                 # programs were told to wake us again would otherwise wait for the next.
                 waited_in_vain = not bpf.wait(READ_WAIT_S)
+            # the connector's first: what the ring holds after is all that came before them
+            sides = self._side_events(side, side_buf) if side is not None else []
             try:
                 raws = bpf.drain()
             except OSError as err:
@@ -304,6 +353,8 @@ class ProcSource:
                     batch.extend(self._from_record(proc_bpf.parse(raw)))
                 except Exception:  # one odd record must not stop the source
                     log.exception("proc: ring record %r could not be handled", raw[:64])
+            if sides:
+                batch = list(heapq.merge(batch, sides, key=lambda e: e["ktime"]))
             now = time.monotonic()
             if waited_in_vain or now >= counters_at:
                 counters_at = now + COUNTERS_EVERY_S
@@ -322,6 +373,30 @@ class ProcSource:
                         bpf.set_quiet(busy)
                     except OSError as err:  # then it wakes us as before: only dearer
                         log.error("proc: %s", err)
+
+    def _side_events(self, sock: socket.socket, buf: bytearray) -> list[Event]:
+        """Every connector event queued on ``sock`` now, handled (see _side_socket)."""
+        out: list[Event] = []
+        view = memoryview(buf)
+        for _ in range(DRAIN_DATAGRAMS):
+            try:
+                size = sock.recv_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:
+                    out.extend(self._lost(None, "the kernel dropped connector events (ENOBUFS)"))
+                else:
+                    log.error("proc connector read failed: %s", err)
+                break
+            for raw in netlink_proc.parse(view[:size]):
+                if raw[0] in ("none", "unknown"):
+                    continue
+                try:
+                    out.extend(self._handle(raw))
+                except Exception:  # one odd event must not stop the source
+                    log.exception("proc event %r could not be handled", raw)
+        return out
 
     def _unreported_drops(self, bpf: ProcBpf) -> list[Event]:
         """Drops the kernel counted that no record has reported yet (none came after)."""
@@ -558,6 +633,8 @@ class ProcSource:
         thread = pid != tgid
         if thread and not self.threads:
             return []
+        if self._bpf is not None and kind in ("fork", "exec", "exit"):
+            return []  # eBPF's own (a kernel that did not filter them out)
         event: Event = {"source": "proc", "kind": kind, "ktime": ktime, "cpu": cpu}
         if kind == "fork":
             return [self._on_fork(event, fields, thread)]

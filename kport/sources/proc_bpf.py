@@ -387,6 +387,10 @@ class ProcBpf:
         """Wait (GIL released) until the ring has data or ``timeout_s`` passes."""
         return bool(self._poll.poll(int(timeout_s * 1000)))
 
+    def also_wake_on(self, fd: int) -> None:
+        """Have :meth:`wait` return when ``fd`` is readable too."""
+        self._poll.register(fd, select.POLLIN)
+
     def drain(self) -> list[bytes]:
         """Every record in the ring now, oldest first (copies: the ring moves on)."""
         assert self._rb is not None

@@ -221,3 +221,34 @@ def test_a_tiny_ring_loses_records_and_lost_events_count_every_one() -> None:
     missing = 3 * len(ours) - got
     assert 0 < missing <= reported
     assert source.resyncs == sum(1 for e in emitted if e["kind"] == "lost")
+
+
+def test_with_ebpf_uid_and_comm_changes_still_come_from_the_connector_once_each() -> None:
+    emitted: list[dict[str, Any]] = []
+    source = ProcSource(emitted.extend, backend="bpf")
+    source.start()
+    try:
+        assert source.status()["side_events"] == "yes"
+        script = (
+            "printf renamed > /proc/$$/comm; "
+            "exec setpriv --reuid=65534 --regid=65534 --clear-groups true"
+        )
+        child = subprocess.run(["/bin/sh", "-c", script], check=True)
+        del child
+        deadline = time.monotonic() + 10
+        while not any(e["kind"] == "exit" and e.get("uid") == 65534 for e in list(emitted)):
+            assert time.monotonic() < deadline, "the exit missing"
+            time.sleep(0.05)
+    finally:
+        source.stop()
+    (exit_,) = [e for e in emitted if e["kind"] == "exit" and e.get("uid") == 65534]
+    pid = exit_["pid"]
+    kinds = [e["kind"] for e in emitted if e["pid"] == pid]
+    # in the order they happened, each once: the two streams merged by kernel time
+    # (sh, then setpriv, which changes its ids, then true)
+    assert kinds[:4] == ["fork", "exec", "comm", "exec"], kinds
+    assert sorted(kinds[4:6]) == ["gid", "uid"] and kinds[6:] == ["exec", "exit"], kinds
+    assert any(e["kind"] == "comm" and e["comm"] == "renamed" for e in emitted if e["pid"] == pid)
+    (uid,) = [e for e in emitted if e["kind"] == "uid" and e["pid"] == pid]
+    assert uid["euid"] == 65534
+    assert any(e["kind"] == "gid" and e["egid"] == 65534 for e in emitted if e["pid"] == pid)

@@ -224,6 +224,20 @@ def test_a_new_process_appears_in_the_log_within_a_second(stack: Stack, browser:
         expect(page.locator("#detail")).to_be_hidden()
 
 
+def test_a_process_that_lives_a_millisecond_appears_with_its_argv_within_a_second(
+    stack: Stack, browser: Browser
+) -> None:
+    with opened(browser, stack) as page:
+        marker = f"ui-instant-{secrets.token_hex(4)}"
+        started = time.monotonic()
+        subprocess.run(["/bin/true", marker], check=True)  # gone at once
+        row = page.locator(".row", has_text=f"/bin/true {marker}").first
+        expect(row).to_be_visible(timeout=5000)
+        took = time.monotonic() - started
+        assert took < 1.0, f"the process took {took:.2f} s to appear"
+        assert "(gone)" not in row.inner_text()
+
+
 def cat_in_background(path: Path) -> tuple[threading.Thread, dict[str, Any]]:
     result: dict[str, Any] = {}
 
