@@ -195,16 +195,16 @@ def test_a_full_ring_drops_are_counted_per_cpu_and_add_up() -> None:
         counters = bpf.counters()
     finally:
         bpf.close()
-    attempts = sum(c[0] for c in counters)
-    dropped = sum(c[1] for c in counters)
-    assert dropped > 0
-    assert attempts == len(got) + dropped
-    # each record says its CPU's drops before it, and its place among its CPU's attempts
-    for cpu, (cpu_attempts, cpu_dropped) in enumerate(counters):
+    assert sum(c[1] for c in counters) > 0
+    # Each record carries its place among its CPU's attempts and its CPU's drops before
+    # it: what its CPU attempted before it is exactly what came before it, plus the drops.
+    for cpu in range(len(counters)):
         mine = [r for r in got if r.cpu == cpu]
-        assert len(mine) == cpu_attempts - cpu_dropped
-        for r in mine:
-            assert r.dropped <= cpu_dropped and r.cpu_seq <= cpu_attempts
+        for before, r in enumerate(mine):
+            assert r.cpu_seq - 1 == before + r.dropped, (cpu, before, r)
+        if mine:  # and the counters say no less (more only if records came meanwhile)
+            assert counters[cpu][0] >= mine[-1].cpu_seq
+            assert counters[cpu][1] >= mine[-1].dropped
 
 
 @needs_root
