@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: ns of CLOCK_BOOTTIME in one /proc start-time tick
+NS_PER_TICK: Final = 1_000_000_000 // _CLK_TCK
 #: a kernel thread's flag in /proc/<pid>/stat's flags (include/linux/sched.h)
 PF_KTHREAD: Final = 0x00200000
 _user_names: dict[int, str | None] = {}
@@ -112,7 +114,7 @@ def ticks_from_monotonic_ns(ns: int) -> int:
 def ticks_from_boottime_ns(ns: int) -> int:
     """A CLOCK_BOOTTIME time in ns (a task's start_boottime) as /proc start-time ticks:
     exactly what /proc/<pid>/stat says for the same task."""
-    return ns // (1_000_000_000 // _CLK_TCK)
+    return ns // NS_PER_TICK
 
 
 def ticks_to_seconds(ticks: int) -> float:

@@ -81,8 +81,9 @@ Event = dict[str, Any]
 Emit = Callable[[list[Event]], None]
 
 
-def _text(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode(errors="replace")
+#: what an event says of a process the table does not know
+_UNKNOWN: Final[Event] = dict.fromkeys(_ENRICHED)
+_NS_PER_TICK: Final = procinfo.NS_PER_TICK
 
 
 class ProcessTable:
@@ -183,6 +184,7 @@ class ProcSource:
         self.duplicates = 0
         #: records taken from the kernel's ring (with the drops it counted: all it made)
         self.records = 0
+        self._texts = proc_bpf.Texts()
         #: with eBPF: are uid, gid, sid, comm, ptrace and coredump events reported (from
         #: the proc connector), and if not, why
         self.side_events: str | None = None
@@ -412,112 +414,155 @@ class ProcSource:
         self._drops[cpu] = dropped
         return self._lost(dropped - seen, f"the kernel's ring was full (cpu {cpu})")
 
+    # Records become events in one dict literal each, with the table's entry spread in:
+    # a storm brings tens of thousands a second, and each step per event shows in the
+    # daemon's CPU (`kport bench proc`).
+
     def _from_record(self, rec: proc_bpf.Record) -> list[Event]:
         """One ring record as events, the table kept by it; a loss it reveals first."""
         out = self._drops_to(rec.cpu, rec.dropped) if rec.dropped else []
-        event: Event = {"source": "proc", "kind": "", "ktime": rec.ktime, "cpu": rec.cpu}
-        thread = bool(rec.flags & proc_bpf.FLAG_THREAD)
-        if rec.kind == proc_bpf.KIND_EXEC:
-            out.append(self._bpf_exec(event, rec))
-        elif rec.kind == proc_bpf.KIND_FORK and thread:
-            event.update(kind="clone", thread=True, tid=rec.pid)
-            self._identify(event, rec.tgid, self.table.get(rec.tgid))
-            out.append(event)
-        elif rec.kind == proc_bpf.KIND_FORK:
-            out.append(self._bpf_fork(event, rec))
+        kind = rec.kind
+        if kind == proc_bpf.KIND_EXEC:
+            out.append(self._bpf_exec(rec))
+        elif kind == proc_bpf.KIND_FORK:
+            out.append(self._bpf_fork(rec))
         else:
-            exit_event = self._bpf_exit(event, rec, thread)
+            exit_event = self._bpf_exit(rec)
             if exit_event is not None:
                 out.append(exit_event)
         return out
 
-    def _bpf_fork(self, event: Event, rec: proc_bpf.Record) -> Event:
-        parent = self.table.get(rec.b)
-        entry: Event = dict(parent) if parent else {k: None for k in _ENRICHED}
-        entry.update(
-            ppid=rec.b,
-            start_time=procinfo.ticks_from_boottime_ns(rec.start_boottime),
-            uid=rec.euid,
-            gid=rec.egid,
-            user=procinfo.user_name(rec.euid),
-        )
-        self.table.procs[rec.tgid] = entry
-        event.update(kind="fork", thread=False, parent_pid=rec.b)
-        self._identify(event, rec.tgid, entry)
-        return event
+    def _parent_exe(self, ppid: int | None) -> str | None:
+        parent = self.table.procs.get(ppid) if ppid else None
+        return parent.get("exe") if parent is not None else None
 
-    def _bpf_exec(self, event: Event, rec: proc_bpf.Record) -> Event:
-        truncated = bool(rec.flags & proc_bpf.FLAG_ARGV_TRUNCATED)
+    def _bpf_fork(self, rec: proc_bpf.Record) -> Event:
+        procs = self.table.procs
+        if rec.flags & proc_bpf.FLAG_THREAD:
+            entry = procs.get(rec.tgid)
+            return {
+                "source": "proc",
+                "kind": "clone",
+                "ktime": rec.ktime,
+                "cpu": rec.cpu,
+                "thread": True,
+                "tid": rec.pid,
+                **(entry if entry is not None else _UNKNOWN),
+                "pid": rec.tgid,
+                "parent_exe": self._parent_exe(entry.get("ppid") if entry else None),
+                **({} if entry is not None else {"gone": True}),
+            }
+        parent = procs.get(rec.b)
+        entry = {
+            **(parent if parent is not None else _UNKNOWN),
+            "ppid": rec.b,
+            "start_time": rec.start_boottime // _NS_PER_TICK,
+            "uid": rec.euid,
+            "gid": rec.egid,
+            "user": procinfo.user_name(rec.euid),
+        }
+        procs[rec.tgid] = entry
+        return {
+            "source": "proc",
+            "kind": "fork",
+            "ktime": rec.ktime,
+            "cpu": rec.cpu,
+            "thread": False,
+            "parent_pid": rec.b,
+            **entry,
+            "pid": rec.tgid,
+            "parent_exe": parent.get("exe") if parent is not None else None,
+        }
+
+    def _bpf_exec(self, rec: proc_bpf.Record) -> Event:
+        flags = rec.flags
+        truncated = bool(flags & proc_bpf.FLAG_ARGV_TRUNCATED)
         argv: list[str] | None = None
-        if not rec.flags & proc_bpf.FLAG_ARGV_UNREAD:
-            args = proc_bpf.split_argv(rec.argv or b"", truncated)
+        argv_bytes: list[bytes] | None = None
+        if not flags & proc_bpf.FLAG_ARGV_UNREAD:
+            raw = rec.argv or b""
             try:
-                argv = [a.decode() for a in args]
+                argv = proc_bpf.split_argv_text(raw.decode(), truncated)
             except UnicodeDecodeError:
                 # shown with U+FFFD where bytes are not UTF-8; the bytes as they are beside
-                argv = [a.decode(errors="replace") for a in args]
-                event["argv_bytes"] = args
-        known = self.table.get(rec.tgid)
+                argv_bytes = proc_bpf.split_argv(raw, truncated)
+                argv = [a.decode(errors="replace") for a in argv_bytes]
+        texts = self._texts
         entry: Event = {
-            **(known or {}),
-            "exe": _text(rec.exe),
+            "exe": texts.path(rec.exe),
             "argv": argv,
-            "cwd": _text(rec.cwd),
+            "cwd": texts.path(rec.cwd),
             "uid": rec.euid,
             "gid": rec.egid,
             "user": procinfo.user_name(rec.euid),
             "ppid": rec.ppid,
-            "start_time": procinfo.ticks_from_boottime_ns(rec.start_boottime),
-            "cgroup": _text(rec.cgroup),
-            "tty": procinfo.tty_name(rec.b),
-            "comm": rec.comm.decode(errors="replace"),
+            "start_time": rec.start_boottime // _NS_PER_TICK,
+            "cgroup": texts.path(rec.cgroup),
+            "tty": procinfo.tty_name(rec.b) if rec.b else None,
+            "comm": texts.name(rec.comm),
         }
         self.table.procs[rec.tgid] = entry
-        event.update(
-            kind="exec",
-            thread=False,
-            filename=_text(rec.filename),
-            comm=entry["comm"],
-            ns_pid=rec.ns_pid,
-            ruid=rec.uid,
-            rgid=rec.gid,
-            cgroup_id=rec.cgroup_id,
-            argv_size=rec.argv_size,
-        )
+        event: Event = {
+            "source": "proc",
+            "kind": "exec",
+            "ktime": rec.ktime,
+            "cpu": rec.cpu,
+            "thread": False,
+            "filename": texts.name(rec.filename),
+            "ns_pid": rec.ns_pid,
+            "ruid": rec.uid,
+            "rgid": rec.gid,
+            "cgroup_id": rec.cgroup_id,
+            "argv_size": rec.argv_size,
+            **entry,
+            "pid": rec.tgid,
+            "parent_exe": self._parent_exe(rec.ppid),
+        }
+        if argv_bytes is not None:
+            event["argv_bytes"] = argv_bytes
         if truncated:
             event["truncated"] = True
-        if rec.flags & proc_bpf.FLAG_PATH_TRUNCATED:
+        if flags & proc_bpf.FLAG_PATH_TRUNCATED:
             event["path_truncated"] = True
-        self._identify(event, rec.tgid, entry)
-        missing = [k for k in ("exe", "argv") if not event.get(k)]
-        if missing:
-            event["missing"] = missing
+        if not argv or entry["exe"] is None:
+            event["missing"] = [k for k in ("exe", "argv") if not entry[k]]
         return event
 
-    def _bpf_exit(self, event: Event, rec: proc_bpf.Record, thread: bool) -> Event | None:
+    def _bpf_exit(self, rec: proc_bpf.Record) -> Event | None:
         status = rec.a
-        event.update(
-            kind="exit",
-            code=(status >> 8) & 0xFF if status & 0x7F == 0 else None,
-            signal=status & 0x7F or None,
-            core=bool(status & 0x80),
-            thread=thread,
-        )
-        if thread:
-            event["tid"] = rec.pid
-            self._identify(event, rec.tgid, self.table.get(rec.tgid))
-            return event
-        start = procinfo.ticks_from_boottime_ns(rec.start_boottime)
-        if rec.tgid not in self.table.procs:
+        head: Event = {
+            "source": "proc",
+            "kind": "exit",
+            "ktime": rec.ktime,
+            "cpu": rec.cpu,
+            "code": (status >> 8) & 0xFF if status & 0x7F == 0 else None,
+            "signal": status & 0x7F or None,
+            "core": bool(status & 0x80),
+        }
+        procs = self.table.procs
+        if rec.flags & proc_bpf.FLAG_THREAD:
+            entry = procs.get(rec.tgid)
+            thread_exit: Event = {**head, "thread": True, "tid": rec.pid}
+            self._identify(thread_exit, rec.tgid, entry)
+            return thread_exit
+        if rec.tgid not in procs:
             before = self.table.exited.get(rec.tgid)
-            if before is not None and before.get("start_time") == start:
+            if before is not None and before.get("start_time") == (
+                rec.start_boottime // _NS_PER_TICK
+            ):
                 self.duplicates += 1  # its other thread's report came first
                 return None
         entry = self.table.remove(rec.tgid)
-        self._identify(event, rec.tgid, entry)
-        # both from the kernel's boot-time clock: the exit's and the start's
-        event["run_time_s"] = round((rec.boot_ns - rec.start_boottime) / 1e9, 6)
-        return event
+        return {
+            **head,
+            "thread": False,
+            **(entry if entry is not None else _UNKNOWN),
+            "pid": rec.tgid,
+            "parent_exe": self._parent_exe(entry.get("ppid") if entry else None),
+            # both from the kernel's boot-time clock: the exit's and the start's
+            "run_time_s": round((rec.boot_ns - rec.start_boottime) / 1e9, 6),
+            **({} if entry is not None else {"gone": True}),
+        }
 
     # --- the reader thread -------------------------------------------------------------
 

@@ -20,9 +20,8 @@ import os
 import platform
 import select
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from kport.errors import KportError
 
@@ -57,12 +56,14 @@ class BpfUnavailable(KportError):
     """The eBPF backend cannot run here; the message says why (and what would fix it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One record of the ring, parsed. Strings are bytes as the kernel had them."""
+class Record(NamedTuple):
+    """One record of the ring, parsed: the head's fields in its order (see
+    proc_bpf.bpf.c), then an exec's strings, bytes as the kernel had them. A tuple: a
+    storm makes tens of thousands a second, and a tuple is built in one step."""
 
     kind: int
     flags: int
+    pad0: int
     cpu: int
     cpu_seq: int
     dropped: int  # its CPU's drops before it
@@ -81,83 +82,93 @@ class Record:
     a: int  # fork: parent thread | exec: old pid | exit: wait status
     b: int  # fork: parent process | exec: tty_nr
     argv_size: int
-    comm: bytes
-    filename: bytes | None = None
-    exe: bytes | None = None
-    cwd: bytes | None = None
-    cgroup: bytes | None = None
+    filename_len: int
+    exe_len: int
+    cwd_len: int
+    cgroup_len: int
+    argv_len: int
+    pad1: int
+    cursor: int
+    pad2: int
+    comm: bytes  # NUL-padded
+    filename: bytes | None = None  # NUL-terminated
+    exe: bytes | None = None  # components leaf first: see path_of
+    cwd: bytes | None = None  # the same
+    cgroup: bytes | None = None  # the same
     argv: bytes | None = None
 
 
-def _path(raw: bytes) -> bytes:
-    """Components written leaf first, each NUL-terminated, as one absolute path."""
+_NO_STRINGS: Final = (None, None, None, None, None)
+_new = tuple.__new__  # Record._make without its Python frame
+_KINDS: Final = frozenset((KIND_FORK, KIND_EXEC, KIND_EXIT))
+
+
+def path_of(raw: bytes) -> bytes:
+    """A path as the programs write it (components leaf first, each NUL-terminated) as one
+    absolute path."""
     parts = raw.split(b"\0")[:-1]
     parts.reverse()
     return b"/" + b"/".join(parts)
+
+
+class Texts:
+    """Paths and names as text, remembered by their bytes (at most ``limit``, then begun
+    anew): a storm runs the same few programs in the same few directories, and rebuilding
+    and decoding a path costs more than the rest of its record."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._paths: dict[bytes, str] = {}
+        self._names: dict[bytes, str] = {}
+
+    def path(self, raw: bytes | None) -> str | None:
+        """:func:`path_of` ``raw``, decoded (U+FFFD for what is not UTF-8)."""
+        if raw is None:
+            return None
+        text = self._paths.get(raw)
+        if text is None:
+            if len(self._paths) >= self.limit:
+                self._paths.clear()
+            text = self._paths[raw] = path_of(raw).decode(errors="replace")
+        return text
+
+    def name(self, raw: bytes | None) -> str | None:
+        """``raw`` up to its first NUL, decoded (U+FFFD for what is not UTF-8)."""
+        if raw is None:
+            return None
+        text = self._names.get(raw)
+        if text is None:
+            if len(self._names) >= self.limit:
+                self._names.clear()
+            text = self._names[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+        return text
 
 
 def parse(raw: bytes) -> Record:
     """A record's bytes as a :class:`Record`; ValueError if they are not one."""
     if len(raw) < HEAD.size:
         raise ValueError(f"a ring record of {len(raw)} bytes, shorter than its head")
-    (
-        kind,
-        flags,
-        _pad0,
-        cpu,
-        cpu_seq,
-        dropped,
-        ktime,
-        boot_ns,
-        pid,
-        tgid,
-        ppid,
-        ns_pid,
-        start_boottime,
-        uid,
-        euid,
-        gid,
-        egid,
-        cgroup_id,
-        a,
-        b,
-        argv_size,
-        filename_len,
-        exe_len,
-        cwd_len,
-        cgroup_len,
-        argv_len,
-        _pad1,
-        _cursor,
-        _pad2,
-        comm,
-    ) = HEAD.unpack_from(raw)
-    comm = comm.split(b"\0", 1)[0]
+    head = HEAD.unpack_from(raw)
+    kind = head[0]
     if kind != KIND_EXEC:
-        if kind not in (KIND_FORK, KIND_EXIT):
+        if kind not in _KINDS:
             raise ValueError(f"a ring record of unknown kind {kind}")
-        return Record(
-            kind, flags, cpu, cpu_seq, dropped, ktime, boot_ns, pid, tgid, ppid, ns_pid,
-            start_boottime, uid, euid, gid, egid, cgroup_id, a, b, argv_size, comm,
-        )  # fmt: skip
+        return _new(Record, head + _NO_STRINGS)
+    filename_len, exe_len, cwd_len, cgroup_len, argv_len = head[21:26]
     at = HEAD.size
     end = at + filename_len + exe_len + cwd_len + cgroup_len + argv_len
     if end > len(raw):
         raise ValueError(f"an exec record of {len(raw)} bytes that says it holds {end}")
-    filename = raw[at : at + filename_len].split(b"\0", 1)[0]
+    # paths stay as written (see Texts): most are the same as the last exec's
+    filename = raw[at : at + filename_len]
     at += filename_len
-    exe = _path(raw[at : at + exe_len]) if exe_len else None
+    exe = raw[at : at + exe_len] if exe_len else None
     at += exe_len
-    cwd = _path(raw[at : at + cwd_len]) if cwd_len else None
+    cwd = raw[at : at + cwd_len] if cwd_len else None
     at += cwd_len
-    cgroup = _path(raw[at : at + cgroup_len])
+    cgroup = raw[at : at + cgroup_len]
     at += cgroup_len
-    argv = raw[at : at + argv_len]
-    return Record(
-        kind, flags, cpu, cpu_seq, dropped, ktime, boot_ns, pid, tgid, ppid, ns_pid,
-        start_boottime, uid, euid, gid, egid, cgroup_id, a, b, argv_size, comm,
-        filename, exe, cwd, cgroup, argv,
-    )  # fmt: skip
+    return _new(Record, (*head, filename, exe, cwd, cgroup, raw[at : at + argv_len]))
 
 
 def split_argv(raw: bytes, truncated: bool) -> list[bytes]:
@@ -165,11 +176,14 @@ def split_argv(raw: bytes, truncated: bool) -> list[bytes]:
     one NUL; a truncated one ends inside its last argument, which is kept as far as read."""
     if not raw:
         return []
-    if raw.endswith(b"\0"):
-        raw = raw[:-1]
-    elif not truncated:
-        pass  # a program that rewrote its stack: take what is there
-    return raw.split(b"\0")
+    return (raw[:-1] if raw.endswith(b"\0") else raw).split(b"\0")
+
+
+def split_argv_text(text: str, truncated: bool) -> list[str]:
+    """:func:`split_argv` of argv decoded whole (one decode instead of one per argument)."""
+    if not text:
+        return []
+    return (text[:-1] if text.endswith("\0") else text).split("\0")
 
 
 def _lib(loader: type[ctypes.CDLL]) -> ctypes.CDLL:

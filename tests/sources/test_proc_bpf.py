@@ -55,11 +55,12 @@ def test_an_exec_record_paths_reversed_and_argv_with_empty_and_odd_arguments() -
         argv_size=len(argv),
     )
     rec = proc_bpf.parse(raw)
-    assert rec.filename == b"/bin/prog"
-    assert rec.exe == b"/usr/bin/prog"
-    assert rec.cwd == b"/tmp"
-    assert rec.cgroup == b"/user.slice"
-    assert rec.comm == b"comm"
+    texts = proc_bpf.Texts()
+    assert texts.name(rec.filename) == "/bin/prog"
+    assert texts.path(rec.exe) == "/usr/bin/prog" == texts.path(rec.exe)  # and remembered
+    assert texts.path(rec.cwd) == "/tmp"
+    assert texts.path(rec.cgroup) == "/user.slice"
+    assert rec.comm.rstrip(b"\0") == b"comm"
     assert proc_bpf.split_argv(rec.argv or b"", truncated=False) == [
         b"/bin/prog",
         b"",
@@ -70,7 +71,7 @@ def test_an_exec_record_paths_reversed_and_argv_with_empty_and_odd_arguments() -
 
 def test_the_root_is_a_path_of_no_components_and_a_cut_argv_keeps_its_last_part() -> None:
     rec = proc_bpf.parse(record(proc_bpf.KIND_EXEC, sections=(b"x\0", b"", b"", b"", b"ab\0cd")))
-    assert rec.exe is None and rec.cwd is None and rec.cgroup == b"/"
+    assert rec.exe is None and rec.cwd is None and proc_bpf.path_of(rec.cgroup or b"x") == b"/"
     assert proc_bpf.split_argv(b"ab\0cd", truncated=True) == [b"ab", b"cd"]
     assert proc_bpf.split_argv(b"", truncated=False) == []
 
@@ -141,16 +142,17 @@ def test_an_exec_is_read_whole_in_the_kernel_and_matches_proc() -> None:
     assert fork.b == os.getpid() and fork.ppid == os.getpid()
     assert procinfo.ticks_from_boottime_ns(fork.start_boottime) == stat.start_time
     assert procinfo.ticks_from_boottime_ns(exe.start_boottime) == stat.start_time
-    assert exe.filename == SH.encode()
-    assert exe.exe == SH.encode()
-    assert exe.cwd == os.getcwd().encode()
-    assert exe.cgroup is not None and exe.cgroup.decode() == cgroup
+    assert (exe.filename or b"").rstrip(b"\0") == SH.encode()
+    texts = proc_bpf.Texts()
+    assert texts.path(exe.exe) == SH
+    assert texts.path(exe.cwd) == os.getcwd()
+    assert texts.path(exe.cgroup) == cgroup
     assert proc_bpf.split_argv(exe.argv or b"", False) == [
         SH.encode(), b"-c", b"read x; exit 3", marker.encode(), b"", b"two words",
     ]  # fmt: skip
     assert (exe.uid, exe.euid, exe.gid, exe.egid) == (0, 0, 0, 0)
     assert exe.ppid == os.getpid() and exe.ns_pid == child.pid
-    assert exe.comm == os.path.basename(SH).encode()
+    assert exe.comm.rstrip(b"\0") == os.path.basename(SH).encode()
     assert not exe.flags & proc_bpf.FLAG_ARGV_TRUNCATED
     (exit_,) = [r for r in recs if r.kind == proc_bpf.KIND_EXIT]
     assert exit_.a == 3 << 8 and exit_.boot_ns > exit_.start_boottime
