@@ -21,6 +21,7 @@ flagged).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import logging
@@ -211,8 +212,10 @@ class ProcSource:
 
     def status(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
+        counters: list[tuple[int, int]] = []
         if self._bpf is not None:
-            counters = self._bpf.counters()
+            with contextlib.suppress(OSError):  # stopped: the last counts are all there is
+                counters = self._bpf.counters()
             extra = {
                 "programs": self._bpf.flavour,
                 "kernel_records": sum(c[0] for c in counters),
@@ -334,47 +337,53 @@ class ProcSource:
         busy = False
         waited_in_vain = False
         while not self._stop.is_set():
-            if busy:
-                time.sleep(window)  # the next ones gather: one wake-up for them all
-            else:
-                # A timeout drains too: a record submitted quietly just before the
-                # programs were told to wake us again would otherwise wait for the next.
-                waited_in_vain = not bpf.wait(READ_WAIT_S)
-            # the connector's first: what the ring holds after is all that came before them
-            sides = self._side_events(side, side_buf) if side is not None else []
             try:
-                raws = bpf.drain()
-            except OSError as err:
-                log.error("proc: %s", err)
-                time.sleep(0.1)
-                continue
-            self.records += len(raws)
-            batch: list[Event] = []
-            for raw in raws:
+                if busy:
+                    time.sleep(window)  # the next ones gather: one wake-up for them all
+                else:
+                    # A timeout drains too: a record submitted quietly just before the
+                    # programs were told to wake us again would otherwise wait for the next.
+                    waited_in_vain = not bpf.wait(READ_WAIT_S)
+                # the connector's first: what the ring holds after is all that came before them
+                sides = self._side_events(side, side_buf) if side is not None else []
                 try:
-                    batch.extend(self._from_record(proc_bpf.parse(raw)))
-                except Exception:  # one odd record must not stop the source
-                    log.exception("proc: ring record %r could not be handled", raw[:64])
-            if sides:
-                batch = list(heapq.merge(batch, sides, key=lambda e: e["ktime"]))
-            now = time.monotonic()
-            if waited_in_vain or now >= counters_at:
-                counters_at = now + COUNTERS_EVERY_S
-                batch.extend(self._unreported_drops(bpf))
-            if batch:
-                self.events += len(batch)
-                self.batches += 1
-                self.emit(batch)
-            in_slice += len(raws)
-            if now >= slice_end:
+                    raws = bpf.drain()
+                except OSError as err:
+                    log.error("proc: %s", err)
+                    time.sleep(0.1)
+                    continue
+                self.records += len(raws)
+                batch: list[Event] = []
+                for raw in raws:
+                    try:
+                        batch.extend(self._from_record(proc_bpf.parse(raw)))
+                    except Exception:  # one odd record must not stop the source
+                        log.exception("proc: ring record %r could not be handled", raw[:64])
+                if sides:
+                    batch = list(heapq.merge(batch, sides, key=lambda e: e["ktime"]))
+                now = time.monotonic()
+                if waited_in_vain or now >= counters_at:
+                    counters_at = now + COUNTERS_EVERY_S
+                    batch.extend(self._unreported_drops(bpf))
+                if batch:
+                    self.events += len(batch)
+                    self.batches += 1
+                    self.emit(batch)
+                in_slice += len(raws)
                 was = busy
-                busy = window > 0 and in_slice > batch_above * (now - slice_end + _RATE_SLICE_S)
-                slice_end, in_slice = now + _RATE_SLICE_S, 0
+                if now >= slice_end:
+                    busy = window > 0 and in_slice > batch_above * (now - slice_end + _RATE_SLICE_S)
+                    slice_end, in_slice = now + _RATE_SLICE_S, 0
+                elif not busy and window > 0 and in_slice > batch_above * _RATE_SLICE_S:
+                    busy = True  # a storm is one as soon as a slice holds too many
                 if busy != was:
                     try:
                         bpf.set_quiet(busy)
                     except OSError as err:  # then it wakes us as before: only dearer
                         log.error("proc: %s", err)
+            except Exception:  # the source goes on: a bad moment must not end it
+                log.exception("proc: the eBPF reader failed; going on")
+                time.sleep(0.1)
 
     def _side_events(self, sock: socket.socket, buf: bytearray) -> list[Event]:
         """Every connector event queued on ``sock`` now, handled (see _side_socket)."""

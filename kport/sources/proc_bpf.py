@@ -221,7 +221,8 @@ def _lib(loader: type[ctypes.CDLL]) -> ctypes.CDLL:
 
 class _LibbpfLog:
     """libbpf's messages, kept (the last few) rather than printed: the verifier's verdict
-    goes into the one line that says why loading failed."""
+    goes into the one line that says why loading failed. One for the process, never freed:
+    libbpf keeps the callback for good."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lines: list[str] = []
@@ -259,6 +260,9 @@ class _LibbpfLog:
         return ""
 
 
+_log: _LibbpfLog | None = None
+
+
 def _os_reason(err: int) -> str:
     if err in (errno.EPERM, errno.EACCES):
         return (
@@ -292,7 +296,10 @@ class ProcBpf:
             )
         self._lib = _lib(ctypes.CDLL)
         self._pylib = _lib(ctypes.PyDLL)  # the drain holds the GIL: see the docstring
-        self._log = _LibbpfLog(self._lib)
+        global _log
+        if _log is None:
+            _log = _LibbpfLog(self._lib)
+        self._log = _log
         self.flavour = ""
         self._obj: int | None = None
         self._links: list[int] = []
@@ -422,6 +429,8 @@ class ProcBpf:
 
     def counters(self) -> list[tuple[int, int]]:
         """(attempts, dropped) per possible CPU, as the programs counted them."""
+        if self._obj is None:
+            raise OSError(errno.EBADF, "the BPF programs are unloaded")
         buf = ctypes.create_string_buffer(self._counters_size)
         rc = self._lib.bpf_map__lookup_elem(
             self._map("counters"), _ZERO_KEY, 4, buf, self._counters_size, 0
