@@ -430,7 +430,9 @@ class Daemon:
         port = self.ports.get(source)
         journal = self.journal
         pack = protocol.pack_new  # not the loop's shared packer: any thread may be here
-        passes = self._passes if source == "proc" else None
+        cfg = self.config.proc
+        filtered = source == "proc" and (cfg.kinds or cfg.uids or cfg.exe)
+        passes = self._passes if filtered else None  # a call per event saved in a storm
         now = time.time_ns()
         rows: list[Row] = []
         items: list[tuple[int, bytes]] = []

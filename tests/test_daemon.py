@@ -936,3 +936,21 @@ def test_kport_decide_asks_at_the_terminal(rundir: Path, tmp_path: Path) -> None
         finally:
             person.kill()
             person.communicate(timeout=10)
+
+
+def test_daemon_side_filters_send_only_what_passes_them(rundir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "kport.toml"
+    config.write_text('[proc]\nkinds = ["exec"]\nexe = ["/usr/bin/tr*"]\n')
+    proc = start_daemon(rundir, "--config", str(config))
+    try:
+        collector = Collector(rundir)
+        try:
+            subprocess.run(["/bin/echo", "kport-filtered-out"], check=True, capture_output=True)
+            subprocess.run(["/bin/true", "kport-filtered-in"], check=True)
+            wait_until(lambda: any(e["argv"][-1] == "kport-filtered-in" for e in collector.events))
+        finally:
+            collector.close()
+        assert {(e["kind"], e["exe"]) for e in collector.events} == {("exec", "/usr/bin/true")}
+        assert kport_status(rundir)["filtered"] > 0
+    finally:
+        stop_daemon(proc, rundir)
