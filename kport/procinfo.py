@@ -105,10 +105,15 @@ def start_time(pid: int) -> int | None:
     return None if stat is None else stat.start_time
 
 
+def boottime_ns_from_monotonic_ns(ns: int) -> int:
+    """A CLOCK_MONOTONIC time (a proc connector timestamp) on CLOCK_BOOTTIME, the clock
+    start times count in (they part after a suspend)."""
+    return ns + time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+
+
 def ticks_from_monotonic_ns(ns: int) -> int:
     """A CLOCK_MONOTONIC time (a proc connector timestamp) as /proc start-time ticks."""
-    offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
-    return (ns + offset) * _CLK_TCK // 1_000_000_000
+    return boottime_ns_from_monotonic_ns(ns) * _CLK_TCK // 1_000_000_000
 
 
 def ticks_from_boottime_ns(ns: int) -> int:

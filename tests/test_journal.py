@@ -398,7 +398,7 @@ def test_the_writer_survives_a_failure_and_says_so(
     j.open()
     real = journal_module.chunk_of
 
-    def broken(rows: Any) -> Any:
+    def broken(rows: Any, pause: Any = None) -> Any:
         raise MemoryError("injected")
 
     monkeypatch.setattr(journal_module, "chunk_of", broken)
@@ -436,3 +436,11 @@ def test_scan_pages_by_bytes_and_time_and_says_where_to_go_on(journal: Journal) 
     # No time to scan: a page may come back empty, but it always moves on.
     events, rest = journal.scan(Query(kinds=["exit"]), max_bytes=1 << 20, budget_s=0)
     assert events == [] and rest is not None and rest.first == 2
+
+
+def test_a_chunk_is_built_in_steps_that_let_the_delivery_path_have_the_gil() -> None:
+    rows = [row_of(seq, {"source": "proc", "ts": seq}, b"x" * seq) for seq in range(1, 600)]
+    pauses: list[int] = []
+    stepped = chunk_of(rows, lambda: pauses.append(1))
+    assert len(pauses) >= 3  # between each step that holds the GIL
+    assert stepped == chunk_of(rows)  # and the same chunk

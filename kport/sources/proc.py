@@ -794,7 +794,8 @@ class ProcSource:
         self._identify(event, pid, entry)
         start = event.get("start_time")
         if start is not None:
-            uptime_ns = event["ktime"]
+            # on the boot-time clock, as the start: CLOCK_MONOTONIC stops while suspended
+            uptime_ns = procinfo.boottime_ns_from_monotonic_ns(event["ktime"])
             event["run_time_s"] = round(uptime_ns / 1e9 - procinfo.ticks_to_seconds(start), 6)
         return event
 
