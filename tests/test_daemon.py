@@ -169,23 +169,30 @@ def test_the_connector_backend_reports_every_exec_and_never_a_wrong_argv(
 ) -> None:
     # The proc connector says only "pid N exec'd": a process already gone when /proc is
     # read is reported gone, without its argv, but never with another's.
+    with configured(rundir, tmp_path, '[proc]\nbackend = "connector"\n') as collector:
+        spawned = storm_of_1000(os.path.realpath(tiny_program(str(tmp_path))))
+        wait_until(lambda: set(spawned) <= set(collector.by_pid("exit")))
+        execs, exits = collector.by_pid("exec"), collector.by_pid("exit")
+        assert collector.lost == 0
+        for pid, (argv, _exe, code) in spawned.items():
+            assert execs[pid]["argv"] in (argv, None), execs[pid]
+            assert execs[pid]["argv"] is not None or execs[pid]["gone"] is True
+            assert exits[pid]["code"] == code
+        assert kport_status(rundir)["sources"]["proc"]["backend"] == "connector"
+
+
+@contextlib.contextmanager
+def configured(rundir: Path, tmp_path: Path, toml: str) -> Iterator[Collector]:
+    """A daemon with this configuration, and a client of its proc port."""
     config = tmp_path / "kport.toml"
-    config.write_text('[proc]\nbackend = "connector"\n')
+    config.write_text(toml)
     proc = start_daemon(rundir, "--config", str(config))
     try:
         collector = Collector(rundir)
         try:
-            spawned = storm_of_1000(os.path.realpath(tiny_program(str(tmp_path))))
-            wait_until(lambda: set(spawned) <= set(collector.by_pid("exit")))
-            execs, exits = collector.by_pid("exec"), collector.by_pid("exit")
-            assert collector.lost == 0
-            for pid, (argv, _exe, code) in spawned.items():
-                assert execs[pid]["argv"] in (argv, None), execs[pid]
-                assert execs[pid]["argv"] is not None or execs[pid]["gone"] is True
-                assert exits[pid]["code"] == code
+            yield collector
         finally:
             collector.close()
-        assert kport_status(rundir)["sources"]["proc"]["backend"] == "connector"
     finally:
         stop_daemon(proc, rundir)
 
@@ -939,18 +946,10 @@ def test_kport_decide_asks_at_the_terminal(rundir: Path, tmp_path: Path) -> None
 
 
 def test_daemon_side_filters_send_only_what_passes_them(rundir: Path, tmp_path: Path) -> None:
-    config = tmp_path / "kport.toml"
-    config.write_text('[proc]\nkinds = ["exec"]\nexe = ["/usr/bin/tr*"]\n')
-    proc = start_daemon(rundir, "--config", str(config))
-    try:
-        collector = Collector(rundir)
-        try:
-            subprocess.run(["/bin/echo", "kport-filtered-out"], check=True, capture_output=True)
-            subprocess.run(["/bin/true", "kport-filtered-in"], check=True)
-            wait_until(lambda: any(e["argv"][-1] == "kport-filtered-in" for e in collector.events))
-        finally:
-            collector.close()
-        assert {(e["kind"], e["exe"]) for e in collector.events} == {("exec", "/usr/bin/true")}
+    toml = '[proc]\nkinds = ["exec"]\nexe = ["/usr/bin/tr*"]\n'
+    with configured(rundir, tmp_path, toml) as collector:
+        subprocess.run(["/bin/echo", "kport-filtered-out"], check=True, capture_output=True)
+        subprocess.run(["/bin/true", "kport-filtered-in"], check=True)
+        wait_until(lambda: any(e["argv"][-1] == "kport-filtered-in" for e in collector.events))
         assert kport_status(rundir)["filtered"] > 0
-    finally:
-        stop_daemon(proc, rundir)
+    assert {(e["kind"], e["exe"]) for e in collector.events} == {("exec", "/usr/bin/true")}

@@ -68,8 +68,8 @@ struct event {
 	__u64 start_boottime;  /* the process's start (its leader's), ns after boot */
 	__u32 uid, euid, gid, egid;
 	__u64 cgroup_id;
-	__u32 a;               /* fork: parent thread | exec: old pid | exit: exit code */
-	__u32 b;               /* fork: parent process | exec: tty device | exit: signal */
+	__u32 a;               /* fork: parent thread | exec: old pid | exit: wait status */
+	__u32 b;               /* fork: parent process | exec: tty device (tty_nr) */
 	__u32 argv_size;       /* exec: the whole argv's bytes, read or not */
 	__u16 filename_len, exe_len, cwd_len, cgroup_len, argv_len;
 	__u16 _pad1;
@@ -377,45 +377,30 @@ static __always_inline int on_exit(struct task_struct *task)
 		return 0;
 	if (thread)
 		e->flags |= FLAG_THREAD;
-	int code = BPF_CORE_READ(task, exit_code);
-	e->a = code;
-	e->b = BPF_CORE_READ(task, exit_signal);
+	e->a = BPF_CORE_READ(task, exit_code);  /* the wait status */
 	submit(e, offsetof(struct event, data));
 	return 0;
 }
 
-SEC("tp_btf/sched_process_exec")
-int BPF_PROG(exec_btf, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
-{
-	return on_exec(p, old_pid, bprm);
-}
+/* Each program twice, on the same tracepoints: typed (tp_btf), and untyped (raw_tp) for
+ * kernels where tp_btf will not load. The loader keeps one set. */
+#define PROGRAMS(flavour, section)                                                      \
+	SEC(section "/sched_process_exec")                                              \
+	int BPF_PROG(exec_##flavour, struct task_struct *p, pid_t old_pid,               \
+		     struct linux_binprm *bprm)                                         \
+	{                                                                               \
+		return on_exec(p, old_pid, bprm);                                       \
+	}                                                                               \
+	SEC(section "/sched_process_fork")                                              \
+	int BPF_PROG(fork_##flavour, struct task_struct *parent, struct task_struct *child) \
+	{                                                                               \
+		return on_fork(parent, child);                                          \
+	}                                                                               \
+	SEC(section "/sched_process_exit")                                              \
+	int BPF_PROG(exit_##flavour, struct task_struct *p)                             \
+	{                                                                               \
+		return on_exit(p);                                                      \
+	}
 
-SEC("tp_btf/sched_process_fork")
-int BPF_PROG(fork_btf, struct task_struct *parent, struct task_struct *child)
-{
-	return on_fork(parent, child);
-}
-
-SEC("tp_btf/sched_process_exit")
-int BPF_PROG(exit_btf, struct task_struct *p)
-{
-	return on_exit(p);
-}
-
-SEC("raw_tp/sched_process_exec")
-int BPF_PROG(exec_raw, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
-{
-	return on_exec(p, old_pid, bprm);
-}
-
-SEC("raw_tp/sched_process_fork")
-int BPF_PROG(fork_raw, struct task_struct *parent, struct task_struct *child)
-{
-	return on_fork(parent, child);
-}
-
-SEC("raw_tp/sched_process_exit")
-int BPF_PROG(exit_raw, struct task_struct *p)
-{
-	return on_exit(p);
-}
+PROGRAMS(btf, "tp_btf")
+PROGRAMS(raw, "raw_tp")
