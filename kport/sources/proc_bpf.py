@@ -50,6 +50,9 @@ _ZERO_KEY: Final = (ctypes.c_uint32 * 1)(0)
 _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 _PROGRAMS: Final = ("exec", "fork", "exit")
+#: the programs' flavours, in the order they are tried: typed tracepoints, then the same
+#: tracepoints untyped where those will not load
+FLAVOURS: Final = {"btf": "tp_btf", "raw": "raw_tp"}
 
 
 class BpfUnavailable(KportError):
@@ -282,6 +285,7 @@ class ProcBpf:
         threads: bool = False,
         ring_bytes: int = RING_DEFAULT,
         obj_path: Path = OBJECT,
+        flavours: tuple[str, ...] = tuple(FLAVOURS),
     ) -> None:
         if not 0 <= argv_max <= ARGV_CAP:
             raise ValueError(f"argv_max must be 0 to {ARGV_CAP}, not {argv_max}")
@@ -311,14 +315,14 @@ class ProcBpf:
         self._counters_size = self._ncpu * _COUNTERS.size
         failures: list[str] = []
         try:
-            for flavour in ("btf", "raw"):
+            for flavour in flavours:
                 try:
                     self._load(flavour, obj_path, ring_bytes)
                 except BpfUnavailable as err:
-                    failures.append(f"{flavour}: {err}")
+                    failures.append(f"{FLAVOURS[flavour]}: {err}")
                     self._unload()
                     continue
-                self.flavour = "tp_btf" if flavour == "btf" else "raw_tp"
+                self.flavour = FLAVOURS[flavour]
                 break
             else:
                 raise BpfUnavailable("; ".join(failures))
@@ -350,7 +354,7 @@ class ProcBpf:
             raise BpfUnavailable(f"cannot open {obj_path}: {_os_reason(ctypes.get_errno())}")
         self._obj = obj
         for name in _PROGRAMS:
-            for each in ("btf", "raw"):
+            for each in FLAVOURS:
                 prog = lib.bpf_object__find_program_by_name(obj, f"{name}_{each}".encode())
                 if not prog:
                     raise BpfUnavailable(f"{obj_path.name} has no program {name}_{each}")

@@ -116,8 +116,11 @@ def ours(bpf: ProcBpf, pid: int, kinds: set[int], timeout: float = 10) -> list[p
 
 
 @needs_root
-def test_an_exec_is_read_whole_in_the_kernel_and_matches_proc() -> None:
-    bpf = ProcBpf()
+@pytest.mark.parametrize("flavour", ["btf", "raw"])
+def test_an_exec_is_read_whole_in_the_kernel_and_matches_proc(flavour: str) -> None:
+    # raw: the programs as they load where tp_btf will not
+    bpf = ProcBpf(flavours=(flavour,))
+    assert bpf.flavour == proc_bpf.FLAVOURS[flavour]
     try:
         marker = f"kport-bpf-{os.getpid()}"
         # it lives on (read below through /proc) with its argv as given
