@@ -252,3 +252,21 @@ def test_with_ebpf_uid_and_comm_changes_still_come_from_the_connector_once_each(
     (uid,) = [e for e in emitted if e["kind"] == "uid" and e["pid"] == pid]
     assert uid["euid"] == 65534
     assert any(e["kind"] == "gid" and e["egid"] == 65534 for e in emitted if e["pid"] == pid)
+
+
+def test_with_ebpf_an_argv_with_empty_and_non_utf8_arguments_is_exact() -> None:
+    emitted: list[dict[str, Any]] = []
+    source = ProcSource(emitted.extend, backend="bpf")
+    source.start()
+    argv = [b"/bin/true", b"", b"x\xff\xfe y", b"", b"kport-odd-argv"]
+    try:
+        subprocess.run(argv, check=True)
+        deadline = time.monotonic() + 10
+        while not (found := [e for e in list(emitted) if e.get("argv_bytes") == argv]):
+            assert time.monotonic() < deadline, "the exec is missing"
+            time.sleep(0.05)
+    finally:
+        source.stop()
+    (exec_,) = found
+    assert exec_["argv"] == ["/bin/true", "", "x\ufffd\ufffd y", "", "kport-odd-argv"]
+    assert exec_["exe"] == os.path.realpath("/bin/true") and "truncated" not in exec_
