@@ -258,8 +258,11 @@ class _LibbpfLog:
     def reason(self) -> str:
         """The verifier's or libbpf's last words worth showing, in one line."""
         for line in reversed(self.lines):
-            if not line[:1].isdigit() and not line.startswith((";", "--", "R", "frame")):
-                return line
+            if line[:1].isdigit() or line.startswith((";", "--", "R", "frame")):
+                continue  # the verifier's trace
+            if "failed to load object" in line or "failed to load:" in line:
+                continue  # says only that it failed
+            return line
         return ""
 
 
@@ -313,19 +316,21 @@ class ProcBpf:
         self._settings = bytearray(_SETTINGS.pack(argv_max, int(threads), 0, 0))
         self._ncpu = self._lib.libbpf_num_possible_cpus()
         self._counters_size = self._ncpu * _COUNTERS.size
-        failures: list[str] = []
+        failures: dict[str, list[str]] = {}  # why → the flavours that failed so
         try:
             for flavour in flavours:
                 try:
                     self._load(flavour, obj_path, ring_bytes)
                 except BpfUnavailable as err:
-                    failures.append(f"{FLAVOURS[flavour]}: {err}")
+                    failures.setdefault(str(err), []).append(FLAVOURS[flavour])
                     self._unload()
                     continue
                 self.flavour = FLAVOURS[flavour]
                 break
             else:
-                raise BpfUnavailable("; ".join(failures))
+                raise BpfUnavailable(
+                    "; ".join(f"{' and '.join(names)}: {why}" for why, names in failures.items())
+                )
             ring = self._map("events")
             fd = self._lib.bpf_map__fd(ring)
             rb = self._lib.ring_buffer__new(fd, self._sample, None, None)
@@ -363,7 +368,8 @@ class ProcBpf:
         lib.bpf_map__set_max_entries(self._map("scratch"), self._ncpu)
         rc = lib.bpf_object__load(obj)
         if rc < 0:
-            detail = self._log.reason()
+            # refused outright, the reason says all; else the verifier's word says why
+            detail = "" if -rc in (errno.EPERM, errno.EACCES) else self._log.reason()
             raise BpfUnavailable(
                 f"the kernel refused the programs: {_os_reason(-rc)}"
                 + (f" ({detail})" if detail else "")
