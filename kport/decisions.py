@@ -69,12 +69,12 @@ class Decisions:
         self._loop = loop
 
     def changed(self, conn: ServerConnection) -> None:
-        """on_connect / on_disconnect of the port."""
+        """on_connect / on_disconnect of the port: the pids of the connections still open,
+        with ``conn``'s while it is. A process is a decider while any of its connections
+        is open: one closing (the UI opens a short second one for rules) leaves it one."""
         assert self.port is not None
-        pids = {c.pid for c in self.port.connections}
-        if conn.closed:
-            pids.discard(conn.pid)
-        else:
+        pids = {c.pid for c in self.port.connections if c is not conn and not c.closed}
+        if not conn.closed:
             pids.add(conn.pid)
         self.deciders = frozenset(pids)
 

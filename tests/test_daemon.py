@@ -732,6 +732,35 @@ def test_deciders_policies_and_a_decider_that_opens_a_watched_file(
                 client.communicate(timeout=10)
 
 
+def test_a_decider_stays_trusted_while_any_of_its_connections_is_open(
+    rundir: Path, tmp_path: Path
+) -> None:
+    # A decision client that opens a short second connection (the UI does, for rules) and
+    # closes it is still connected: its own opens must still be let through, not asked
+    # of itself (it would wait on itself until the deadline, and be denied).
+    with (
+        watched_mount(tmp_path) as mount,
+        file_daemon(rundir, mount, "--default-verdict", "deny", "--decision-deadline", "3"),
+    ):
+        client = decider(
+            rundir,
+            "second = kport.connect('file-decide', runtime_dir=sys.argv[1])\n"
+            "second.close()\n"
+            "time.sleep(0.5)  # the daemon has seen it go\n"
+            f"try:\n    open({str(mount / 'data.txt')!r}).read()\n    print('read', flush=True)\n"
+            "except OSError as err:\n    print('refused', err, flush=True)\n"
+            "time.sleep(60)\n",
+        )
+        try:
+            wait_connected(client)
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "read"
+            assert kport_status(rundir)["sources"]["file"]["asked"] == 0
+        finally:
+            client.kill()
+            client.communicate(timeout=10)
+
+
 def test_a_stuck_decider_releases_the_opener_at_the_deadline(rundir: Path, tmp_path: Path) -> None:
     with (
         watched_mount(tmp_path) as mount,

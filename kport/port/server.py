@@ -906,6 +906,7 @@ class ServerPort:
     async def _handshake(self, sock: socket.socket) -> None:
         conn: ServerConnection | None = None
         registered = False
+        introduced = False  # on_connect was told of it: on_disconnect must be too
         try:
             sock.setblocking(False)
             peer = peer_credentials(sock)
@@ -944,6 +945,7 @@ class ServerPort:
                 except KportError as err:
                     await self._refuse(conn, err.code, f"port {self.name!r} refused: {err}")
                     return
+                introduced = True
             if len(self._conns) >= self.max_connections:  # on_connect may have awaited
                 await self._refuse(conn, *self._too_many())
                 return
@@ -974,6 +976,11 @@ class ServerPort:
             else:
                 sock.close()
             raise
+        finally:
+            if conn is not None and introduced and not registered:
+                # refused after on_connect (the port filled meanwhile), or failed
+                conn.closed = True
+                await self._tell_gone(conn)
 
     def _refusal(self, peer: PeerCredentials) -> tuple[ErrorCode, str] | None:
         if self._closed:
@@ -1524,12 +1531,16 @@ class ServerPort:
             )
         else:
             log.debug("port %s: connection %d ended: %s", self.name, conn.id, reason)
+        await self._tell_gone(conn)
+        conn._release_all()  # every reference the client gave goes with it
+
+    async def _tell_gone(self, conn: ServerConnection) -> None:
+        """on_disconnect, for a connection on_connect was told of."""
         if self.on_disconnect is not None:
             try:
                 await _maybe_await(self.on_disconnect(conn))
             except Exception:
                 log.exception("port %s: on_disconnect failed", self.name)
-        conn._release_all()  # every reference the client gave goes with it
 
 
 _current_send: contextvars.ContextVar[int | None] = contextvars.ContextVar(

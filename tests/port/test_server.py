@@ -192,6 +192,45 @@ def test_on_connect_may_refuse_or_attach_context(rundir: Path) -> None:
     run(main())
 
 
+def test_a_connection_refused_after_on_connect_is_given_its_on_disconnect(rundir: Path) -> None:
+    # on_connect may await; meanwhile another connection may take the last place, and the
+    # first is then refused. Whoever on_connect told of it must be told that it went.
+    async def main() -> None:
+        told: list[tuple[str, int]] = []
+
+        async def on_connect(conn: kport.ServerConnection) -> None:
+            told.append(("connect", conn.id))
+            await asyncio.sleep(0.3)
+
+        def on_disconnect(conn: kport.ServerConnection) -> None:
+            told.append(("disconnect", conn.id))
+
+        async with kport.ServerPort(
+            "full",
+            runtime_dir=rundir,
+            max_connections=1,
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
+        ) as port:
+            results = await asyncio.gather(
+                kport.aconnect("full", runtime_dir=rundir),
+                kport.aconnect("full", runtime_dir=rundir),
+                return_exceptions=True,
+            )
+            refused = [r for r in results if isinstance(r, kport.TooManyConnections)]
+            kept = [r for r in results if not isinstance(r, BaseException)]
+            assert len(refused) == 1 and len(kept) == 1, results
+            (live,) = port.connections
+            connected = {cid for what, cid in told if what == "connect"}
+            assert len(connected) == 2
+            assert [("disconnect", cid) for cid in connected - {live.id}] == [
+                t for t in told if t[0] == "disconnect"
+            ]
+            await kept[0].close()
+
+    run(main())
+
+
 def test_one_way_is_enforced_by_the_kernel(rundir: Path) -> None:
     async def main() -> None:
         async with kport.ServerPort("oneway", runtime_dir=rundir, one_way=True) as port:
