@@ -81,6 +81,8 @@ _DIRECT_MAX: Final = 16 * 1024
 #: this often (and at once for the first after a quiet spell), rather than being woken
 #: for each: see ServerPort.request_from_thread
 _THREAD_ASKS_S: Final = 0.05
+#: how long the accept loop waits after an error it did not expect before it tries again
+ACCEPT_BACKOFF_S: Final = 0.5
 _ACCEPT_RETRY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
 )
@@ -575,8 +577,12 @@ class ServerPort:
         """
         self.close()
         if self._accept_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._accept_task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # the rest of the shutdown must happen all the same
+                log.exception("port %s: the accept loop had failed", self.name)
         for task in list(self._handshakes):
             task.cancel()
         conns = list(self._conns.values())
@@ -897,8 +903,10 @@ class ServerPort:
                 if err.errno in _ACCEPT_RETRY_ERRNOS:
                     log.warning("port %s: accept failed (%s); retrying", self.name, err)
                     await asyncio.sleep(0.1)
-                    continue
-                raise
+                else:  # never a deaf port that looks up: say it, and keep listening
+                    log.exception("port %s: accept failed unexpectedly; retrying", self.name)
+                    await asyncio.sleep(ACCEPT_BACKOFF_S)
+                continue
             task = loop.create_task(self._handshake(sock))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -229,6 +230,34 @@ def test_a_connection_refused_after_on_connect_is_given_its_on_disconnect(rundir
             await kept[0].close()
 
     run(main())
+
+
+def test_an_unexpected_accept_error_leaves_the_port_listening_and_shutdown_clean(
+    rundir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.sock_accept
+        failures = [OSError(errno.EBADMSG, "something no one expected")]
+
+        async def flaky(sock: socket.socket) -> tuple[socket.socket, Any]:
+            if failures:
+                raise failures.pop()
+            return await real(sock)
+
+        loop.sock_accept = flaky  # type: ignore[method-assign]
+        port = kport.ServerPort("flaky", runtime_dir=rundir)
+        await port.start()
+        try:
+            client = await kport.aconnect("flaky", runtime_dir=rundir, timeout=10)
+            await wait_for(lambda: bool(port.connections))
+            await client.close()
+        finally:
+            await port.shutdown()  # raises nothing
+        assert not failures
+
+    run(main())
+    assert "something no one expected" in caplog.text
 
 
 def test_one_way_is_enforced_by_the_kernel(rundir: Path) -> None:
