@@ -746,7 +746,10 @@ def test_a_decider_stays_trusted_while_any_of_its_connections_is_open(
             rundir,
             "second = kport.connect('file-decide', runtime_dir=sys.argv[1])\n"
             "second.close()\n"
-            "time.sleep(0.5)  # the daemon has seen it go\n"
+            "control = kport.connect('control', runtime_dir=sys.argv[1])\n"
+            "status = lambda: control.send({'op': 'status'})['ports']['file-decide']\n"
+            "while len(status()['connections']) > 1:\n"
+            "    time.sleep(0.02)  # until the daemon has seen it go\n"
             f"try:\n    open({str(mount / 'data.txt')!r}).read()\n    print('read', flush=True)\n"
             "except OSError as err:\n    print('refused', err, flush=True)\n"
             "time.sleep(60)\n",
