@@ -151,7 +151,9 @@ static __always_inline struct event *start(__u8 kind, struct task_struct *task)
 	e->cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
 	e->a = e->b = e->argv_size = 0;
 	e->filename_len = e->exe_len = e->cwd_len = e->cgroup_len = e->argv_len = 0;
-	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
+	/* all 16 bytes: the kernel pads comm with NULs, where a string read would leave the
+	 * scratch record's older bytes after the NUL */
+	BPF_CORE_READ_INTO(&e->comm, task, comm);
 	return e;
 }
 

@@ -155,7 +155,8 @@ def test_an_exec_is_read_whole_in_the_kernel_and_matches_proc(flavour: str) -> N
     ]  # fmt: skip
     assert (exe.uid, exe.euid, exe.gid, exe.egid) == (0, 0, 0, 0)
     assert exe.ppid == os.getpid() and exe.ns_pid == child.pid
-    assert exe.comm.rstrip(b"\0") == os.path.basename(SH).encode()
+    # all 16 bytes, NUL-padded as the kernel keeps it (no older bytes left after the NUL)
+    assert exe.comm == os.path.basename(SH).encode().ljust(16, b"\0")
     assert not exe.flags & proc_bpf.FLAG_ARGV_TRUNCATED
     (exit_,) = [r for r in recs if r.kind == proc_bpf.KIND_EXIT]
     assert exit_.a == 3 << 8 and exit_.boot_ns > exit_.start_boottime
