@@ -13,7 +13,7 @@ from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
 from kport.sources.net import MAX_QUEUES, VERDICTS, queue_count
 from kport.sources.proc import BACKENDS, BATCH_ABOVE, BATCH_WINDOW_S
-from kport.sources.proc_bpf import ARGV_CAP, RING_DEFAULT, RING_MIN
+from kport.sources.proc_bpf import RING_DEFAULT, size_error
 
 
 class ConfigError(ValueError):
@@ -239,13 +239,9 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: proc.batch_window_ms must be 0 to 100")
     if config.proc.backend not in BACKENDS:
         raise ConfigError(f"{path}: proc.backend must be {', '.join(BACKENDS)}")
-    if not 0 <= config.proc.argv_max <= ARGV_CAP:
-        raise ConfigError(f"{path}: proc.argv_max must be 0 to {ARGV_CAP} (bytes)")
-    ring = config.proc.ring_kb * 1024
-    if ring < RING_MIN or ring & (ring - 1):
-        raise ConfigError(
-            f"{path}: proc.ring_kb must be a power of two, at least {RING_MIN // 1024}"
-        )
+    wrong = size_error(config.proc.argv_max, config.proc.ring_kb * 1024)
+    if wrong is not None:
+        raise ConfigError(f"{path}: proc (argv_max, ring_kb): {wrong}")
     if config.proc.batch_above < 0:
         raise ConfigError(f"{path}: proc.batch_above must be >= 0 (events per second)")
     if config.journal.max_age_days <= 0 or config.journal.max_size_mb <= 0:

@@ -82,6 +82,15 @@ Event = dict[str, Any]
 Emit = Callable[[list[Event]], None]
 
 
+def _wait_status(status: int) -> Event:
+    """An exit's wait status as the event tells it: code, signal, core dump."""
+    return {
+        "code": (status >> 8) & 0xFF if status & 0x7F == 0 else None,
+        "signal": status & 0x7F or None,
+        "core": bool(status & 0x80),
+    }
+
+
 #: what an event says of a process the table does not know
 _UNKNOWN: Final[Event] = dict.fromkeys(_ENRICHED)
 _NS_PER_TICK: Final = procinfo.NS_PER_TICK
@@ -266,10 +275,22 @@ class ProcSource:
             return
         self.backend = "connector"
         log.info("proc: proc connector backend")
-        self._listen(netlink_proc.open_socket(self._rcvbuf))
+        self._sock = sock = netlink_proc.open_socket(self._rcvbuf)
+        # Blocking reads that give up after READ_WAIT_S, so the reader notices stop():
+        # one recv per wake-up (a Python-level timeout would poll() before every recv).
+        sock.settimeout(None)
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(READ_WAIT_S * 1e6))
+        )
         # Subscribe before seeding, so nothing falls between the two.
         self.emit(self._seed())
-        self._start_connector_threads()
+        for target, name in (
+            (self._read_loop, "kport-proc-reader"),
+            (self._process_loop, "kport-proc-processor"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def _side_socket(self) -> socket.socket | None:
         """With eBPF: the proc connector for uid, gid, sid, comm, ptrace and coredump,
@@ -289,24 +310,6 @@ class ProcSource:
                 return sock
         log.warning("proc: uid, gid, sid, comm, ptrace and coredump events: %s", self.side_events)
         return None
-
-    def _listen(self, sock: socket.socket) -> None:
-        self._sock = sock
-        # Blocking reads that give up after READ_WAIT_S, so the reader notices stop():
-        # one recv per wake-up (a Python-level timeout would poll() before every recv).
-        self._sock.settimeout(None)
-        self._sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(READ_WAIT_S * 1e6))
-        )
-
-    def _start_connector_threads(self) -> None:
-        for target, name in (
-            (self._read_loop, "kport-proc-reader"),
-            (self._process_loop, "kport-proc-processor"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
@@ -340,6 +343,7 @@ class ProcSource:
             try:
                 if busy:
                     time.sleep(window)  # the next ones gather: one wake-up for them all
+                    waited_in_vain = False
                 else:
                     # A timeout drains too: a record submitted quietly just before the
                     # programs were told to wake us again would otherwise wait for the next.
@@ -448,19 +452,16 @@ class ProcSource:
     def _bpf_fork(self, rec: proc_bpf.Record) -> Event:
         procs = self.table.procs
         if rec.flags & proc_bpf.FLAG_THREAD:
-            entry = procs.get(rec.tgid)
-            return {
+            clone: Event = {
                 "source": "proc",
                 "kind": "clone",
                 "ktime": rec.ktime,
                 "cpu": rec.cpu,
                 "thread": True,
                 "tid": rec.pid,
-                **(entry if entry is not None else _UNKNOWN),
-                "pid": rec.tgid,
-                "parent_exe": self._parent_exe(entry.get("ppid") if entry else None),
-                **({} if entry is not None else {"gone": True}),
             }
+            self._identify(clone, rec.tgid, procs.get(rec.tgid))
+            return clone
         parent = procs.get(rec.b)
         entry = {
             **(parent if parent is not None else _UNKNOWN),
@@ -491,10 +492,10 @@ class ProcSource:
         if not flags & proc_bpf.FLAG_ARGV_UNREAD:
             raw = rec.argv or b""
             try:
-                argv = proc_bpf.split_argv_text(raw.decode(), truncated)
+                argv = proc_bpf.split_argv_text(raw.decode())
             except UnicodeDecodeError:
                 # shown with U+FFFD where bytes are not UTF-8; the bytes as they are beside
-                argv_bytes = proc_bpf.split_argv(raw, truncated)
+                argv_bytes = proc_bpf.split_argv(raw)
                 argv = [a.decode(errors="replace") for a in argv_bytes]
         texts = self._texts
         entry: Event = {
@@ -538,21 +539,17 @@ class ProcSource:
         return event
 
     def _bpf_exit(self, rec: proc_bpf.Record) -> Event | None:
-        status = rec.a
         head: Event = {
             "source": "proc",
             "kind": "exit",
             "ktime": rec.ktime,
             "cpu": rec.cpu,
-            "code": (status >> 8) & 0xFF if status & 0x7F == 0 else None,
-            "signal": status & 0x7F or None,
-            "core": bool(status & 0x80),
+            **_wait_status(rec.a),
         }
         procs = self.table.procs
         if rec.flags & proc_bpf.FLAG_THREAD:
-            entry = procs.get(rec.tgid)
             thread_exit: Event = {**head, "thread": True, "tid": rec.pid}
-            self._identify(thread_exit, rec.tgid, entry)
+            self._identify(thread_exit, rec.tgid, procs.get(rec.tgid))
             return thread_exit
         if rec.tgid not in procs:
             before = self.table.exited.get(rec.tgid)
@@ -780,12 +777,7 @@ class ProcSource:
     def _on_exit(self, event: Event, fields: dict[str, Any], thread: bool) -> Event:
         pid, tgid = fields["pid"], fields["tgid"]
         status = fields["exit_code"]
-        event.update(
-            code=(status >> 8) & 0xFF if status & 0x7F == 0 else None,
-            signal=status & 0x7F or None,
-            core=bool(status & 0x80),
-            thread=thread,
-        )
+        event.update(_wait_status(status), thread=thread)
         if thread:
             event["tid"] = pid
             self._identify(event, tgid, self.table.get(tgid))

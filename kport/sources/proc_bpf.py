@@ -55,6 +55,15 @@ _PROGRAMS: Final = ("exec", "fork", "exit")
 FLAVOURS: Final = {"btf": "tp_btf", "raw": "raw_tp"}
 
 
+def size_error(argv_max: int, ring_bytes: int) -> str | None:
+    """What is wrong with these sizes (see ProcBpf), or None."""
+    if not 0 <= argv_max <= ARGV_CAP:
+        return f"argv_max must be 0 to {ARGV_CAP} bytes, not {argv_max}"
+    if ring_bytes < RING_MIN or ring_bytes & (ring_bytes - 1):
+        return f"the ring's size must be a power of two of at least {RING_MIN} bytes"
+    return None
+
+
 class BpfUnavailable(KportError):
     """The eBPF backend cannot run here; the message says why (and what would fix it)."""
 
@@ -128,22 +137,20 @@ class Texts:
         """:func:`path_of` ``raw``, decoded (U+FFFD for what is not UTF-8)."""
         if raw is None:
             return None
-        text = self._paths.get(raw)
-        if text is None:
-            if len(self._paths) >= self.limit:
-                self._paths.clear()
-            text = self._paths[raw] = path_of(raw).decode(errors="replace")
-        return text
+        text = self._paths.get(raw)  # the usual case, kept to one lookup
+        return text if text is not None else self._learn(self._paths, raw, path_of(raw))
 
     def name(self, raw: bytes | None) -> str | None:
         """``raw`` up to its first NUL, decoded (U+FFFD for what is not UTF-8)."""
         if raw is None:
             return None
         text = self._names.get(raw)
-        if text is None:
-            if len(self._names) >= self.limit:
-                self._names.clear()
-            text = self._names[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+        return text if text is not None else self._learn(self._names, raw, raw.split(b"\0", 1)[0])
+
+    def _learn(self, known: dict[bytes, str], raw: bytes, shaped: bytes) -> str:
+        if len(known) >= self.limit:
+            known.clear()
+        text = known[raw] = shaped.decode(errors="replace")
         return text
 
 
@@ -174,7 +181,7 @@ def parse(raw: bytes) -> Record:
     return _new(Record, (*head, filename, exe, cwd, cgroup, raw[at : at + argv_len]))
 
 
-def split_argv(raw: bytes, truncated: bool) -> list[bytes]:
+def split_argv(raw: bytes) -> list[bytes]:
     """argv's NUL-separated bytes as its arguments, empty ones kept. A whole argv ends with
     one NUL; a truncated one ends inside its last argument, which is kept as far as read."""
     if not raw:
@@ -182,7 +189,7 @@ def split_argv(raw: bytes, truncated: bool) -> list[bytes]:
     return (raw[:-1] if raw.endswith(b"\0") else raw).split(b"\0")
 
 
-def split_argv_text(text: str, truncated: bool) -> list[str]:
+def split_argv_text(text: str) -> list[str]:
     """:func:`split_argv` of argv decoded whole (one decode instead of one per argument)."""
     if not text:
         return []
@@ -290,10 +297,9 @@ class ProcBpf:
         obj_path: Path = OBJECT,
         flavours: tuple[str, ...] = tuple(FLAVOURS),
     ) -> None:
-        if not 0 <= argv_max <= ARGV_CAP:
-            raise ValueError(f"argv_max must be 0 to {ARGV_CAP}, not {argv_max}")
-        if ring_bytes < RING_MIN or ring_bytes & (ring_bytes - 1):
-            raise ValueError(f"the ring's size must be a power of two >= {RING_MIN}")
+        wrong = size_error(argv_max, ring_bytes)
+        if wrong is not None:
+            raise ValueError(wrong)
         if not os.path.exists("/sys/kernel/btf/vmlinux"):
             raise BpfUnavailable("this kernel has no BTF (/sys/kernel/btf/vmlinux)")
         if not obj_path.exists():

@@ -61,7 +61,7 @@ def test_an_exec_record_paths_reversed_and_argv_with_empty_and_odd_arguments() -
     assert texts.path(rec.cwd) == "/tmp"
     assert texts.path(rec.cgroup) == "/user.slice"
     assert rec.comm.rstrip(b"\0") == b"comm"
-    assert proc_bpf.split_argv(rec.argv or b"", truncated=False) == [
+    assert proc_bpf.split_argv(rec.argv or b"") == [
         b"/bin/prog",
         b"",
         b"x\xff y",
@@ -72,8 +72,8 @@ def test_an_exec_record_paths_reversed_and_argv_with_empty_and_odd_arguments() -
 def test_the_root_is_a_path_of_no_components_and_a_cut_argv_keeps_its_last_part() -> None:
     rec = proc_bpf.parse(record(proc_bpf.KIND_EXEC, sections=(b"x\0", b"", b"", b"", b"ab\0cd")))
     assert rec.exe is None and rec.cwd is None and proc_bpf.path_of(rec.cgroup or b"x") == b"/"
-    assert proc_bpf.split_argv(b"ab\0cd", truncated=True) == [b"ab", b"cd"]
-    assert proc_bpf.split_argv(b"", truncated=False) == []
+    assert proc_bpf.split_argv(b"ab\0cd") == [b"ab", b"cd"]
+    assert proc_bpf.split_argv(b"") == []
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_an_exec_is_read_whole_in_the_kernel_and_matches_proc(flavour: str) -> N
     assert texts.path(exe.exe) == SH
     assert texts.path(exe.cwd) == os.getcwd()
     assert texts.path(exe.cgroup) == cgroup
-    assert proc_bpf.split_argv(exe.argv or b"", False) == [
+    assert proc_bpf.split_argv(exe.argv or b"") == [
         SH.encode(), b"-c", b"read x; exit 3", marker.encode(), b"", b"two words",
     ]  # fmt: skip
     assert (exe.uid, exe.euid, exe.gid, exe.egid) == (0, 0, 0, 0)
@@ -184,7 +184,7 @@ def test_a_2mb_argv_is_read_up_to_the_limit_and_said_to_be_cut() -> None:
     assert exe.flags & proc_bpf.FLAG_ARGV_TRUNCATED
     assert exe.argv_size == len(b"/bin/true\0first\0") + sum(len(a) + 1 for a in big) > 2 << 20
     assert len(exe.argv or b"") == proc_bpf.ARGV_CAP
-    args = proc_bpf.split_argv(exe.argv or b"", truncated=True)
+    args = proc_bpf.split_argv(exe.argv or b"")
     assert args[:2] == [b"/bin/true", b"first"]
     assert args[2:-1] == [a.encode() for a in big[: len(args) - 3]]
     assert big[len(args) - 3].encode().startswith(args[-1])
