@@ -35,3 +35,7 @@ class History(Protocol):
     def tail(self, after: int, upto: int) -> Page | None:
         """The whole range from memory without blocking, or None if memory does not reach."""
         ...
+
+    def count(self, after: int, upto: int) -> int:
+        """How many of its events have ``after < seq <= upto``; may block."""
+        ...

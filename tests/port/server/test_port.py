@@ -509,7 +509,7 @@ def test_publish_from_a_thread_writes_idle_clients_there_and_queues_for_the_othe
         # handshake); from then on the idle client's queue is empty when we publish
         port.publish([(1, protocol.pack({"i": 1}))])
         assert (await asyncio.to_thread(reader.get_message, 5)).seq == 1
-        await wait_for(lambda: idle.queue_depth == 0 and not idle._writing)
+        await wait_for(lambda: idle.queue_depth == 0 and not idle.writer.busy)
 
         def produce() -> list[int]:
             written_at_once = []
