@@ -125,6 +125,22 @@ def open_socket(rcvbuf: int = 64 * 1024 * 1024, events: int | None = None) -> so
     return sock
 
 
+def drops(sock: socket.socket) -> int | None:
+    """How many messages the kernel has dropped for ``sock`` because its buffer was full
+    (the Drops column of /proc/net/netlink), or None where that cannot be read."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    try:
+        with open("/proc/net/netlink") as table:
+            next(table)  # the header
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 10 and fields[9] == inode:
+                    return int(fields[8])
+    except (OSError, ValueError, StopIteration):
+        return None
+    return None
+
+
 def _subscribe(sock: socket.socket, op: int, events: int | None = None) -> None:
     payload = struct.pack("=I", op) if events is None else struct.pack("=II", op, events)
     cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(payload), 0) + payload

@@ -14,9 +14,10 @@ enriches each event from /proc, keeps the table, and hands batches of finished e
 ``emit``. Both backends, under load (more than ``batch_above`` events a second), take
 what has come at most once per batch window: each wake-up costs far more than an event,
 so a storm is carried in batches, at up to one window more latency. Loss is never
-silent: a full ring, ``ENOBUFS``, a per-CPU sequence gap and a full hand-off queue each
-become a ``lost`` event, followed by a resync of the table from /proc (synthetic events,
-flagged).
+silent: a full ring, an overflow of the connector's socket (``ENOBUFS`` and the sequence
+gaps after it are one loss, counted by the socket's drops) and a full hand-off queue each
+become one ``lost`` event with its count, followed by a resync of the table from /proc
+(synthetic events, flagged).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ READ_WAIT_S: Final = 0.2
 #: events per second above which the reader batches (see the module docstring); a
 #: process run is three (fork, exec, exit): 4500 is 1500 runs a second
 BATCH_ABOVE: Final = 4500
+#: why a connector loss happened, as a lost event says
+_ENOBUFS: Final = "the kernel dropped events: the socket's buffer was full (ENOBUFS)"
 #: how long the reader waits between reads while batching
 BATCH_WINDOW_S: Final = 0.002
 _RATE_SLICE_S: Final = 0.1
@@ -587,8 +590,16 @@ class ProcSource:
         slice_end = time.monotonic() + _RATE_SLICE_S
         in_slice = 0
         busy = False
+        # One overflow is reported once, with its count. ENOBUFS says messages were
+        # dropped, and each CPU's sequence gap says it again later; the socket's drops
+        # counter says how many. So the first sign in a drain places one lost marker, and
+        # when the drain ends its count is what the counter grew by since the last report:
+        # the other signs of the same overflow say nothing more. (Where the counter cannot
+        # be read, ENOBUFS is a loss of unknown count and each gap one of its own.)
+        reported = netlink_proc.drops(sock)
         while not self._stop.is_set():
             batch: list[netlink_proc.RawEvent] = []
+            marker: dict[str, Any] | None = None  # this drain's lost marker's fields
             flags = 0  # the first read waits (up to READ_WAIT_S), the others do not
             for _ in range(DRAIN_DATAGRAMS):
                 try:
@@ -596,22 +607,38 @@ class ProcSource:
                 except BlockingIOError:
                     break
                 except OSError as err:
-                    if err.errno == errno.ENOBUFS:
-                        batch.append(self._lost_marker(None, "the kernel dropped events (ENOBUFS)"))
-                    elif not self._stop.is_set():
-                        log.error("proc connector read failed: %s", err)
-                        time.sleep(0.1)
-                    break
+                    if err.errno != errno.ENOBUFS:
+                        if not self._stop.is_set():
+                            log.error("proc connector read failed: %s", err)
+                            time.sleep(0.1)
+                        break
+                    if marker is None:
+                        batch.append(self._lost_marker(None, _ENOBUFS))
+                        marker = batch[-1][4]
+                    flags = socket.MSG_DONTWAIT  # the socket goes on: read what follows
+                    continue
                 flags = socket.MSG_DONTWAIT
                 for raw in parse(view[:size]):
                     cpu, seq = raw[1], raw[2]
                     prev = last_seq.get(cpu)
                     last_seq[cpu] = seq
                     if prev is not None and seq > prev + 1:
-                        gap = seq - prev - 1
-                        batch.append(self._lost_marker(gap, f"sequence gap on cpu {cpu}"))
+                        if reported is None:
+                            gap = seq - prev - 1
+                            batch.append(self._lost_marker(gap, f"sequence gap on cpu {cpu}"))
+                        elif marker is None:
+                            batch.append(self._lost_marker(None, _ENOBUFS))
+                            marker = batch[-1][4]
                     if raw[0] not in ("none", "unknown"):  # those only count in the sequence
                         batch.append(raw)
+            if marker is not None and reported is not None:
+                dropped = netlink_proc.drops(sock)
+                if dropped is None:  # (the counter went away: the loss is of unknown count)
+                    reported = None
+                elif dropped > reported:
+                    marker["count"], reported = dropped - reported, dropped
+                else:  # a late sign of a loss already reported
+                    batch = [raw for raw in batch if raw[4] is not marker]
             if batch:
                 self._hand_off(batch)
                 self.batches += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import threading
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from kport import procinfo
-from kport.sources import proc, proc_bpf
+from kport.sources import netlink_proc, proc, proc_bpf
 from kport.sources.proc import EXITED, ProcessTable, ProcSource
 
 
@@ -270,3 +271,50 @@ def test_with_ebpf_an_argv_with_empty_and_non_utf8_arguments_is_exact() -> None:
     (exec_,) = found
     assert exec_["argv"] == ["/bin/true", "", "x\ufffd\ufffd y", "", "kport-odd-argv"]
     assert exec_["exe"] == os.path.realpath("/bin/true") and "truncated" not in exec_
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the proc connector needs root")
+def test_one_connector_overflow_is_one_lost_event_with_its_count_and_one_resync() -> None:
+    """A socket buffer made tiny on purpose overflows in a storm. The kernel says so
+    twice — ENOBUFS, then a sequence gap on each CPU — but it is one loss: one lost
+    event with the count the kernel dropped, and one resync, never two back to back."""
+    emitted: list[dict[str, Any]] = []
+    source = ProcSource(
+        emitted.extend,
+        backend="connector",
+        rcvbuf=4096,
+        batch_window_s=0.05,
+        batch_above=0,  # drained once per window: the buffer fills between drains
+    )
+    source.start()
+    try:
+        time.sleep(0.3)  # past the reader's first rate slice
+
+        def storm() -> None:
+            for _ in range(150):
+                os.waitpid(os.posix_spawn("/bin/true", ["true"], os.environ), 0)
+
+        spawners = [threading.Thread(target=storm) for _ in range(4)]
+        for spawner in spawners:
+            spawner.start()
+        for spawner in spawners:
+            spawner.join()
+        assert source._sock is not None
+        deadline = time.monotonic() + 30
+        while True:  # until every drop the kernel counted is reported
+            dropped = netlink_proc.drops(source._sock)
+            reported = sum(e["count"] or 0 for e in list(emitted) if e["kind"] == "lost")
+            if dropped == reported:
+                break
+            assert time.monotonic() < deadline, (dropped, reported)
+            os.waitpid(os.posix_spawn("/bin/true", ["true"], os.environ), 0)  # a sign
+            time.sleep(0.1)
+    finally:
+        source.stop()
+    lost = [i for i, e in enumerate(emitted) if e["kind"] == "lost"]
+    assert dropped and lost, "the tiny buffer never overflowed"
+    assert all(emitted[i]["count"] for i in lost), [emitted[i] for i in lost]
+    for before, after in itertools.pairwise(lost):
+        between = emitted[before + 1 : after]
+        assert any(not e.get("synthetic") for e in between), (emitted[before], emitted[after])
+    assert source.resyncs == len(lost)
