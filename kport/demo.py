@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any
 
-from kport import procinfo
+from kport import identity, procinfo
 from kport.errors import PortClosed
 from kport.port.client import connect
 from kport.port.server import ServerConnection, ServerPort
@@ -21,7 +21,7 @@ def _describe(pid: int) -> dict[str, Any]:
         "source": "demo",
         "kind": "seen",
         "pid": pid,
-        "start_time": procinfo.start_time(pid),
+        "start_time": identity.start_time(pid),
         "exe": procinfo.exe(pid),
         "argv": procinfo.argv(pid) or [],
     }

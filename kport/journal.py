@@ -47,7 +47,7 @@ import zstandard
 
 from kport import paths
 from kport.errors import NameCollision
-from kport.port.history import Gap, Page
+from kport.replay import Gap, Page
 
 log = logging.getLogger("kport.journal")
 
@@ -940,7 +940,7 @@ def _clip(gaps: list[Gap], after: int, through: int) -> list[Gap]:
 
 
 class SourceHistory:
-    """The journal as a port's :class:`~kport.port.history.History`: the events of some sources."""
+    """The journal as a port's :class:`~kport.replay.History`: the events of some sources."""
 
     def __init__(self, journal: Journal, sources: Iterable[str]) -> None:
         self.journal = journal

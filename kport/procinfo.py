@@ -99,12 +99,6 @@ def _parse_stat(raw: bytes | None) -> Stat | None:
         return None
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot, or None if gone."""
-    stat = read_stat(pid)
-    return None if stat is None else stat.start_time
-
-
 def boottime_ns_from_monotonic_ns(ns: int) -> int:
     """A CLOCK_MONOTONIC time (a proc connector timestamp) on CLOCK_BOOTTIME, the clock
     start times count in (they part after a suspend)."""

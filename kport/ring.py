@@ -39,7 +39,7 @@ from itertools import islice
 from types import TracebackType
 from typing import Any, Final, Self
 
-from kport import procinfo
+from kport import identity
 from kport.errors import PortClosed, QueueFull, RemoteProtocolError, Timeout
 
 MIN_CAPACITY: Final = 4096
@@ -132,7 +132,7 @@ class Ring:
         self._peer_pid = 0
         self._pidfd: int | None = None
         self._peer_gone: str | None = None
-        start_time = procinfo.start_time(self._owner_pid) or 0
+        start_time = identity.start_time(self._owner_pid) or 0
         _END.pack_into(shared, self._own_offset, self._owner_pid, start_time, self._pidns, 0)
 
     # -- passing -----------------------------------------------------------------------
@@ -431,7 +431,7 @@ class Ring:
             return None
         except OSError:
             return None  # no pidfds here: the timeout is the only way out
-        now = procinfo.start_time(pid)
+        now = identity.start_time(pid)
         if start_time and now is not None and now != start_time:
             os.close(pidfd)
             self._peer_gone = f"the other end of the ring (pid {pid}) died; the pid was reused"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kport import procinfo
+from kport import identity, procinfo
 
 
 def test_describe_a_live_process() -> None:
@@ -25,7 +25,7 @@ def test_describe_a_live_process() -> None:
         assert info["exe"] == os.path.realpath("/usr/bin/sleep")
         assert info["ppid"] == os.getpid()
         assert info["uid"] == os.geteuid()
-        assert info["start_time"] == procinfo.start_time(child.pid)
+        assert info["start_time"] == identity.start_time(child.pid)
     finally:
         child.kill()
         child.wait()
@@ -34,7 +34,7 @@ def test_describe_a_live_process() -> None:
 def test_a_different_start_time_is_another_process() -> None:
     child = subprocess.Popen(["sleep", "5"])
     try:
-        real = procinfo.start_time(child.pid)
+        real = identity.start_time(child.pid)
         assert real is not None
         assert procinfo.describe(child.pid, expect_start=real + 1) is None
     finally:

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from kport import procinfo
+from kport import identity, procinfo
 from kport.sources.proc import ProcessTable
 from kport.subjects import PENDING, Subjects
 
@@ -42,7 +42,7 @@ def test_a_lookup_names_the_process_and_its_parents() -> None:
     info = subjects.get(os.getpid())
     assert info is not None
     assert info["exe"] == os.path.realpath(sys.executable)
-    assert info["start_time"] == procinfo.start_time(os.getpid())
+    assert info["start_time"] == identity.start_time(os.getpid())
     assert info["uid"] == os.geteuid() and info["argv"] and info["ppid"] == os.getppid()
     assert info["ancestors"][0] == procinfo.exe(os.getppid())
     assert subjects.get(os.getpid()) is info and (subjects.hits, subjects.misses) == (1, 1)
@@ -143,7 +143,7 @@ def test_a_pinned_process_that_exits_is_gone_and_its_fd_closed() -> None:
     subjects = Subjects()
     fds = len(os.listdir("/proc/self/fd"))
     assert subjects.identity(child.pid) == (
-        procinfo.start_time(child.pid),
+        identity.start_time(child.pid),
         os.path.realpath("/usr/bin/sleep"),
     )
     assert len(os.listdir("/proc/self/fd")) == fds + 1  # its /proc directory, pinned

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from kport import paths, procinfo, protocol
+from kport import identity, paths, protocol
 from kport.errors import (
     ErrorCode,
     KportError,
@@ -56,8 +56,8 @@ from kport.errors import (
 )
 from kport.event import Event
 from kport.port import handles
-from kport.port.history import Gap, History, Page
 from kport.port.security import PeerCredentials, Security, peer_credentials
+from kport.replay import Gap, History, Page
 
 log = logging.getLogger("kport.port")
 
@@ -116,7 +116,7 @@ class ServerConnection:
         self.pid = peer.pid
         self.uid = peer.uid
         self.gid = peer.gid
-        self.start_time = procinfo.start_time(peer.pid)
+        self.start_time = identity.start_time(peer.pid)
         self.client_pid: int | None = None
         self.connected_at = time.time()
         self.context: Any = None
