@@ -21,7 +21,7 @@ from kport.errors import (
     Timeout,
     TooManyConnections,
 )
-from kport.event import Event, wait_all, wait_any
+from kport.objects import Event, Ring, wait_all, wait_any
 from kport.port import (
     AsyncConnection,
     Connection,
@@ -34,7 +34,6 @@ from kport.port import (
     connect,
 )
 from kport.query import fetch, history
-from kport.ring import Ring
 
 __version__ = "0.1.0"
 

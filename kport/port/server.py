@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from kport import identity, paths, protocol
 from kport.errors import (
@@ -54,10 +54,12 @@ from kport.errors import (
     code_of,
     error_from_code,
 )
-from kport.event import Event
 from kport.port import handles
 from kport.port.security import PeerCredentials, Security, peer_credentials
 from kport.replay import Gap, History, Page
+
+if TYPE_CHECKING:
+    from kport.objects.event import Event
 
 log = logging.getLogger("kport.port")
 
@@ -1348,7 +1350,7 @@ class ServerPort:
         Raises ``ObjectTypeMismatch`` if the client finds it is not what was announced,
         ``Timeout`` or ``PortClosed`` as a request would.
         """
-        if not isinstance(event, Event):
+        if handles.type_name_of(event) != "event":
             raise TypeError(f"hand_event takes a kport.Event, not {type(event).__name__}")
         await self.hand_object(conn, event, timeout=timeout)
 

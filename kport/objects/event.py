@@ -85,9 +85,9 @@ class Event:
         (its creator's uid and root always may). It lives while any process holds it
         open, or until removed if ``permanent``.
         """
-        from kport import objects
+        from kport.objects import calls
 
-        return objects.create_named(
+        return calls.create_named(
             name,
             manual_reset=manual_reset,
             initial=initial,
@@ -107,9 +107,9 @@ class Event:
     ) -> Event:
         """Open the existing event ``name``: ``NameNotFound`` if there is none,
         ``AccessDenied`` if its security does not admit this process."""
-        from kport import objects
+        from kport.objects import calls
 
-        return objects.open_named(name, namespace=namespace, runtime_dir=runtime_dir)
+        return calls.open_named(name, namespace=namespace, runtime_dir=runtime_dir)
 
     @classmethod
     def open_or_create(
@@ -123,9 +123,9 @@ class Event:
         runtime_dir: str | os.PathLike[str] | None = None,
     ) -> Event:
         """Open ``name`` if it exists, else create it: for when that is really meant."""
-        from kport import objects
+        from kport.objects import calls
 
-        return objects.create_named(
+        return calls.create_named(
             name,
             manual_reset=manual_reset,
             initial=initial,
@@ -246,10 +246,10 @@ class Event:
             self._closed = True
             os.close(self._fd)
             if self._namespace is not None:
-                from kport import objects
+                from kport.objects import calls
 
                 handle, self._namespace = self._namespace, None
-                objects.release(handle)
+                calls.release(handle)
 
     def __enter__(self) -> Event:
         return self

@@ -23,7 +23,7 @@ from multiprocessing.synchronize import Event
 import pytest
 
 from kport.errors import PortClosed, QueueFull, Timeout
-from kport.ring import MAX_CAPACITY, Ring
+from kport.objects.ring import MAX_CAPACITY, Ring
 
 pytestmark = pytest.mark.timeout(300)
 
