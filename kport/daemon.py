@@ -24,7 +24,7 @@ from typing import Any
 
 from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
-from kport.decisions import Decisions
+from kport.decisions import MAX_ASKS, Decisions
 from kport.errors import BadRequest
 from kport.journal import Journal, Query, Row, SourceHistory, row_of
 from kport.objects import Namespace
@@ -288,6 +288,7 @@ class Daemon:
             processes=proc.table if isinstance(proc, ProcSource) else None,
             rules=rules,
             ask=decisions.ask_from_thread,
+            max_asks=MAX_ASKS,
             default_verdict=cfg.default_verdict == "allow",
             trusted=lambda: decisions.deciders,
         )
@@ -339,6 +340,7 @@ class Daemon:
             backend=cfg.backend,
             rules=rules,
             ask=decisions.ask_from_thread,
+            max_asks=MAX_ASKS,
             default_verdict=cfg.default_verdict,
             trusted=lambda: decisions.deciders,
             processes=table,

@@ -21,16 +21,12 @@ from typing import Any, Final
 
 from kport.errors import KportError, Timeout
 from kport.port.server import ServerConnection, ServerPort
+from kport.sources.ask import Done
 
 log = logging.getLogger("kport.decisions")
 
-#: done(verdict, why): why is "decided" when the client answered; called exactly once,
-#: from any thread
-Done = Callable[[str, str], None]
-#: a source's way to ask: ask(request, done)
-Ask = Callable[[dict[str, Any], Done], None]
-#: requests a source has waiting for decision clients at once, at most; beyond it the
-#: source applies its default verdict at once
+#: requests a source has waiting for decision clients at once, at most (each source is
+#: given it as its ``max_asks``); beyond it the source applies its default verdict at once
 MAX_ASKS: Final = 256
 #: called after a client's answer was applied, when it says more than its verdict
 #: (remember, a duration): (request, reply)

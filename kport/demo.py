@@ -9,10 +9,11 @@ import threading
 import time
 from typing import Any
 
-from kport import identity, procinfo
+from kport import identity
 from kport.errors import PortClosed
 from kport.port.client import connect
 from kport.port.server import ServerConnection, ServerPort
+from kport.sources import procinfo
 
 
 def _describe(pid: int) -> dict[str, Any]:

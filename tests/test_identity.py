@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from kport import identity, procinfo
+from kport import identity
+from kport.sources import procinfo
 
 
 def test_start_time_is_the_one_proc_stat_gives() -> None:

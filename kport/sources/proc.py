@@ -34,9 +34,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
-from kport import identity, procinfo
+from kport import identity
 from kport.errors import KportError
-from kport.sources import netlink_proc, proc_bpf
+from kport.sources import netlink_proc, proc_bpf, procinfo
 from kport.sources.proc_bpf import BpfUnavailable, ProcBpf
 
 log = logging.getLogger("kport.proc")

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from kport import procinfo
 from kport.errors import AccessDenied, BadRequest, KportError, PortNotFound
 from kport.port.aclient import AsyncConnection, aconnect
 from kport.port.message import Message
+from kport.sources import procinfo
 
 log = logging.getLogger("kport.ui")
 

@@ -9,9 +9,10 @@ import sys
 import time
 from typing import Any
 
-from kport import identity, procinfo
+from kport import identity
+from kport.sources import procinfo
 from kport.sources.proc import ProcessTable
-from kport.subjects import PENDING, Subjects
+from kport.sources.subjects import PENDING, Subjects
 
 
 def table_of(entries: dict[int, dict[str, Any]], *, exited: bool = False) -> ProcessTable:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from kport import identity, procinfo
+from kport import identity
+from kport.sources import procinfo
 
 
 def test_describe_a_live_process() -> None:

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Final, Protocol, overload
 
-from kport import procinfo
+from kport.sources import procinfo
 
 Info = dict[str, Any]
 
