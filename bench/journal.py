@@ -129,7 +129,8 @@ def delivery(count: int, with_journal: bool) -> dict[str, Any]:
 def appends(count: int) -> dict[str, Any]:
     """Rows queued as fast as the journal takes them (never past half its queue)."""
     from kport import protocol
-    from kport.journal import Journal, row_of
+    from kport.journal.chunks import row_of
+    from kport.journal.store import Journal
 
     with tempfile.TemporaryDirectory() as state:
         journal = Journal(Path(state) / "journal.db")

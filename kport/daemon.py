@@ -26,7 +26,9 @@ from kport import __version__, paths, protocol
 from kport.config import Config, PortConfig
 from kport.decisions import MAX_ASKS, Decisions
 from kport.errors import BadRequest
-from kport.journal import Journal, Query, Row, SourceHistory, row_of
+from kport.journal.chunks import Row, row_of
+from kport.journal.query import Query
+from kport.journal.store import Journal, SourceHistory
 from kport.objects import Namespace
 from kport.port.security import Security
 from kport.port.server import ServerConnection, ServerPort
@@ -501,7 +503,7 @@ class Daemon:
         page = dataclasses.replace(query, limit=min(wanted, QUERY_PAGE))
         events, rest = await asyncio.get_running_loop().run_in_executor(
             self._queries,
-            lambda: journal.scan(page, max_bytes=QUERY_BYTES, budget_s=QUERY_BUDGET_S),
+            lambda: journal.reader.scan(page, max_bytes=QUERY_BYTES, budget_s=QUERY_BUDGET_S),
         )
         if rest is not None:
             rest.limit = wanted - len(events)

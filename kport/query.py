@@ -15,7 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kport.journal import Journal, Query
+from kport.journal.query import Query
+from kport.journal.reader import JournalReader
 from kport.port.client import connect
 from kport.tail import format_line
 
@@ -61,7 +62,7 @@ def history(
 ) -> Iterator[dict[str, Any]]:
     """Events from the daemon's journal, oldest first, paging as it goes.
 
-    ``filters`` are :class:`~kport.journal.Query` fields: ``first``/``last`` (seq range,
+    ``filters`` are :class:`~kport.journal.query.Query` fields: ``first``/``last`` (seq range,
     inclusive: the range a ``lost`` message names), ``since_ns``/``until_ns``, ``sources``,
     ``kinds``, ``pids``, ``uids``, ``exe`` (a glob), ``text``, ``limit``, ``newest_first``.
     A bad filter raises ``ValueError`` before anything is sent.
@@ -118,7 +119,7 @@ def run(
         if not path.exists():
             print(f"kport query: no journal at {path}", file=sys.stderr)
             return 1
-        events: Iterator[dict[str, Any]] = Journal(path).query(Query.from_mapping(filters))
+        events: Iterator[dict[str, Any]] = JournalReader(path).query(Query.from_mapping(filters))
     else:
         events = history(runtime_dir=runtime_dir, **filters)
     out = sys.stdout

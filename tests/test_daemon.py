@@ -22,7 +22,7 @@ import pytest
 import kport
 from bench.proc import tiny_program
 from kport import cli
-from kport.journal import SOURCES, chunk_items
+from kport.journal.chunks import SOURCES, chunk_items
 from tests.conftest import mount_tmpfs, spawn_client
 
 pytestmark = [

@@ -12,7 +12,8 @@ import pytest
 
 import kport
 from kport import protocol
-from kport.journal import Journal, SourceHistory, row_of
+from kport.journal.chunks import row_of
+from kport.journal.store import Journal, SourceHistory
 from tests.conftest import run, spawn_client
 
 pytestmark = pytest.mark.timeout(120)

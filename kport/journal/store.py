@@ -6,12 +6,10 @@ queue in batches (WAL, ``synchronous=NORMAL``: a commit survives the process bei
 killed). Events stay in memory until committed, so a reader that looks at memory first
 and the database second sees every event exactly once (:meth:`Journal.read`).
 
-Events are stored in *chunks*: one row holds up to ``CHUNK_EVENTS`` consecutive events
-back to back, with their seqs, offsets and sources as packed arrays, indexed by seq and
-time. One row per event cost 6 µs of CPU per event, a third of the daemon's whole
-delivery path, and a GIL hand-off per row; a chunk costs a fraction of a microsecond
-per event, and a replay slices it without decoding. Queries decode the chunks their
-seq and time bounds select, and filter the events in Python.
+Events are stored in *chunks* of consecutive events (:mod:`kport.journal.chunks`),
+indexed by seq and time. Queries over what is committed are the reader's
+(:mod:`kport.journal.reader`); what is older than the limits goes
+(:mod:`kport.journal.retention`).
 
 Nothing is lost silently. A full queue drops the event from the journal (it was still
 delivered live) and records a *gap*, a seq range with a count, which replay reports as a
@@ -25,28 +23,22 @@ journal records the unwritten range as a gap, so no seq is ever reused.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fnmatch
 import logging
 import os
 import sqlite3
 import struct
 import threading
 import time
-import urllib.parse
-from array import array
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field
-from itertools import accumulate, repeat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
-import msgpack
-import zstandard
-
 from kport import paths
 from kport.errors import NameCollision
+from kport.journal.chunks import CHUNK_EVENTS, SOURCE_CODE, Row, chunk_items, chunk_of
+from kport.journal.reader import JournalReader
+from kport.journal.retention import Retention, size_bytes
 from kport.replay import Gap, Page
 
 log = logging.getLogger("kport.journal")
@@ -75,11 +67,6 @@ CREATE TABLE IF NOT EXISTS gaps (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 _INSERT: Final = "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-#: the sources a chunk can name; anything else is stored as index 0
-SOURCES: Final = ("", "proc", "file", "net", "kport")
-_SOURCE_CODE: Final = {name: code for code, name in enumerate(SOURCES)}
-#: events in one chunk row at most
-CHUNK_EVENTS: Final = 512
 #: events committed in one transaction at most
 BATCH_MAX: Final = 20_000
 #: events :meth:`Journal.tail` serves from memory at most
@@ -87,102 +74,6 @@ TAIL_MAX: Final = 4096
 #: seqs reserved ahead of the last one handed out (see Journal._reserve)
 RESERVE: Final = 4096
 _SEQ: Final = struct.Struct("<Q")
-
-#: (seq, ts, source, packed event)
-Row = tuple[int, int, str, bytes]
-
-
-@dataclass
-class Query:
-    """What ``kport query`` and the journal port filter on; empty fields match everything."""
-
-    first: int | None = None  # seq, inclusive
-    last: int | None = None  # seq, inclusive
-    since_ns: int | None = None  # ts, inclusive
-    until_ns: int | None = None  # ts, exclusive
-    sources: list[str] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)
-    pids: list[int] = field(default_factory=list)
-    uids: list[int] = field(default_factory=list)
-    exe: str | None = None  # glob
-    text: str | None = None  # substring of any value, case-insensitive
-    limit: int = 1000
-    newest_first: bool = False
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, Any]) -> Query:
-        """A Query from a request mapping; an unknown or mistyped key is a ValueError."""
-        known = cls.__dataclass_fields__
-        query = cls()
-        for key, value in data.items():
-            if key not in known:
-                raise ValueError(f"unknown query field {key!r} (known: {', '.join(known)})")
-            expected = known[key].type
-            ok = {
-                "int | None": value is None or type(value) is int,
-                "int": type(value) is int,
-                "str | None": value is None or type(value) is str,
-                "bool": type(value) is bool,
-                "list[str]": type(value) is list and all(type(v) is str for v in value),
-                "list[int]": type(value) is list and all(type(v) is int for v in value),
-            }[str(expected)]
-            if not ok:
-                raise ValueError(f"query field {key!r} must be {expected}, not {value!r:.60}")
-            setattr(query, key, value)
-        if query.limit < 1:
-            raise ValueError(f"query limit must be positive, not {query.limit}")
-        return query
-
-    def chunk_sql(self) -> tuple[str, list[Any]]:
-        """A WHERE condition on ``chunks`` selecting every chunk that may hold a match."""
-        terms = ["1"]
-        args: list[Any] = []
-        for term, value in (
-            ("last >= ?", self.first),
-            ("first <= ?", self.last),
-            ("ts_last >= ?", self.since_ns),
-            ("ts_first < ?", self.until_ns),
-        ):
-            if value is not None:
-                terms.append(term)
-                args.append(value)
-        return " AND ".join(terms), args
-
-    def matches(self, event: Any) -> bool:
-        """Whether a decoded event passes every filter."""
-        if not isinstance(event, dict):
-            return False
-        get = event.get
-        seq = get("seq")
-        ts = get("ts")
-        if self.first is not None and not (type(seq) is int and seq >= self.first):
-            return False
-        if self.last is not None and not (type(seq) is int and seq <= self.last):
-            return False
-        if self.since_ns is not None and not (type(ts) is int and ts >= self.since_ns):
-            return False
-        if self.until_ns is not None and not (type(ts) is int and ts < self.until_ns):
-            return False
-        for key, values in (
-            ("source", self.sources),
-            ("kind", self.kinds),
-            ("pid", self.pids),
-            ("uid", self.uids),
-        ):
-            if values and get(key) not in values:
-                return False
-        if self.exe and not fnmatch.fnmatchcase(str(get("exe") or ""), self.exe):
-            return False
-        return not self.text or self.text.casefold() in _flatten(event).casefold()
-
-
-def _flatten(value: Any) -> str:
-    if isinstance(value, dict):
-        return " ".join(f"{k}={_flatten(v)}" for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return " ".join(_flatten(v) for v in value)
-    return str(value)
-
 
 #: how long the writer steps aside between its steps that hold the GIL
 STEP_ASIDE_S: Final = 0.0001
@@ -201,75 +92,6 @@ def _step_aside() -> None:
     commit.
     """
     time.sleep(STEP_ASIDE_S)
-
-
-def row_of(seq: int, event: dict[str, Any], packed: bytes) -> Row:
-    """What the journal keeps of an event: its seq, time, source and encoded bytes."""
-    return (seq, event.get("ts") or time.time_ns(), str(event.get("source", "")), packed)
-
-
-_codecs = threading.local()  # zstd contexts are not thread-safe: one pair per thread
-
-
-def _compressor() -> zstandard.ZstdCompressor:
-    codec: zstandard.ZstdCompressor | None = getattr(_codecs, "compressor", None)
-    if codec is None:
-        codec = _codecs.compressor = zstandard.ZstdCompressor(level=1)
-    return codec
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    codec: zstandard.ZstdDecompressor | None = getattr(_codecs, "decompressor", None)
-    if codec is None:
-        codec = _codecs.decompressor = zstandard.ZstdDecompressor()
-    return codec
-
-
-def chunk_of(rows: list[Row], pause: Callable[[], None] | None = None) -> tuple[Any, ...]:
-    """Consecutive rows as one ``chunks`` row; the events are compressed together.
-
-    Events of one source look alike: zstd at level 1 shrinks a chunk of exec events
-    about 23 times for 0.4 µs per event (zlib at level 1: 16 times for 1.0 µs, lz4:
-    11 times for 0.2 µs, measured on the same chunks). Less to write, and 20 times the
-    history in the same disk space.
-
-    ``pause``, called between the steps that hold the GIL, lets the writer step aside
-    for the delivery path (see Journal._commit).
-    """
-    step = pause or _no_pause
-    seqs, stamps, sources, items = zip(*rows, strict=True)
-    step()
-    head = (
-        seqs[0],
-        seqs[-1],
-        stamps[0],
-        stamps[-1],
-        len(rows),
-        array("q", seqs).tobytes(),
-        array("I", accumulate(map(len, items), initial=0)).tobytes(),
-    )
-    step()
-    kinds = bytes(map(_SOURCE_CODE.get, sources, repeat(0)))
-    data = b"".join(items)
-    step()
-    return (*head, kinds, _compressor().compress(data))  # zstd runs without the GIL
-
-
-def _no_pause() -> None:
-    pass
-
-
-def chunk_items(
-    seqs: bytes, offsets: bytes, sources: bytes, data: bytes
-) -> Iterator[tuple[int, int, bytes]]:
-    """(seq, source code, packed event) for each event in a chunk."""
-    seq_list = array("q")
-    seq_list.frombytes(seqs)
-    bounds = array("I")
-    bounds.frombytes(offsets)
-    raw = _decompressor().decompress(data)
-    for i, seq in enumerate(seq_list):
-        yield seq, sources[i], raw[bounds[i] : bounds[i + 1]]
 
 
 StateCallback = Callable[[bool, str], None]
@@ -292,8 +114,8 @@ class Journal:
         if queue_limit < 1:
             raise ValueError(f"journal queue_limit must be positive, not {queue_limit}")
         self.path = Path(path)
-        self.max_age_s = max_age_s
-        self.max_bytes = max_bytes
+        self.reader = JournalReader(self.path)
+        self.retention = Retention(self.path, max_age_s=max_age_s, max_bytes=max_bytes)
         self.queue_limit = queue_limit
         self.commit_interval_s = commit_interval_s
         self.retry_interval_s = retry_interval_s
@@ -306,7 +128,6 @@ class Journal:
         #: events dropped from the journal because its queue was full (still delivered)
         self.dropped = 0
         self.written = 0
-        self.pruned = 0
         #: CPU time the writer thread has used
         self.writer_cpu_s = 0.0
         # Appended, not yet committed, in seq order: the lists of rows the producer handed
@@ -323,10 +144,8 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._seq_fd: int | None = None
-        self._readers = threading.local()
         self._last_seq = 0
         self._reserved = 0
-        self._last_prune = 0.0
         #: rows per commit now: halved after a failed commit (a nearly full disk may take a
         #: small one), doubled again after each success
         self._batch_max = BATCH_MAX
@@ -563,7 +382,9 @@ class Journal:
                 self._release(taken)
                 if self._queued < BATCH_MAX // 2 and not stopping:
                     break
-            self._maybe_prune()
+            db = self._db
+            assert db is not None
+            self.retention.maybe_prune(db, self.committed)
         except Exception as err:  # never die quietly: durability is off, and said to be
             log.exception("journal %s: the writer failed", self.path)
             self._set_durable(False, f"the journal writer failed: {err!r}")
@@ -654,97 +475,7 @@ class Journal:
             except Exception:
                 log.exception("journal: the durability callback failed")
 
-    # --- retention ---------------------------------------------------------------------
-
-    def _maybe_prune(self) -> None:
-        now = time.monotonic()
-        if now - self._last_prune < 1.0:
-            return
-        self._last_prune = now
-        try:
-            self.prune()
-        except sqlite3.Error as err:
-            log.error("journal %s: retention failed: %s", self.path, err)
-
-    def size_bytes(self) -> int:
-        """Bytes the chunks and gaps take in the database (free pages not counted)."""
-        db = self._db
-        assert db is not None
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-        free = db.execute("PRAGMA freelist_count").fetchone()[0]
-        return int((pages - free) * page_size)
-
-    def prune(self) -> int:
-        """Delete events older than ``max_age_s`` and the oldest beyond ``max_bytes``.
-
-        Whole chunks go: a chunk is removed once its newest event is too old.
-        """
-        db = self._db
-        assert db is not None
-        cutoff = time.time_ns() - int(self.max_age_s * 1e9)
-        row = db.execute(
-            "SELECT max(last) FROM chunks WHERE ts_last < ? AND last <= ?",
-            (cutoff, self.committed),
-        ).fetchone()
-        deleted = self._delete_through(row[0]) if row[0] else 0
-        # Size: delete the oldest share of what is over, until under the limit.
-        for _ in range(50):
-            size = self.size_bytes()
-            if size <= self.max_bytes:
-                break
-            chunks = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
-            if chunks <= 1:
-                break
-            share = min(1.0, (size - self.max_bytes) / size + 0.05)
-            drop = max(1, min(chunks - 1, int(chunks * share)))
-            through = db.execute(
-                "SELECT last FROM chunks ORDER BY first LIMIT 1 OFFSET ?", (drop - 1,)
-            ).fetchone()[0]
-            deleted += self._delete_through(through)
-        if deleted:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("PRAGMA incremental_vacuum")
-            log.info("journal %s: retention removed %d events", self.path, deleted)
-        return deleted
-
-    def _delete_through(self, seq: int) -> int:
-        db = self._db
-        assert db is not None
-        db.execute("BEGIN")  # one transaction: no reader sees events gone and no gap said
-        try:
-            count = db.execute(
-                "SELECT coalesce(sum(count), 0) FROM chunks WHERE last <= ?", (seq,)
-            ).fetchone()[0]
-            db.execute("DELETE FROM chunks WHERE last <= ?", (seq,))
-            db.execute("DELETE FROM gaps WHERE last <= ?", (seq,))
-            old = db.execute("SELECT value FROM meta WHERE key = 'pruned_through'").fetchone()
-            db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('pruned_through', ?)",
-                (max(seq, old[0] if old else 0),),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-        self.pruned += count
-        return int(count)
-
     # --- reading (any thread) ----------------------------------------------------------
-
-    def _reader(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._readers, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                f"file:{urllib.parse.quote(str(self.path))}?mode=ro",
-                uri=True,
-                isolation_level=None,
-                timeout=5,
-            )
-            db.execute("PRAGMA query_only = 1")
-            self._readers.db = db
-        return db
 
     def read(self, after: int, upto: int, limit: int, sources: Iterable[str] = ()) -> Page:
         """Events with ``after < seq <= upto`` (of ``sources``, if given) and the gaps there.
@@ -755,11 +486,11 @@ class Journal:
         leaves the queue between the two looks was committed first, so every event and
         every gap is seen, and what is seen twice is counted once.
         """
-        codes = {_SOURCE_CODE.get(name, 0) for name in sources}
+        codes = {SOURCE_CODE.get(name, 0) for name in sources}
         names = frozenset(sources)
         with self._lock:
             queued, queued_gaps, cut = self._pending_in(after, upto, limit)
-        db = self._reader()
+        db = self.reader.connection()
         items: list[tuple[int, bytes]] = []
         looked = 0
         through = after
@@ -829,77 +560,11 @@ class Journal:
         items = [(r[0], r[3]) for r in rows if not wanted or r[2] in wanted]
         return Page(items, _clip(gaps, after, upto), upto)
 
-    def query(self, query: Query) -> Iterator[dict[str, Any]]:
-        """Events matching ``query``, oldest first (or newest first), at most ``query.limit``.
-
-        Committed events only: what is still queued shows up within a commit interval.
-        """
-        found = 0
-        for _, event in self._walk(query):
-            if event is not None:
-                found += 1
-                yield event
-                if found >= query.limit:
-                    return
-
-    def scan(
-        self, query: Query, *, max_bytes: int, budget_s: float
-    ) -> tuple[list[dict[str, Any]], Query | None]:
-        """One bounded page of :meth:`query`: at most ``query.limit`` events, about
-        ``max_bytes`` of them encoded, ``budget_s`` seconds of scanning. Returns the events
-        and the query that goes on from where this page stopped (same limit; None when
-        the journal has nothing further in its bounds).
-        """
-        deadline = time.monotonic() + budget_s
-        out: list[dict[str, Any]] = []
-        size = 0
-        # Walk one event at a time so that the page can stop anywhere and say where.
-        walker = self._walk(query)
-        for seq, event in walker:
-            if event is not None:
-                out.append(event)
-                size += len(msgpack.packb(event))
-            full = len(out) >= query.limit or size >= max_bytes
-            if full or time.monotonic() >= deadline:
-                walker.close()
-                rest = dataclasses.replace(query)
-                if query.newest_first:
-                    rest.last = seq - 1
-                else:
-                    rest.first = seq + 1
-                return out, rest
-        return out, None
-
-    def _walk(self, query: Query) -> Generator[tuple[int, dict[str, Any] | None]]:
-        """(seq, event if it matches else None) for every event in the query's bounds."""
-        where, args = query.chunk_sql()
-        order = "DESC" if query.newest_first else "ASC"
-        db = self._reader()
-        bound: int | None = None
-        while True:
-            page_where, page_args = where, list(args)
-            if bound is not None:
-                page_where += " AND first < ?" if query.newest_first else " AND first > ?"
-                page_args.append(bound)
-            rows = db.execute(
-                f"SELECT first, seqs, offsets, sources, data FROM chunks WHERE {page_where}"
-                f" ORDER BY first {order} LIMIT 16",
-                page_args,
-            ).fetchall()
-            if not rows:
-                return
-            for first, *chunk in rows:
-                events = list(chunk_items(*chunk))
-                if query.newest_first:
-                    events.reverse()
-                for seq, _, item in events:
-                    if query.first is not None and seq < query.first:
-                        continue
-                    if query.last is not None and seq > query.last:
-                        continue
-                    event = msgpack.unpackb(item, raw=False, strict_map_key=False)
-                    yield seq, (event if query.matches(event) else None)
-                bound = first
+    def size_bytes(self) -> int:
+        """Bytes the chunks and gaps take in the database (free pages not counted)."""
+        db = self._db
+        assert db is not None
+        return size_bytes(db)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -911,7 +576,7 @@ class Journal:
             "queue_limit": self.queue_limit,
             "written": self.written,
             "dropped": self.dropped,
-            "pruned": self.pruned,
+            "pruned": self.retention.pruned,
             "writer_cpu_s": round(self.writer_cpu_s, 3),
         }
 

@@ -1,4 +1,5 @@
-"""The journal with real SQLite files: commits, reads without gaps or repeats, loss, retention."""
+"""The journal's store with real SQLite files: commits, reads without gaps or repeats,
+loss, retention."""
 
 from __future__ import annotations
 
@@ -6,52 +7,19 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from kport import journal as journal_module
 from kport.errors import NameCollision
-from kport.journal import SOURCES, Journal, Query, SourceHistory, chunk_items, chunk_of, row_of
+from kport.journal import store
+from kport.journal.store import Journal, SourceHistory
 from tests.conftest import mount_tmpfs
+from tests.journal.conftest import append, wait_committed
 
 OLD_NS = 1_000_000_000 * 3600  # 1970, far past any retention
-
-
-def event(seq: int, **extra: Any) -> dict[str, Any]:
-    base = {
-        "seq": seq,
-        "ts": time.time_ns(),
-        "source": "proc",
-        "kind": "exec",
-        "pid": 1000 + seq % 7,
-        "uid": seq % 3,
-        "exe": f"/usr/bin/tool{seq % 5}",
-        "argv": ["tool", f"arg-{seq}"],
-    }
-    base.update(extra)
-    return base
-
-
-def append(journal: Journal, first: int, last: int, *, noise: int = 0, **extra: Any) -> None:
-    """Events first..last; ``noise`` random bytes each make them incompressible."""
-    for seq in range(first, last + 1):
-        ev = event(seq, **extra)
-        if noise:
-            ev["noise"] = os.urandom(noise)
-        journal.append(row_of(seq, ev, msgpack.packb(ev)))
-
-
-def wait_committed(journal: Journal, seq: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while journal.committed < seq:
-        assert time.monotonic() < deadline, f"not committed: {journal.status()}"
-        time.sleep(0.01)
 
 
 def read_all(journal: Journal, after: int, upto: int, limit: int = 1000) -> tuple[list[int], list]:
@@ -64,15 +32,6 @@ def read_all(journal: Journal, after: int, upto: int, limit: int = 1000) -> tupl
         assert page.through > after
         after = page.through
     return seqs, gaps
-
-
-@pytest.fixture
-def journal(tmp_path: Path) -> Iterator[Journal]:
-    j = Journal(tmp_path / "journal.db", commit_interval_s=0.01)
-    assert j.open() == 0
-    j.start()
-    yield j
-    j.close()
 
 
 def test_reads_while_writing_see_every_event_once(journal: Journal) -> None:
@@ -178,10 +137,10 @@ def test_retention_by_age_while_writes_go_on(tmp_path: Path) -> None:
     append(j, 1, 2000, ts=OLD_NS)
     append(j, 2001, 3000)
     wait_committed(j, 3000)
-    j._last_prune = 0  # the next commit prunes
+    j.retention.last_run = 0  # the next commit prunes
     append(j, 3001, 3100)
     deadline = time.monotonic() + 10
-    while j.pruned < 1000:
+    while j.retention.pruned < 1000:
         assert time.monotonic() < deadline, j.status()
         time.sleep(0.02)
     wait_committed(j, 3100)
@@ -202,13 +161,13 @@ def test_retention_by_size_keeps_the_newest(tmp_path: Path) -> None:
     for first in range(1, 20_001, 1000):
         append(j, first, first + 999, noise=300)
         wait_committed(j, first + 999)
-        j._last_prune = 0
+        j.retention.last_run = 0
     append(j, 20_001, 20_001, noise=300)
     wait_committed(j, 20_001)
     deadline = time.monotonic() + 10
     while j.size_bytes() > limit:
         assert time.monotonic() < deadline, (j.size_bytes(), j.status())
-        j._last_prune = 0
+        j.retention.last_run = 0
         time.sleep(0.05)
     seqs, gaps = read_all(j, 0, 20_001)
     assert seqs[-1] == 20_001 and seqs == list(range(seqs[0], 20_002))
@@ -276,32 +235,6 @@ def test_an_unwritable_journal_reports_durability_off(tmp_path: Path) -> None:
     j.close()
 
 
-def test_query_filters(journal: Journal) -> None:
-    append(journal, 1, 100)
-    own = event(101, source="kport", kind="journal")
-    journal.append(row_of(101, own, msgpack.packb(own)))
-    wait_committed(journal, 101)
-
-    def seqs(**fields: Any) -> list[int]:
-        return [e["seq"] for e in journal.query(Query.from_mapping(fields)) if "seq" in e]
-
-    assert seqs(first=10, last=12) == [10, 11, 12]
-    assert seqs(pids=[1003], limit=3) == [3, 10, 17]
-    assert seqs(uids=[2], last=10) == [2, 5, 8]
-    assert seqs(exe="/usr/bin/tool[12]", last=10) == [1, 2, 6, 7]
-    assert seqs(text="ARG-77") == [77]
-    assert seqs(newest_first=True, limit=2, sources=["proc"]) == [100, 99]
-    assert seqs(kinds=["exit"]) == []
-    assert list(journal.query(Query.from_mapping({"sources": ["kport"]}))) == [own]
-    now = time.time_ns()
-    assert len(seqs(since_ns=now - 60 * 10**9, until_ns=now + 10**9, limit=5000)) == 101
-    assert seqs(until_ns=now - 60 * 10**9) == []
-    with pytest.raises(ValueError, match="unknown query field 'colour'"):
-        Query.from_mapping({"colour": "red"})
-    with pytest.raises(ValueError, match="'pids' must be list"):
-        Query.from_mapping({"pids": 5})
-
-
 def test_source_history_filters_by_source(journal: Journal) -> None:
     append(journal, 1, 10)
     append(journal, 11, 20, source="file")
@@ -313,24 +246,6 @@ def test_source_history_filters_by_source(journal: Journal) -> None:
     assert history.tail(0, 30) is None  # committed: memory no longer reaches back
     page = history.read(0, 30, 100)
     assert [s for s, _ in page.items] == [*range(1, 11), *range(21, 31)]
-
-
-@given(
-    st.lists(
-        st.tuples(st.sampled_from(["proc", "file", "net", "kport", "other"]), st.binary()),
-        min_size=1,
-        max_size=50,
-    ),
-    st.integers(1, 2**40),
-)
-def test_a_chunk_gives_back_its_events(events: list[tuple[str, bytes]], first: int) -> None:
-    rows = [(first + i, i, source, data) for i, (source, data) in enumerate(events)]
-    chunk = chunk_of(rows)
-    assert chunk[:5] == (first, first + len(rows) - 1, 0, len(rows) - 1, len(rows))
-    items = list(chunk_items(*chunk[5:]))
-    assert [(seq, SOURCES[code] or "other", data) for seq, code, data in items] == [
-        (seq, source, data) for seq, _, source, data in rows
-    ]
 
 
 def test_a_committed_drop_gap_is_reported_by_tail_and_read_once(tmp_path: Path) -> None:
@@ -396,12 +311,12 @@ def test_the_writer_survives_a_failure_and_says_so(
         on_state=lambda d, why: states.append(d),
     )
     j.open()
-    real = journal_module.chunk_of
+    real = store.chunk_of
 
     def broken(rows: Any, pause: Any = None) -> Any:
         raise MemoryError("injected")
 
-    monkeypatch.setattr(journal_module, "chunk_of", broken)
+    monkeypatch.setattr(store, "chunk_of", broken)
     j.start()
     append(j, 1, 10)
     deadline = time.monotonic() + 10
@@ -409,38 +324,7 @@ def test_the_writer_survives_a_failure_and_says_so(
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert states == [False] and not j.durable and "injected" in (j.error or "")
-    monkeypatch.setattr(journal_module, "chunk_of", real)
+    monkeypatch.setattr(store, "chunk_of", real)
     wait_committed(j, 10)
     assert states == [False, True] and j._thread is not None and j._thread.is_alive()
     j.close()
-
-
-def test_scan_pages_by_bytes_and_time_and_says_where_to_go_on(journal: Journal) -> None:
-    append(journal, 1, 300)
-    wait_committed(journal, 300)
-    for newest_first in (False, True):
-        query: Query | None = Query(limit=250, newest_first=newest_first, pids=[1003])
-        got: list[int] = []
-        pages = 0
-        while query is not None:
-            events, query = journal.scan(query, max_bytes=1, budget_s=10)  # one per page
-            got += [e["seq"] for e in events]
-            pages += 1
-            if query is not None:
-                query.limit -= len(events)
-                if query.limit <= 0:
-                    break
-        expected = [s for s in range(1, 301) if 1000 + s % 7 == 1003]
-        assert got == (expected[::-1] if newest_first else expected)
-        assert pages >= len(expected)
-    # No time to scan: a page may come back empty, but it always moves on.
-    events, rest = journal.scan(Query(kinds=["exit"]), max_bytes=1 << 20, budget_s=0)
-    assert events == [] and rest is not None and rest.first == 2
-
-
-def test_a_chunk_is_built_in_steps_that_let_the_delivery_path_have_the_gil() -> None:
-    rows = [row_of(seq, {"source": "proc", "ts": seq}, b"x" * seq) for seq in range(1, 600)]
-    pauses: list[int] = []
-    stepped = chunk_of(rows, lambda: pauses.append(1))
-    assert len(pauses) >= 3  # between each step that holds the GIL
-    assert stepped == chunk_of(rows)  # and the same chunk
