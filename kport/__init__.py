@@ -21,6 +21,7 @@ from kport.errors import (
     Timeout,
     TooManyConnections,
 )
+from kport.history import fetch, history
 from kport.objects import Event, Ring, wait_all, wait_any
 from kport.port import (
     AsyncConnection,
@@ -33,9 +34,7 @@ from kport.port import (
     aconnect,
     connect,
 )
-from kport.query import fetch, history
-
-__version__ = "0.1.0"
+from kport.version import __version__
 
 __all__ = [
     "AccessDenied",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kport.tail import format_line
+from kport.cli.tail import format_line
 
 TS = 1_764_860_000_123_000_000
 PROCESS = {"pid": 4242, "user": "alice", "argv": ["cat", "notes.txt"], "exe": "/usr/bin/cat"}

@@ -10,6 +10,7 @@ from kport (a prompt answered too late)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import queue
 import re
@@ -244,3 +245,14 @@ def run(
         for conn in conns.values():
             conn.close()
     return 1 if not open_ports else 0  # every port closed: kport went away
+
+
+def command(args: argparse.Namespace) -> int:
+    """`kport decide` with its parsed arguments."""
+    try:
+        return run(
+            policy=args.policy, runtime_dir=args.runtime_dir, count=args.count, ports=args.port
+        )
+    except ValueError as err:
+        print(f"kport decide: {err}", file=sys.stderr)
+        return 2

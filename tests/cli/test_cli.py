@@ -1,10 +1,10 @@
-"""The `kport` command: help, version, and the demo end to end in a real process."""
+"""The `kport` command in a real process: help, version, refusals, and each subcommand's
+face imported only when it runs."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import kport
 
@@ -42,11 +42,15 @@ def test_unknown_benchmark_is_refused() -> None:
     assert "invalid choice" in result.stderr
 
 
-def test_demo_announces_processes_to_its_client(rundir: Path) -> None:
-    result = run_cli("demo", "--runtime-dir", str(rundir), "--count", "3")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("server: port 'demo'")
-    assert lines[1].startswith("client: connected")
-    assert len(lines) == 5 and all("snapshot" in line for line in lines[2:])
-    assert list(rundir.iterdir()) == []  # socket and lock removed on the way out
+def test_parsing_imports_no_face() -> None:
+    """Parsing loads none of the faces (nor the daemon, rich, SQLite): `kport tail` starts
+    without paying for `kport serve`."""
+    code = (
+        "import sys; from kport import cli; cli.build_parser().parse_args(['status']); "
+        "print(sorted(m for m in sys.modules if m.startswith('kport.cli.') or m in "
+        "('kport.daemon', 'rich', 'sqlite3')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert result.stdout.strip() == "[]"

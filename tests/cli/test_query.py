@@ -11,9 +11,9 @@ import msgpack
 import pytest
 
 from kport import cli
+from kport.cli.query import parse_time, uid_of
 from kport.journal.chunks import row_of
 from kport.journal.store import Journal
-from kport.query import parse_time, uid_of
 
 NOW_NS = 1_795_000_000 * 10**9
 

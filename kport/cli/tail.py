@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import sys
@@ -183,3 +184,19 @@ def run(
             print(f"kport tail: {err}", file=sys.stderr)
             return 1
     return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """`kport tail` with its parsed arguments."""
+    try:
+        return run(
+            args.source,
+            as_json=args.json,
+            terms=args.filter or [],
+            runtime_dir=args.runtime_dir,
+            count=args.count,
+            since=args.since,
+        )
+    except ValueError as err:
+        print(f"kport tail: {err}", file=sys.stderr)
+        return 2

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import kport
-from kport import decide
-from kport.decide import answer_of, describe, parse_answer
+from kport.cli import decide
+from kport.cli.decide import answer_of, describe, parse_answer
 from tests.conftest import run, wait_for
 
 CONNECT = {

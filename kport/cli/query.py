@@ -1,10 +1,11 @@
-"""Reading history: `kport.history(...)` over the daemon's journal port, and `kport query`."""
+"""`kport query`: the journal's history, filtered, as a table, lines or JSON lines; from the
+daemon's journal port, or from a journal file with no daemon (``--db``)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
-import os
 import pwd
 import re
 import sys
@@ -15,10 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kport.cli.tail import format_line
+from kport.history import history
 from kport.journal.query import Query
 from kport.journal.reader import JournalReader
-from kport.port.client import connect
-from kport.tail import format_line
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -52,36 +53,6 @@ def uid_of(user: str) -> int:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         raise ValueError(f"no user named {user!r} on this machine") from None
-
-
-def history(
-    *,
-    runtime_dir: str | os.PathLike[str] | None = None,
-    timeout: float = 30.0,
-    **filters: Any,
-) -> Iterator[dict[str, Any]]:
-    """Events from the daemon's journal, oldest first, paging as it goes.
-
-    ``filters`` are :class:`~kport.journal.query.Query` fields: ``first``/``last`` (seq range,
-    inclusive: the range a ``lost`` message names), ``since_ns``/``until_ns``, ``sources``,
-    ``kinds``, ``pids``, ``uids``, ``exe`` (a glob), ``text``, ``limit``, ``newest_first``.
-    A bad filter raises ``ValueError`` before anything is sent.
-    """
-    Query.from_mapping(filters)  # a bad filter fails here, before anything is sent
-    request: dict[str, Any] | None = dict(filters)
-    with connect("journal", runtime_dir=runtime_dir) as conn:
-        while request is not None:
-            reply = conn.send({"op": "query", **request}, timeout=timeout)
-            yield from reply["events"]
-            request = reply["next"]
-
-
-def fetch(
-    first: int, last: int, *, runtime_dir: str | os.PathLike[str] | None = None, **filters: Any
-) -> list[dict[str, Any]]:
-    """The events with ``first <= seq <= last`` still in the journal (after a ``lost``)."""
-    filters.setdefault("limit", max(1, last - first + 1))
-    return list(history(first=first, last=last, runtime_dir=runtime_dir, **filters))
 
 
 _COLUMNS = ("seq", "time", "source", "kind", "pid", "user", "command")
@@ -141,3 +112,33 @@ def run(
     if not shown:
         print("kport query: no events match", file=sys.stderr)
     return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """`kport query` with its parsed arguments."""
+    try:
+        filters: dict[str, Any] = {
+            "limit": args.limit or 2**62,
+            "newest_first": args.newest_first,
+        }
+        for key, value in (
+            ("sources", args.source),
+            ("kinds", args.kind),
+            ("pids", args.pid),
+            ("exe", args.exe),
+            ("text", args.text),
+            ("first", args.first),
+            ("last", args.last),
+        ):
+            if value:
+                filters[key] = value
+        if args.user:
+            filters["uids"] = [uid_of(user) for user in args.user]
+        if args.since:
+            filters["since_ns"] = parse_time(args.since)
+        if args.until:
+            filters["until_ns"] = parse_time(args.until)
+        return run(filters, as_json=args.json, db=args.db, runtime_dir=args.runtime_dir)
+    except ValueError as err:
+        print(f"kport query: {err}", file=sys.stderr)
+        return 2

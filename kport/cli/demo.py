@@ -3,11 +3,14 @@ that prints them, in one process: the smallest whole use of ServerPort and conne
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import threading
 import time
 from typing import Any
+
+import uvloop
 
 from kport import identity
 from kport.errors import PortClosed
@@ -76,3 +79,8 @@ async def run(*, runtime_dir: str | None = None, count: int = 0) -> int:
         await port.shutdown()
         client.join(2)
     return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """`kport demo` with its parsed arguments."""
+    return uvloop.run(run(runtime_dir=args.runtime_dir, count=args.count))
