@@ -4,6 +4,7 @@ logging, and the daemon run on uvloop, with the web UI beside it if asked."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -11,9 +12,24 @@ import sys
 
 import uvloop
 
-from kport import config as config_mod
 from kport import daemon, paths
+from kport.daemon import config as config_mod
 from kport.errors import KportError
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for journald and log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -59,7 +75,7 @@ def command(args: argparse.Namespace) -> int:
         return 1
     handler = logging.StreamHandler()
     if cfg.daemon.log_format == "json":
-        handler.setFormatter(daemon.JsonFormatter())
+        handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

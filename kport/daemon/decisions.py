@@ -7,7 +7,9 @@ the deadline passing, the client going away, no client at all, or the daemon sto
 A client that missed its deadline is told so with a ``missed`` notification, so that a
 prompt on its screen does not look as if it still mattered. The processes of the
 connected decision clients are in :attr:`deciders`, for the sources to let through at
-once (a decision client must never wait on its own question).
+once (a decision client must never wait on its own question). An answer that says more
+than its verdict (remember it, for how long) becomes a rule: :func:`remember_file`,
+:func:`remember_net`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Final
 
 from kport.errors import KportError, Timeout
 from kport.port.server import ServerConnection, ServerPort
+from kport.rules import RuleSet
+from kport.sources import net as net_source
 from kport.sources.ask import Done
 
 log = logging.getLogger("kport.decisions")
@@ -163,3 +167,44 @@ class Decisions:
 
     def _choices(self) -> str:
         return " or ".join(self.verdicts)
+
+
+# --- what an answer leaves behind -------------------------------------------------------
+
+
+async def remember_file(
+    rules: RuleSet, remembered: str, request: dict[str, Any], reply: dict[str, Any]
+) -> None:
+    """A file decision client's "remember": a rule for that path (and executable),
+    written to ``remembered``."""
+    if not reply.get("remember"):
+        return
+    rule = {"action": reply["verdict"], "path": request["path"], "name": "remembered"}
+    if request.get("exe"):
+        rule["exe"] = request["exe"]
+    await asyncio.to_thread(rules.remember, remembered, rule)
+
+
+async def remember_net(
+    rules: RuleSet, remembered: str, request: dict[str, Any], reply: dict[str, Any]
+) -> None:
+    """A network decision client's duration: "once" (nothing more), "restart" (a
+    rule in memory), a number of minutes (a rule in memory that ends), or "always"
+    (``remember``: a rule written to ``remembered``)."""
+    duration = reply.get("duration", "always" if reply.get("remember") else "once")
+    if duration == "once":
+        return
+    rule = reply.get("rule")
+    if not isinstance(rule, dict):
+        rule = net_source.rule_for(request)
+    rule = {**rule, "action": reply["verdict"]}
+    if duration == "always":
+        rule.setdefault("name", "remembered")
+        await asyncio.to_thread(rules.remember, remembered, rule)
+    elif duration == "restart":
+        rules.add_temporary({"name": "answered until restart", **rule})
+    elif isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0:
+        named = {"name": f"answered for {duration:g} minutes", **rule}
+        rules.add_temporary(named, minutes=float(duration))
+    else:
+        raise ValueError(f"duration must be once, restart, always or minutes, not {duration!r:.40}")

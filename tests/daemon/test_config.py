@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kport import config
+from kport.daemon import config
 
 
 def test_defaults_round_trip_through_toml(tmp_path: Path) -> None:
