@@ -1,9 +1,9 @@
-"""The daemon's answers to requests on its ports: the journal port (history queries), the
-control port (status, and file watches changed while running), and a decision port's
-rules editor.
+"""The daemon's answers to requests on its ports: the journal port (history queries, and
+the process tree), the control port (status, and file watches changed while running),
+and a decision port's rules editor.
 
-A request that reads the disk runs on a small pool of its own, off the event loop, so
-that a slow one holds up neither delivery nor replays.
+A request that reads the disk or /proc runs on a small pool of its own, off the event
+loop, so that a slow one holds up neither delivery nor replays.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, Final
 
 from kport.errors import BadRequest
 from kport.journal.query import Query
@@ -21,6 +21,7 @@ from kport.journal.store import Journal
 from kport.port.server import ServerConnection
 from kport.rules import RulesError, RuleSet
 from kport.sources import file as file_source
+from kport.sources import procinfo
 from kport.sources.file import FileSource
 
 #: one reply of the journal port holds at most this many events, this many bytes of them,
@@ -28,25 +29,44 @@ from kport.sources.file import FileSource
 QUERY_PAGE = 5000
 QUERY_BYTES = 4 * 1024 * 1024
 QUERY_BUDGET_S = 1.0
+#: what the process tree shows of each process
+TREE_FIELDS: Final = ("ppid", "start_time", "comm", "argv", "exe", "uid", "user")
+
+
+def process_tree() -> list[dict[str, Any]]:
+    """Every process, with the :data:`TREE_FIELDS` of each, read from /proc (it blocks)."""
+    out = []
+    for pid in procinfo.all_pids():
+        info = procinfo.describe(pid)  # one process's reads, or None: never two mixed
+        if info is None:
+            continue
+        out.append({"pid": pid, **{k: info[k] for k in TREE_FIELDS}})
+    return out
 
 
 class JournalOps:
-    """The journal port's requests."""
+    """The journal port's requests: ``query``, and ``processes`` for the web UI's process
+    tree (the UI reads nothing of the machine itself: its privileges are the ports')."""
 
     def __init__(self, journal: Journal, pool: Executor) -> None:
         self.journal = journal
         self.pool = pool
 
     async def handle(self, conn: ServerConnection, data: Any) -> Any:
+        op = data.get("op") if isinstance(data, dict) else None
+        if op == "query":
+            return await self._query(data)
+        if op == "processes":
+            return await asyncio.get_running_loop().run_in_executor(self.pool, process_tree)
+        raise ValueError(f"unknown journal request {data!r:.60}; known ops: query, processes")
+
+    async def _query(self, data: dict[str, Any]) -> dict[str, Any]:
         """``{"op": "query", ...Query fields}`` → ``{"events": [...], "next": {...} | None}``.
 
         One bounded page: at most QUERY_PAGE events, QUERY_BYTES of them, QUERY_BUDGET_S
         of scanning, on the pool, so that no query holds up replays or runs on after its
         client gave up. ``next`` is the query that goes on from there.
         """
-        op = data.get("op") if isinstance(data, dict) else None
-        if op != "query":
-            raise ValueError(f"unknown journal request {data!r:.60}; known ops: query")
         query = Query.from_mapping({k: v for k, v in data.items() if k != "op"})
         wanted = query.limit
         page = dataclasses.replace(query, limit=min(wanted, QUERY_PAGE))

@@ -517,6 +517,18 @@ def test_query_command(daemon: subprocess.Popen[str], rundir: Path) -> None:
     assert bad.returncode == 2 and "is not a duration ago" in bad.stderr
 
 
+def test_the_journal_port_gives_the_process_tree(
+    daemon: subprocess.Popen[str], rundir: Path
+) -> None:
+    with kport.connect("journal", runtime_dir=rundir) as conn:
+        tree = {entry["pid"]: entry for entry in conn.send({"op": "processes"}, timeout=10)}
+        with pytest.raises(kport.KportError, match="known ops: query, processes"):
+            conn.send({"op": "tree"}, timeout=10)
+    own = tree[daemon.pid]
+    assert own["ppid"] == os.getpid() and own["user"] == "root"
+    assert own["argv"][:4] == [sys.executable, "-m", "kport.cli", "serve"]
+
+
 def test_durability_off_and_back_on_reaches_clients(rundir: Path, tmp_path: Path) -> None:
     with mount_tmpfs(tmp_path / "small", "4m") as small:
         config = tmp_path / "kport.toml"
