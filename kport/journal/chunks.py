@@ -59,7 +59,7 @@ def chunk_of(rows: list[Row], pause: Callable[[], None] | None = None) -> tuple[
     history in the same disk space.
 
     ``pause``, called between the steps that hold the GIL, lets the writer step aside
-    for the delivery path (see Journal._commit).
+    for the delivery path (see :meth:`kport.journal.store.Journal._commit`).
     """
     step = pause or _no_pause
     seqs, stamps, sources, items = zip(*rows, strict=True)
