@@ -1,5 +1,5 @@
-"""What the journal's tests share: events, appending them, waiting for a commit, and a
-journal that commits every 10 ms."""
+"""What the journal's tests share: events, appending them, waiting for a commit, reading
+a range whole, and a journal that commits every 10 ms."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def wait_committed(journal: Journal, seq: int, timeout: float = 20) -> None:
     while journal.committed < seq:
         assert time.monotonic() < deadline, f"not committed: {journal.status()}"
         time.sleep(0.01)
+
+
+def read_all(journal: Journal, after: int, upto: int, limit: int = 1000) -> tuple[list[int], list]:
+    seqs: list[int] = []
+    gaps = []
+    while after < upto:
+        page = journal.read(after, upto, limit)
+        seqs += [seq for seq, _ in page.items]
+        gaps += page.gaps
+        assert page.through > after
+        after = page.through
+    return seqs, gaps
 
 
 @pytest.fixture

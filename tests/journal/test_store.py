@@ -1,5 +1,5 @@
 """The journal's store with real SQLite files: commits, reads without gaps or repeats,
-loss, retention."""
+loss, durability, crashes."""
 
 from __future__ import annotations
 
@@ -17,21 +17,7 @@ from kport.errors import NameCollision
 from kport.journal import store
 from kport.journal.store import Journal, SourceHistory
 from tests.conftest import mount_tmpfs
-from tests.journal.conftest import append, wait_committed
-
-OLD_NS = 1_000_000_000 * 3600  # 1970, far past any retention
-
-
-def read_all(journal: Journal, after: int, upto: int, limit: int = 1000) -> tuple[list[int], list]:
-    seqs: list[int] = []
-    gaps = []
-    while after < upto:
-        page = journal.read(after, upto, limit)
-        seqs += [seq for seq, _ in page.items]
-        gaps += page.gaps
-        assert page.through > after
-        after = page.through
-    return seqs, gaps
+from tests.journal.conftest import append, read_all, wait_committed
 
 
 def test_reads_while_writing_see_every_event_once(journal: Journal) -> None:
@@ -128,53 +114,6 @@ def test_unclean_stop_skips_past_the_reservation_and_says_so(tmp_path: Path) -> 
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
     j2.close()
-
-
-def test_retention_by_age_while_writes_go_on(tmp_path: Path) -> None:
-    j = Journal(tmp_path / "j.db", max_age_s=3600, commit_interval_s=0.01)
-    j.open()
-    j.start()
-    append(j, 1, 2000, ts=OLD_NS)
-    append(j, 2001, 3000)
-    wait_committed(j, 3000)
-    j.retention.last_run = 0  # the next commit prunes
-    append(j, 3001, 3100)
-    deadline = time.monotonic() + 10
-    while j.retention.pruned < 1000:
-        assert time.monotonic() < deadline, j.status()
-        time.sleep(0.02)
-    wait_committed(j, 3100)
-    seqs, gaps = read_all(j, 0, 3100)
-    # Whole chunks go, once their newest event is too old: a chunk holding both old and
-    # new events stays. Every new event stays.
-    kept = seqs[0]
-    assert 1000 < kept <= 2001 and seqs == list(range(kept, 3101))
-    assert [(g.first, g.last, g.reason) for g in gaps] == [(1, kept - 1, "removed by retention")]
-    j.close()
-
-
-def test_retention_by_size_keeps_the_newest(tmp_path: Path) -> None:
-    limit = 1 << 20
-    j = Journal(tmp_path / "j.db", max_bytes=limit, commit_interval_s=0.01)
-    j.open()
-    j.start()
-    for first in range(1, 20_001, 1000):
-        append(j, first, first + 999, noise=300)
-        wait_committed(j, first + 999)
-        j.retention.last_run = 0
-    append(j, 20_001, 20_001, noise=300)
-    wait_committed(j, 20_001)
-    deadline = time.monotonic() + 10
-    while j.size_bytes() > limit:
-        assert time.monotonic() < deadline, (j.size_bytes(), j.status())
-        j.retention.last_run = 0
-        time.sleep(0.05)
-    seqs, gaps = read_all(j, 0, 20_001)
-    assert seqs[-1] == 20_001 and seqs == list(range(seqs[0], 20_002))
-    assert 1000 < len(seqs) < 20_000
-    assert gaps[0].first == 1 and gaps[0].last == seqs[0] - 1
-    j.close()
-    assert os.path.getsize(tmp_path / "j.db") < 2 * limit
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
