@@ -1,6 +1,6 @@
 """`kport bench journal`: what journaling costs delivery, and how many appends/s it sustains.
 
-Delivery runs the daemon's own path (``Daemon.deliver``: seq, encode once, journal, port)
+Delivery runs the daemon's own path (``Delivery.deliver``: seq, encode once, journal, port)
 from one process to a kport client in another, with the journal on and off, interleaved
 so that both see the same machine. Appends run the journal alone: rows queued as fast as
 it takes them, timed until every one is committed.
@@ -51,8 +51,9 @@ def proc_event(i: int) -> dict[str, Any]:
 
 def _producer(rundir: str, state: str | None, count: int, ready: Any, out: Pipe) -> None:
     """The daemon's delivery path; ``state`` is where the journal goes (None: no journal)."""
-    from kport.config import Config
-    from kport.daemon import Daemon, Rate
+    from kport.daemon import Daemon
+    from kport.daemon.config import Config
+    from kport.daemon.delivery import Rate
     from kport.port.server import ServerPort
 
     config = Config()
@@ -62,13 +63,14 @@ def _producer(rundir: str, state: str | None, count: int, ready: Any, out: Pipe)
 
     async def main() -> dict[str, Any]:
         daemon = Daemon(config)
-        journal = daemon.journal
+        delivery = daemon.delivery
+        journal = delivery.journal
         if journal is not None:
-            daemon.seq = journal.open()
+            delivery.seq = journal.open()
             journal.start()
         port = ServerPort("proc", runtime_dir=rundir, one_way=True)
         daemon.ports["proc"] = port
-        daemon.rates["proc"] = Rate()
+        delivery.rates["proc"] = Rate()
         await port.start()
         ready.set()
         while not port.connections:
@@ -76,7 +78,7 @@ def _producer(rundir: str, state: str | None, count: int, ready: Any, out: Pipe)
         conn = port.connections[0]
         cpu0 = time.process_time()
         for start in range(0, count, BATCH):
-            daemon.deliver([proc_event(i) for i in range(start, min(start + BATCH, count))])
+            delivery.deliver([proc_event(i) for i in range(start, min(start + BATCH, count))])
             await flow_control(port, conn)
         delivered_at = time.perf_counter()
         await drained(conn)
@@ -84,7 +86,7 @@ def _producer(rundir: str, state: str | None, count: int, ready: Any, out: Pipe)
         durable_lag = 0.0
         status: dict[str, Any] = {}
         if journal is not None:
-            while journal.committed < daemon.seq:
+            while journal.committed < delivery.seq:
                 await asyncio.sleep(0.001)
             durable_lag = time.perf_counter() - delivered_at
             status = journal.status()
@@ -129,7 +131,8 @@ def delivery(count: int, with_journal: bool) -> dict[str, Any]:
 def appends(count: int) -> dict[str, Any]:
     """Rows queued as fast as the journal takes them (never past half its queue)."""
     from kport import protocol
-    from kport.journal import Journal, row_of
+    from kport.journal.chunks import row_of
+    from kport.journal.store import Journal
 
     with tempfile.TemporaryDirectory() as state:
         journal = Journal(Path(state) / "journal.db")
@@ -182,7 +185,7 @@ def run(count: int = 200_000, rounds: int = 5, json_dir: str | None = None) -> d
     }
 
     table = Table(
-        f"Delivery through Daemon.deliver, {count:,} exec events of ~400 bytes, {rounds} rounds",
+        f"Delivery through Delivery.deliver, {count:,} exec events of ~400 bytes, {rounds} rounds",
         [
             "run",
             "events/s (median)",

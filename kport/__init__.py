@@ -21,7 +21,8 @@ from kport.errors import (
     Timeout,
     TooManyConnections,
 )
-from kport.event import Event, wait_all, wait_any
+from kport.history import fetch, history
+from kport.objects import Event, Ring, wait_all, wait_any
 from kport.port import (
     AsyncConnection,
     Connection,
@@ -33,10 +34,7 @@ from kport.port import (
     aconnect,
     connect,
 )
-from kport.query import fetch, history
-from kport.ring import Ring
-
-__version__ = "0.1.0"
+from kport.version import __version__
 
 __all__ = [
     "AccessDenied",

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import enum
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -336,27 +335,31 @@ def pack(data: Any) -> bytes:
         raise TypeError(f"kport can only carry msgpack-encodable data: {err}") from err
 
 
-#: each thread's own packer for :func:`pack_new` (msgpack.packb makes one per call: a
-#: third of the time of packing an event)
-_thread_packers = threading.local()
+#: packers for :func:`pack_new` and the ``*_packed`` encoders, which any thread may call
+#: (msgpack.packb makes one per call: a third of the time of packing an event). A call
+#: borrows one and puts it back; ``list.pop`` and ``list.append`` are atomic, so no two
+#: threads ever hold the same packer, and the pool grows to the most calls at once.
+_spare_packers: list[msgpack.Packer] = []
 
 
-def _own_packer() -> msgpack.Packer:
-    """The calling thread's own packer (made on its first use)."""
+def _borrow_packer() -> msgpack.Packer:
+    """A packer no other thread is using; give it back to ``_spare_packers`` after use."""
     try:
-        return _thread_packers.packer
-    except AttributeError:
-        packer = _thread_packers.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-        return packer
+        return _spare_packers.pop()
+    except IndexError:
+        return msgpack.Packer(use_bin_type=True, autoreset=True)
 
 
 def pack_new(data: Any) -> bytes:
-    """:func:`pack` for any thread: with that thread's own packer (the shared packer is
-    one buffer, for the thread that packs frames)."""
+    """:func:`pack` for any thread: with a packer of its own (the shared packer is one
+    buffer, for the thread that packs frames)."""
+    packer = _borrow_packer()
     try:
-        return _own_packer().pack(data)  # type: ignore[no-any-return]
+        return packer.pack(data)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as err:  # the packer has reset itself
         raise TypeError(f"kport can only carry msgpack-encodable data: {err}") from err
+    finally:
+        _spare_packers.append(packer)
 
 
 def _frame(body: bytes) -> bytes:
@@ -377,14 +380,21 @@ def encode_notify_packed(seqs: int | list[int], packed_items: list[bytes]) -> by
 
 def encode_request_packed(request_id: int, deadline_ns: int, packed_data: bytes) -> bytes:
     """A REQUEST frame from data that is already msgpack bytes; for any thread."""
-    packer = _own_packer()
-    head = _REQUEST_HEAD + packer.pack(request_id) + packer.pack(deadline_ns)
+    packer = _borrow_packer()
+    try:
+        head = _REQUEST_HEAD + packer.pack(request_id) + packer.pack(deadline_ns)
+    finally:
+        _spare_packers.append(packer)
     return _frame_parts(head, [packed_data])
 
 
 def _array_header(length: int) -> bytes:
-    """msgpack's array header for ``length`` items, from the calling thread's packer."""
-    return _own_packer().pack_array_header(length)  # type: ignore[no-any-return]
+    """msgpack's array header for ``length`` items; for any thread."""
+    packer = _borrow_packer()
+    try:
+        return packer.pack_array_header(length)  # type: ignore[no-any-return]
+    finally:
+        _spare_packers.append(packer)
 
 
 _FIELDS: dict[type, tuple[int, Callable[[Any], tuple[Any, ...]]]] = {

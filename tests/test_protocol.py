@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
@@ -112,6 +113,19 @@ def test_frames_for_other_threads_equal_the_shared_packers(
             Notify(seqs, [{"k": 1}] * len(items))
         )
     assert protocol._array_header(count) == msgpack.Packer().pack_array_header(count)
+
+
+def test_threads_packing_at_once_never_share_a_packer() -> None:
+    """pack_new from several threads at once: each value comes out whole (a packer two
+    threads wrote into would mix their bytes)."""
+
+    def pack_many(worker: int) -> bool:
+        values = [{"worker": worker, "i": i, "pad": "x" * (i % 300)} for i in range(3000)]
+        packed = [protocol.pack_new(v) for v in values]
+        return [msgpack.unpackb(p) for p in packed] == values
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(pack_many, range(8)))
 
 
 def test_bytes_fed_one_at_a_time() -> None:

@@ -15,14 +15,16 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kport import paths, protocol
 from kport.errors import KportError, PortClosed, Timeout
-from kport.event import Event
 from kport.port import handles
 from kport.port.client import handshake_result, hello_for, translate_connect_error
 from kport.port.message import DEFAULT_MAX_INBOX, ClientCore, Message
+
+if TYPE_CHECKING:
+    from kport.objects.event import Event
 
 _RECV_SIZE = 256 * 1024
 
@@ -178,8 +180,7 @@ class AsyncConnection:
 
     async def reference_event(self, event: Event, timeout: float = 5.0) -> int:
         """Hand ``event`` to the server (see :meth:`kport.Connection.reference_event`)."""
-        if not isinstance(event, Event):
-            raise TypeError(f"reference_event takes a kport.Event, not {type(event).__name__}")
+        handles.require_event(event, "reference_event")
         return await self.reference(event, timeout)
 
     async def reference(self, obj: Any, timeout: float = 5.0) -> int:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kport import paths, protocol
 from kport.errors import (
@@ -28,9 +28,11 @@ from kport.errors import (
     Timeout,
     error_from_code,
 )
-from kport.event import Event
 from kport.port import handles
 from kport.port.message import DEFAULT_MAX_INBOX, ClientCore, Message
+
+if TYPE_CHECKING:
+    from kport.objects.event import Event
 
 _RECV_SIZE = 256 * 1024
 T = TypeVar("T")
@@ -261,8 +263,7 @@ class Connection:
         :meth:`dereference`. Raises ``ObjectTypeMismatch`` if the server finds the fd is
         not what was announced.
         """
-        if not isinstance(event, Event):
-            raise TypeError(f"reference_event takes a kport.Event, not {type(event).__name__}")
+        handles.require_event(event, "reference_event")
         return self.reference(event, timeout)
 
     def reference(self, obj: Any, timeout: float = 5.0) -> int:

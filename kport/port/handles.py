@@ -5,6 +5,9 @@ The receiver checks every fd against what the type announces before it builds an
 a pipe, a file, a socket or a memfd where an eventfd was announced is refused with
 ``ObjectTypeMismatch``, and the sender's call raises it too. The receiver then holds its
 own reference (its own fds), valid after the sender closes its copy or exits.
+
+The port knows no type of its own: each is registered here by the module that defines
+it (:mod:`kport.objects` registers ``event`` and ``ring`` as it is imported).
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kport.errors import ObjectTypeMismatch
-from kport.event import Event
-from kport.ring import Ring
 
 
 def fd_kind(fd: int) -> str:
@@ -41,57 +42,61 @@ def fd_kind(fd: int) -> str:
     return "other"
 
 
+def _close_method(obj: Any) -> None:
+    obj.close()
+
+
 @dataclass(frozen=True)
 class ObjectType:
-    """A kind of object that can be passed: the fd kinds it is made of, in order."""
+    """A kind of object that can be passed: the fd kinds it is made of, in order, how to
+    build one from received fds (taking them over: on failure it closes them), its
+    parts to send, its class, and how to give back a received one."""
 
     name: str
     fd_kinds: tuple[str, ...]
     build: Callable[[list[int], dict[str, Any]], Any]
     parts: Callable[[Any], tuple[list[int], dict[str, Any]]]
     cls: type
+    close: Callable[[Any], None] = _close_method
 
 
-def _build_event(fds: list[int], meta: dict[str, Any]) -> Event:
-    """Builds take ownership of the fds: on failure they close them (as Ring.from_fds does)."""
-    try:
-        return Event.from_fd(fds[0], manual_reset=bool(meta.get("manual_reset")))
-    except BaseException:
-        os.close(fds[0])
-        raise
-
-
-def _event_parts(event: Event) -> tuple[list[int], dict[str, Any]]:
-    return [event.fileno()], {"manual_reset": event.manual_reset}
-
-
-def _build_ring(fds: list[int], meta: dict[str, Any]) -> Ring:
-    return Ring.from_fds(fds, meta)
-
-
-def _ring_parts(ring: Ring) -> tuple[list[int], dict[str, Any]]:
-    return list(ring.fds()), dict(ring.meta())
-
-
-TYPES: dict[str, ObjectType] = {
-    "event": ObjectType("event", ("eventfd",), _build_event, _event_parts, Event),
-    "ring": ObjectType("ring", ("memfd", "eventfd", "eventfd"), _build_ring, _ring_parts, Ring),
-}
+#: every passable type, by name
+TYPES: dict[str, ObjectType] = {}
 
 
 def register(kind: ObjectType) -> None:
-    """Make a new kind of object passable (the mechanism is general)."""
+    """Make a kind of object passable (the mechanism is general)."""
     TYPES[kind.name] = kind
+
+
+def _kind_of(obj: Any) -> ObjectType | None:
+    for kind in TYPES.values():
+        if isinstance(obj, kind.cls):
+            return kind
+    return None
+
+
+def type_name_of(obj: Any) -> str | None:
+    """The name ``obj`` is passed under (``"event"``, ``"ring"``), or None if it is not
+    passable."""
+    kind = _kind_of(obj)
+    return None if kind is None else kind.name
+
+
+def require_event(obj: Any, caller: str) -> None:
+    """``caller`` takes a ``kport.Event`` only: a ``TypeError`` for anything else."""
+    if type_name_of(obj) != "event":
+        raise TypeError(f"{caller} takes a kport.Event, not {type(obj).__name__}")
 
 
 def parts_of(obj: Any) -> tuple[str, list[int], dict[str, Any]]:
     """(type, fds, meta) to send ``obj``; the fds stay the sender's."""
-    for kind in TYPES.values():
-        if isinstance(obj, kind.cls):
-            fds, meta = kind.parts(obj)
-            return kind.name, fds, meta
-    known = ", ".join(TYPES)
-    raise TypeError(f"a {type(obj).__name__} cannot be passed by handle (known types: {known})")
+    kind = _kind_of(obj)
+    if kind is None:
+        known = ", ".join(TYPES)
+        raise TypeError(f"a {type(obj).__name__} cannot be passed by handle (known types: {known})")
+    fds, meta = kind.parts(obj)
+    return kind.name, fds, meta
 
 
 def check(type_name: str, fds: Sequence[int]) -> None:
@@ -123,9 +128,10 @@ def receive(type_name: str, fds: list[int], meta: dict[str, Any]) -> Any:
 
 
 def close_object(obj: Any) -> None:
-    close = getattr(obj, "close", None)
-    if close is not None:
-        close()
+    """Give back an object that was received by handle (it was built by its type)."""
+    kind = _kind_of(obj)
+    if kind is not None:
+        kind.close(obj)
 
 
 # --- fds on a socket ---------------------------------------------------------------------

@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from kport.decisions import MAX_ASKS, Ask
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
-from kport.subjects import Pending, ProcessTableView, Subjects
+from kport.sources.ask import Ask
+from kport.sources.subjects import Pending, ProcessTableView, Subjects
 
 log = logging.getLogger("kport.file")
 
@@ -90,7 +90,7 @@ MarkOf = Literal["path", "mount", "filesystem"]
 #: the last one is written: reading again at once saves a poll per event.
 READS_BEFORE_POLL: Final = 64
 #: how long a notification from a gone process is held back, at most, for the proc
-#: source's table to learn its name (kport.subjects); the notifications after it are held
+#: source's table to learn its name (kport.sources.subjects); the notifications after it are held
 #: with it, so that they stay in order; and how often the reader looks again meanwhile
 SETTLE_S: Final = 0.02
 HELD_POLL_MS: Final = 1
@@ -162,6 +162,7 @@ class FileSource:
         watches: Iterable[Watch] = (),
         rules: RuleSet,
         ask: Ask | None,
+        max_asks: int,
         default_verdict: bool,
         trusted: Callable[[], frozenset[int]] = frozenset,
         permissions: Iterable[str] = DEFAULT_PERMISSIONS,
@@ -179,6 +180,7 @@ class FileSource:
         self.watches: list[Watch] = [*watches_of(paths), *watches]
         self.rules = rules
         self.ask = ask
+        self.max_asks = max_asks
         self.default_verdict = default_verdict
         self.trusted = trusted
         self.permissions = tuple(permissions)
@@ -490,7 +492,7 @@ class FileSource:
 
     def _ask(self, group: fan.FanotifyGroup, event: fan.FanotifyEvent, record: Event) -> None:
         with self._asks_lock:
-            room = self.ask is not None and self._asks < MAX_ASKS
+            room = self.ask is not None and self._asks < self.max_asks
             if room:
                 self._asks += 1
         if not room:

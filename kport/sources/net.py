@@ -31,13 +31,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
-from kport.decisions import MAX_ASKS, Ask
 from kport.rules import RuleSet, Subject
 from kport.sources import firewall, nfqueue
 from kport.sources import packet as packets
+from kport.sources.ask import Ask
 from kport.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket
 from kport.sources.sockets import Candidates, Owners, SocketDiag, all_processes
-from kport.subjects import ProcessTableView, Subjects
+from kport.sources.subjects import ProcessTableView, Subjects
 
 log = logging.getLogger("kport.net")
 
@@ -89,6 +89,7 @@ class NetSource:
         plan: firewall.Plan,
         rules: RuleSet,
         ask: Ask | None,
+        max_asks: int,
         default_verdict: str,
         backend: str = "auto",
         trusted: Callable[[], frozenset[int]] = frozenset,
@@ -102,6 +103,7 @@ class NetSource:
         self.plan = plan
         self.rules = rules
         self.ask = ask
+        self.max_asks = max_asks
         self.default_verdict = default_verdict
         self.prefer = backend
         self.trusted = trusted
@@ -505,7 +507,7 @@ class NetSource:
             if waiting is not None:
                 waiting.append(pkt)  # a retransmission: it waits on the same answer
                 return None
-            room = self.ask is not None and len(self._pending) < MAX_ASKS
+            room = self.ask is not None and len(self._pending) < self.max_asks
             if room:
                 self._pending[slot] = [pkt]
         if not room:

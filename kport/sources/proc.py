@@ -35,9 +35,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
-from kport import procinfo
+from kport import identity
 from kport.errors import KportError
-from kport.sources import netlink_proc, proc_bpf
+from kport.sources import netlink_proc, proc_bpf, procinfo
 from kport.sources.proc_bpf import BpfUnavailable, ProcBpf
 
 log = logging.getLogger("kport.proc")
@@ -862,7 +862,7 @@ class ProcSource:
         current = set(procinfo.all_pids())
         for pid in list(self.table.procs):
             entry = self.table.procs[pid]
-            if pid not in current or procinfo.start_time(pid) != entry.get("start_time"):
+            if pid not in current or identity.start_time(pid) != entry.get("start_time"):
                 del self.table.procs[pid]
                 out.append(
                     self._from_proc("exit", pid, entry, synthetic=True, code=None, signal=None)

@@ -20,9 +20,9 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from kport import __version__
 from kport.errors import AccessDenied, BadRequest, KportError, PortNotFound
-from kport.ui.bridge import Bridge, Page, processes
+from kport.ui.bridge import Bridge, Page
+from kport.version import __version__
 
 STATIC: Final = Path(__file__).resolve().parent / "static"
 #: events of one history page at most
@@ -136,9 +136,12 @@ def make_app(bridge: Bridge, *, start_bridge: bool = True) -> FastAPI:
         body = {"events": reply.get("events", []), "more": reply.get("next") is not None}
         return Response(_json(body), media_type="application/json")  # encoded once
 
-    @app.get("/api/processes", summary="Every process the UI's user can see, for the tree")
+    @app.get("/api/processes", summary="Every process on the machine, for the tree")
     async def process_list() -> list[dict[str, Any]]:
-        return await asyncio.to_thread(processes)
+        try:
+            return await bridge.processes()
+        except (KportError, OSError) as err:
+            raise _refusal(err) from err
 
     @app.get("/api/rules/{domain}", summary="The rules in force for file or net decisions")
     async def rules(domain: str) -> dict[str, Any]:

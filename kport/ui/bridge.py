@@ -1,8 +1,11 @@
 """The web UI's side of the daemon: its event ports followed (with replay across
 reconnects, so the log has no gap), its decision ports held while a person is watching,
-the journal for history, and the bounded fan-out of all that to the open pages.
+the journal port for history and the process tree, and the bounded fan-out of all that
+to the open pages.
 
-Nothing here knows HTTP: :mod:`kport.ui.app` turns it into routes and a WebSocket.
+The UI learns about the machine from the daemon's ports alone, never by itself: what
+it may see is what the ports' security admits. Nothing here knows HTTP:
+:mod:`kport.ui.app` turns it into routes and a WebSocket.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from kport import procinfo
 from kport.errors import AccessDenied, BadRequest, KportError, PortNotFound
 from kport.port.aclient import AsyncConnection, aconnect
 from kport.port.message import Message
@@ -140,21 +142,6 @@ def check_answer(port: str, answer: dict[str, Any]) -> dict[str, Any]:
     ):
         raise BadRequest(f"duration must be once, restart, always or minutes, not {duration!r:.40}")
     return {"verdict": verdict, "duration": duration}
-
-
-#: what the process tree shows of each process
-_TREE_FIELDS: Final = ("ppid", "start_time", "comm", "argv", "exe", "uid", "user")
-
-
-def processes() -> list[dict[str, Any]]:
-    """Every process this user can see, for the process tree."""
-    out = []
-    for pid in procinfo.all_pids():
-        info = procinfo.describe(pid)  # one process's reads, or None: never two mixed
-        if info is None:
-            continue
-        out.append({"pid": pid, **{k: info[k] for k in _TREE_FIELDS}})
-    return out
 
 
 class Bridge:
@@ -431,10 +418,19 @@ class Bridge:
 
     async def history(self, query: dict[str, Any]) -> dict[str, Any]:
         """A page of the journal (``query`` as the journal port takes it)."""
+        return dict(await self._journal({"op": "query", **query}))
+
+    async def processes(self) -> list[dict[str, Any]]:
+        """Every process on the machine, for the process tree, as the daemon reads them:
+        pid, ppid, start_time, comm, argv, exe, uid and user."""
+        return list(await self._journal({"op": "processes"}))
+
+    async def _journal(self, request: dict[str, Any]) -> Any:
+        """One request on the daemon's journal port; its state kept for the status bar."""
         state = self.ports["journal"]
         try:
             async with aconnect("journal", runtime_dir=self.runtime_dir) as conn:
-                reply = await conn.send({"op": "query", **query}, timeout=15.0)
+                reply = await conn.send(request, timeout=15.0)
         except PortNotFound as err:
             state.set("absent", str(err))
             raise
@@ -442,7 +438,7 @@ class Bridge:
             state.set("denied", str(err))
             raise
         state.set("connected")
-        return dict(reply)
+        return reply
 
 
 def _decide_port(domain: str) -> str:

@@ -303,3 +303,27 @@ def test_an_object_queued_behind_a_busy_writer_is_the_one_that_was_handed(
             assert (await finish(child)).split() == ["True", "True"]
 
     run(main())
+
+
+def test_the_types_are_what_kport_objects_registered(rundir: Path) -> None:
+    """The port knows no type of its own: events and rings are passable because
+    kport.objects registered them, and only an event is taken where one is expected."""
+    assert {"event", "ring"} <= set(handles.TYPES)
+    with kport.Event() as ev, kport.Ring(4096) as ring:
+        assert handles.type_name_of(ev) == "event"
+        assert handles.type_name_of(ring) == "ring"
+        assert handles.type_name_of(object()) is None
+
+        async def main() -> None:
+            async with kport.ServerPort("t", runtime_dir=rundir, accept_objects=True) as port:
+                conn = await asyncio.to_thread(kport.connect, "t", runtime_dir=rundir)
+                try:
+                    with pytest.raises(TypeError, match=r"takes a kport\.Event, not Ring"):
+                        conn.reference_event(ring)
+                    await wait_for(lambda: bool(port.connections))
+                    with pytest.raises(TypeError, match=r"takes a kport\.Event, not Ring"):
+                        await port.hand_event(port.connections[0], ring)
+                finally:
+                    conn.close()
+
+        run(main())

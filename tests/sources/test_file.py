@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from kport.decisions import Done
 from kport.rules import RuleSet
 from kport.sources import file as file_source
+from kport.sources.ask import Done
 from kport.sources.file import FileSource, Watch
 from kport.sources.proc import ProcessTable
 from tests.conftest import mount_tmpfs, mounted
@@ -24,6 +24,8 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(os.geteuid() != 0, reason="fanotify permission events need root"),
 ]
+#: asks in flight a source is given (the daemon gives its decisions module's bound)
+ASKS = 16
 
 
 @pytest.fixture
@@ -70,7 +72,9 @@ def test_rules_decide_and_the_verdict_comes_with_the_event(tmp_path: Path, mount
     )
     (mount / "quiet.txt").write_text("q\n")
     got = Collected()
-    source = FileSource(got, paths=[str(mount)], rules=rules, ask=None, default_verdict=True)
+    source = FileSource(
+        got, paths=[str(mount)], rules=rules, ask=None, max_asks=ASKS, default_verdict=True
+    )
     source.start()
     try:
         assert cat(mount / "plain.txt").stdout == "hello\n"
@@ -126,7 +130,7 @@ def test_each_question_is_decided_for_its_own_process_path_and_kind(
     )
     (mount / "other.txt").write_text("o\n")
     source = FileSource(
-        Collected(), paths=[str(mount)], rules=rules, ask=None, default_verdict=True
+        Collected(), paths=[str(mount)], rules=rules, ask=None, max_asks=ASKS, default_verdict=True
     )
     source.start()
     script = (
@@ -156,7 +160,9 @@ def test_asks_are_answered_by_the_callback_or_by_the_default(tmp_path: Path, mou
         threading.Timer(0.05, done, (verdict, "decided")).start()  # from another thread
 
     got = Collected()
-    source = FileSource(got, paths=[str(mount)], rules=rules, ask=ask, default_verdict=True)
+    source = FileSource(
+        got, paths=[str(mount)], rules=rules, ask=ask, max_asks=ASKS, default_verdict=True
+    )
     source.start()
     try:
         assert cat(mount / "plain.txt").returncode == 0
@@ -166,7 +172,9 @@ def test_asks_are_answered_by_the_callback_or_by_the_default(tmp_path: Path, mou
     finally:
         source.stop()
     # No decision callback at all: the default verdict, at once.
-    source = FileSource(got, paths=[str(mount)], rules=rules, ask=None, default_verdict=False)
+    source = FileSource(
+        got, paths=[str(mount)], rules=rules, ask=None, max_asks=ASKS, default_verdict=False
+    )
     source.start()
     try:
         t0 = time.monotonic()
@@ -185,6 +193,7 @@ def test_trusted_processes_are_allowed_at_once(tmp_path: Path, mount: Path) -> N
         paths=[str(mount)],
         rules=rules,
         ask=None,
+        max_asks=ASKS,
         default_verdict=False,
         trusted=lambda: frozenset(trusted),
     )
@@ -218,6 +227,7 @@ def test_stopping_releases_an_opener_that_waits_for_an_answer(tmp_path: Path, mo
         paths=[str(mount)],
         rules=rules,
         ask=lambda request, done: pending.append(done),  # never answers
+        max_asks=ASKS,
         default_verdict=True,
     )
     source.start()
@@ -234,6 +244,33 @@ def test_stopping_releases_an_opener_that_waits_for_an_answer(tmp_path: Path, mo
     assert time.monotonic() - t0 < 2 and out == b"hello\n"
     for done in pending:
         done(True, "late")  # an answer after the stop harms nothing
+
+
+def test_asks_beyond_max_asks_get_the_default_at_once(tmp_path: Path, mount: Path) -> None:
+    rules = rules_file(tmp_path, 'default = "ask"\n')
+    pending: list[Done] = []
+    got = Collected()
+    source = FileSource(
+        got,
+        paths=[str(mount)],
+        rules=rules,
+        ask=lambda request, done: pending.append(done),  # never answers
+        max_asks=1,
+        default_verdict=True,
+    )
+    source.start()
+    waiting = subprocess.Popen(["cat", str(mount / "plain.txt")], stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pending) == 1 and waiting.poll() is None  # the one ask in flight
+        assert cat(mount / "secret.txt").stdout == "s3cret\n"  # no room: the default
+        assert len(pending) == 1 and source.defaulted == 1
+    finally:
+        source.stop()
+        waiting.communicate(timeout=5)
+    assert got.verdicts(mount / "secret.txt") == ["allow"]
 
 
 # --- notifications, watches, ancestry --------------------------------------------------
@@ -256,7 +293,12 @@ def running(tmp_path: Path, rules: str, **options: Any) -> Iterator[tuple[FileSo
     """A started file source with ``rules`` (TOML text), collecting what it emits."""
     got = Collected()
     source = FileSource(
-        got, rules=rules_file(tmp_path, rules), ask=None, default_verdict=True, **options
+        got,
+        rules=rules_file(tmp_path, rules),
+        ask=None,
+        max_asks=ASKS,
+        default_verdict=True,
+        **options,
     )
     source.start()
     try:

@@ -17,7 +17,7 @@ import pytest
 
 import kport
 from tests.conftest import Netns
-from tests.test_daemon import kport_status, wait_until
+from tests.daemon.test_daemon import kport_status, wait_until
 
 SERVER = """
 import socket, sys, threading

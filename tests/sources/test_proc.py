@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from kport import procinfo
-from kport.sources import netlink_proc, proc, proc_bpf
+from kport.sources import netlink_proc, proc, proc_bpf, procinfo
 from kport.sources.proc import EXITED, ProcessTable, ProcSource
 
 

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from kport import procinfo
-from kport.sources import proc_bpf
+from kport.sources import proc_bpf, procinfo
 from kport.sources.proc_bpf import HEAD, ProcBpf
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root")

@@ -197,6 +197,20 @@ def test_the_ui_runs_as_nobody(stack: Stack) -> None:
     assert uid_line.split()[1:] == ["65534"] * 4
 
 
+def test_the_process_tree_comes_from_the_daemon(stack: Stack) -> None:
+    """The UI (the user nobody) reads nothing of the machine itself: the tree is the
+    daemon's, so even root's processes come with their executable."""
+    code, body, _ = get(stack, "/api/processes", Authorization=f"Bearer {stack.token}")
+    assert code == 200, body
+    tree = {entry["pid"]: entry for entry in json.loads(body)}
+    daemon = tree[stack.daemon.pid]
+    assert set(daemon) == {"pid", "ppid", "start_time", "comm", "argv", "exe", "uid", "user"}
+    assert daemon["ppid"] == os.getpid() and daemon["uid"] == 0 and daemon["user"] == "root"
+    assert daemon["exe"] == os.path.realpath(sys.executable)  # nobody may not read that link
+    assert daemon["argv"][:4] == [sys.executable, "-m", "kport.cli", "serve"]
+    assert status_of(stack)["ports"]["journal"]["state"] == "connected"
+
+
 # --- in the browser --------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kport import procinfo, protocol
+from kport import identity, protocol
 from kport.errors import NameNotFound
 from kport.port import handles
 from kport.port.security import PeerCredentials
@@ -40,7 +40,7 @@ class ServerConnection:
         self.pid = peer.pid
         self.uid = peer.uid
         self.gid = peer.gid
-        self.start_time = procinfo.start_time(peer.pid)
+        self.start_time = identity.start_time(peer.pid)
         self.client_pid: int | None = None
         self.connected_at = time.time()
         self.context: Any = None

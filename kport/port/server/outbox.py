@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from kport import protocol
 from kport.errors import QueueFull
-from kport.port.history import Gap, Page
+from kport.replay import Gap, Page
 
 #: bytes one writing step takes from the outbox, at most
 BATCH_BYTES: Final = 256 * 1024

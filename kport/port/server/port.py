@@ -13,13 +13,11 @@ import select
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from kport import paths, protocol
 from kport.errors import PortClosed, ProtocolError
-from kport.event import Event
 from kport.port import handles
-from kport.port.history import History
 from kport.port.security import Security
 from kport.port.server.connection import ServerConnection
 from kport.port.server.handing import current_send, hand_fds
@@ -30,6 +28,10 @@ from kport.port.server.outbox import Tally, seq_run
 from kport.port.server.reader import Reader
 from kport.port.server.replay import replay
 from kport.port.server.requests import Requests, fail_pending
+from kport.replay import History
+
+if TYPE_CHECKING:
+    from kport.objects.event import Event
 
 log = logging.getLogger("kport.port")
 
@@ -364,8 +366,7 @@ class ServerPort:
         Raises ``ObjectTypeMismatch`` if the client finds it is not what was announced,
         ``Timeout`` or ``PortClosed`` as a request would.
         """
-        if not isinstance(event, Event):
-            raise TypeError(f"hand_event takes a kport.Event, not {type(event).__name__}")
+        handles.require_event(event, "hand_event")
         await self.hand_object(conn, event, timeout=timeout)
 
     async def hand_object(

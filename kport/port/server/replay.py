@@ -8,7 +8,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
-from kport.port.history import History
+from kport.replay import History
 from kport.port.server.lifecycle import State
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from kport import protocol
 from kport.errors import QueueFull
-from kport.port.history import Gap, Page
 from kport.port.server.outbox import Outbox, Tally, in_seq_order
+from kport.replay import Gap, Page
 from tests.test_protocol import pair
 
 

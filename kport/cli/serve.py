@@ -1,0 +1,106 @@
+"""`kport serve`: the daemon's configuration from its file and the command line, its
+logging, and the daemon run on uvloop, with the web UI beside it if asked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import uvloop
+
+from kport import daemon, paths
+from kport.daemon import config as config_mod
+from kport.errors import KportError
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for journald and log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def command(args: argparse.Namespace) -> int:
+    """`kport serve` with its parsed arguments."""
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as err:
+        print(f"kport serve: {err}", file=sys.stderr)
+        return 2
+    if args.runtime_dir:
+        cfg.daemon.runtime_dir = args.runtime_dir
+    if args.state_dir:
+        cfg.daemon.state_dir = args.state_dir
+    if args.watch:
+        cfg.file.enabled = True
+        cfg.file.paths += [os.path.abspath(p) for p in args.watch]
+        cfg.file.default_action = "ask"
+    if args.firewall:
+        cfg.net.enabled = True
+        cfg.net.default_action = "ask"
+    if args.decision_deadline is not None:
+        cfg.file.decision_deadline_s = args.decision_deadline
+        cfg.net.decision_deadline_s = args.decision_deadline
+    if args.default_verdict:
+        cfg.file.default_verdict = args.default_verdict
+        cfg.net.default_verdict = args.default_verdict
+    try:
+        config_mod.check_file(cfg.file, "command line")
+        config_mod.check_net(cfg.net, "command line")
+    except config_mod.ConfigError as err:
+        print(f"kport serve: {err}", file=sys.stderr)
+        return 2
+    if args.log_format:
+        cfg.daemon.log_format = args.log_format
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    if os.geteuid() != 0:
+        print(
+            "kport serve: must run as root (the proc connector needs CAP_NET_ADMIN)",
+            file=sys.stderr,
+        )
+        return 1
+    handler = logging.StreamHandler()
+    if cfg.daemon.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if args.verbose else cfg.daemon.log_level.upper())
+    ui = _start_ui(args.ui, cfg.daemon.runtime_dir) if args.ui else None
+    try:
+        uvloop.run(daemon.Daemon(cfg).run())  # the daemon's loop: see pyproject
+    except KportError as err:
+        print(f"kport serve: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if ui is not None:
+            ui.terminate()
+            try:
+                ui.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                ui.kill()
+                ui.wait()
+    return 0
+
+
+def _start_ui(listen: str, runtime_dir: str) -> subprocess.Popen[bytes]:
+    """`kport serve --ui`: the web UI beside the daemon, as its own process (it gives up
+    root at once), stopped with it. It waits for the ports by itself."""
+    where = str(paths.runtime_dir(runtime_dir or None))
+    command = [sys.executable, "-m", "kport.cli", "ui", "--listen", listen, "--runtime-dir", where]
+    return subprocess.Popen(command, start_new_session=True)
