@@ -39,3 +39,7 @@ class History(Protocol):
     def count(self, after: int, upto: int) -> int:
         """How many of its events have ``after < seq <= upto``; may block."""
         ...
+
+    def last_seq(self) -> int:
+        """The last seq it holds (0 when empty): a port that replays it starts from there."""
+        ...

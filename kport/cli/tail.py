@@ -58,9 +58,15 @@ def format_line(event: dict[str, Any]) -> str:
     millis = f".{(ts // 1_000_000) % 1000:03d}" if ts else ""
     kind = event.get("kind", "?")
     if kind == "lost":
-        count = event.get("count")
+        count, at_most = event.get("count"), event.get("at_most")
+        if count is not None:
+            how_many = str(count)
+        elif at_most is not None:  # only a bound is known (after a crash)
+            how_many = f"up to {at_most}"
+        else:
+            how_many = "some"
         return (
-            f"{clock}{millis} LOST     {'some' if count is None else count} events "
+            f"{clock}{millis} LOST     {how_many} events "
             f"({event.get('reason') or event.get('where', '')})"
         )
     argv = event.get("argv")

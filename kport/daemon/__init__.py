@@ -160,9 +160,6 @@ class Daemon:
             self._setup_net(journal)
         for name, decisions in self.decisions.items():
             decisions.attach(self.ports[name], self._loop)
-        # a replay asked for before the first new event covers it all
-        for port in self.ports.values():
-            port.seq = self.delivery.seq
         started: list[ServerPort] = []
         try:
             for port in self.ports.values():

@@ -29,12 +29,13 @@ import sqlite3
 import struct
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
-from kport import paths
+from kport import paths, protocol
 from kport.errors import NameCollision
 from kport.journal.chunks import CHUNK_EVENTS, SOURCE_CODE, Row, chunk_items, chunk_of
 from kport.journal.reader import JournalReader
@@ -42,6 +43,10 @@ from kport.journal.retention import Retention, size_bytes
 from kport.replay import Gap, Page
 
 log = logging.getLogger("kport.journal")
+
+#: why a range of seqs after a crash has no events: kport reserved them ahead, and may
+#: have delivered some of them live before it stopped, unwritten
+UNWRITTEN: Final = "kport stopped before writing these to the journal (at most this many)"
 
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
@@ -144,7 +149,6 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._seq_fd: int | None = None
-        self._last_seq = 0
         self._reserved = 0
         #: rows per commit now: halved after a failed commit (a nearly full disk may take a
         #: small one), doubled again after each success
@@ -168,7 +172,7 @@ class Journal:
         except BaseException:
             self._close_files()
             raise
-        self.committed = self._last_seq = start
+        self.committed = start
         self._reserve(start)  # before the first event: a crash from now on skips past it
         log.info("journal %s: opened, next seq %d", self.path, start + 1)
         return start
@@ -194,13 +198,17 @@ class Journal:
                     written + 1,
                     start,
                     start - written,
-                    "kport stopped before writing these to the journal (at most this many)",
+                    UNWRITTEN,
                     time.time_ns(),
                 ),
             )
             log.warning(
-                "journal %s: kport did not stop cleanly; seqs %d..%d were not written",
+                "journal %s: kport did not stop cleanly: the events after seq %d that it "
+                "had not yet written are lost, at most %d (seqs %d..%d were reserved; "
+                "most were never used)",
                 self.path,
+                written,
+                start - written,
                 written + 1,
                 start,
             )
@@ -283,7 +291,7 @@ class Journal:
                 db.execute("BEGIN")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 1)")
                 db.execute("COMMIT")
-                self._reserve(self._last_seq)  # nothing handed out beyond it
+                self._reserve(self.committed)  # all was written: nothing beyond it
         with contextlib.suppress(sqlite3.Error):
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._close_files()
@@ -305,7 +313,6 @@ class Journal:
         if last >= self._reserved - RESERVE // 2 and self._seq_fd is not None:
             self._reserve(last + RESERVE)
         with self._lock:
-            self._last_seq = last
             room = self.queue_limit - self._queued
             pending = self._pending
             if len(rows) <= room:
@@ -515,13 +522,17 @@ class Journal:
                         items.append((seq, item))
                 if full:
                     break
-            gaps = [
-                Gap(*g)
-                for g in db.execute(
-                    "SELECT first, last, count, reason FROM gaps WHERE last > ? AND first <= ?",
-                    (after, upto),
-                )
-            ]
+            gaps = []
+            unwritten: list[tuple[Gap, int]] = []
+            for *fields, ts in db.execute(
+                "SELECT first, last, count, reason, ts FROM gaps WHERE last > ? AND first <= ?",
+                (after, upto),
+            ):
+                gap = Gap(*fields)
+                if gap.reason == UNWRITTEN:
+                    unwritten.append((gap, ts))
+                else:
+                    gaps.append(gap)
             pruned = db.execute("SELECT value FROM meta WHERE key = 'pruned_through'").fetchone()
         finally:
             db.execute("COMMIT")
@@ -540,7 +551,47 @@ class Journal:
                 looked += 1
                 if not names or row[2] in names:
                     items.append((row[0], row[3]))
+        said = [
+            (g.first, _unwritten_event(g, ts)) for g, ts in unwritten if after < g.first <= through
+        ]
+        if said:  # said once, where the range begins; its seqs need no LOST frame
+            items = sorted(items + said, key=lambda item: item[0])
         return Page(items, _clip(gaps + queued_gaps, after, through), through)
+
+    def last_seq(self) -> int:
+        """The last seq it holds: committed, or queued to be."""
+        with self._lock:
+            if not self._pending:
+                return self.committed
+            newest = self._pending[-1]
+            return max(newest.last if isinstance(newest, Gap) else newest[-1][0], self.committed)
+
+    def count(self, after: int, upto: int, sources: Iterable[str] = ()) -> int:
+        """How many events (of ``sources``, if given) have ``after < seq <= upto``,
+        committed or queued; reads the chunks' seqs and sources, never their events."""
+        codes = {SOURCE_CODE.get(name, 0) for name in sources}
+        names = frozenset(sources)
+        with self._lock:
+            queued, _, _ = self._pending_in(after, upto, self.queue_limit + CHUNK_EVENTS)
+        db = self.reader.connection()
+        found = 0
+        in_database = after
+        db.execute("BEGIN")
+        try:
+            for seqs, kinds in db.execute(
+                "SELECT seqs, sources FROM chunks WHERE last > ? AND first <= ? ORDER BY first",
+                (after, upto),
+            ):
+                for seq, code in zip(array("q", seqs), kinds, strict=True):
+                    if after < seq <= upto:
+                        in_database = seq
+                        found += not codes or code in codes
+        finally:
+            db.execute("COMMIT")
+        for row in queued:
+            if row[0] > in_database and (not names or row[2] in names):
+                found += 1
+        return found
 
     def tail(self, after: int, upto: int, sources: Iterable[str] = ()) -> Page | None:
         """Like :meth:`read`, from memory alone, or None if memory does not reach back
@@ -616,3 +667,32 @@ class SourceHistory:
 
     def tail(self, after: int, upto: int) -> Page | None:
         return self.journal.tail(after, upto, self.sources)
+
+    def last_seq(self) -> int:
+        return self.journal.last_seq()
+
+    def count(self, after: int, upto: int) -> int:
+        return self.journal.count(after, upto, self.sources)
+
+
+def _unwritten_event(gap: Gap, ts: int) -> bytes:
+    """What a replay says of the seqs reserved before a crash and never written: that the
+    events kport had not yet written when it stopped are lost, ``at_most`` of them (most
+    of the range was never used), rather than a loss of the whole range."""
+    return protocol.pack_new(
+        {
+            "seq": gap.first,
+            "ts": ts,
+            "source": "kport",
+            "kind": "lost",
+            "count": None,
+            "at_most": gap.count,
+            "first_seq": gap.first,
+            "last_seq": gap.last,
+            "reason": (
+                "kport did not stop cleanly: the events it had delivered but not yet "
+                "written to the journal are lost (at most this range; most of its seqs "
+                "were reserved and never used)"
+            ),
+        }
+    )

@@ -22,8 +22,9 @@ import pytest
 import kport
 from bench.proc import tiny_program
 from kport import cli
+from kport.cli.tail import format_line
 from kport.journal.chunks import SOURCES, chunk_items
-from tests.conftest import mount_tmpfs, spawn_client
+from tests.conftest import SLACK_S, mount_tmpfs, spawn_client
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -467,11 +468,17 @@ def test_sigkill_in_a_storm_keeps_what_was_durable(rundir: Path) -> None:
         marker = f"kport-crash-marker-{os.getpid()}"
         subprocess.run([SH, "-c", "sleep 0.05", marker], check=True)
         with kport.connect("proc", runtime_dir=rundir, since=last_durable) as conn:
+            # Not "N lost": the seqs reserved ahead were mostly never used. One event says
+            # what is known: the unwritten events are lost, at most that range.
             first = conn.get_message(timeout=10)
-            assert first.is_lost, first
-            assert first.data["first_seq"] == last_durable + 1
-            assert first.data["last_seq"] > last_durable
-            skipped_to = first.data["last_seq"]
+            assert not first.is_lost and first.seq == last_durable + 1, first
+            said = first.data
+            assert (said["source"], said["kind"], said["count"]) == ("kport", "lost", None)
+            assert said["first_seq"] == last_durable + 1 and said["last_seq"] > last_durable
+            assert said["at_most"] == said["last_seq"] - said["first_seq"] + 1
+            assert "did not stop cleanly" in said["reason"]
+            assert "LOST     up to" in format_line(said)
+            skipped_to = said["last_seq"]
             for msg in conn:
                 assert not msg.is_lost and msg.seq > skipped_to
                 if msg.data.get("kind") == "exec" and marker in (msg.data.get("argv") or []):
@@ -731,7 +738,7 @@ def test_deciders_policies_and_a_decider_that_opens_a_watched_file(
                 )
                 assert cat(mount / "data.txt")[0] == 0
                 status, took = cat(mount / "secret")
-                assert status != 0 and took < 5
+                assert status != 0 and took < SLACK_S  # denied, not left to the deadline
 
                 def verdicts() -> set[tuple[str, str]]:  # journaled within a commit interval
                     events = kport.history(sources=["file"], runtime_dir=rundir, limit=100)
@@ -811,7 +818,7 @@ def test_a_decider_killed_mid_request_means_the_default_at_once(
             t0 = time.monotonic()
             victim.kill()
             out, _ = opener.communicate(timeout=10)
-            assert out == b"data\n" and time.monotonic() - t0 < 2
+            assert out == b"data\n" and time.monotonic() - t0 < SLACK_S  # not the deadline
         finally:
             if victim.poll() is None:
                 victim.kill()
@@ -839,7 +846,7 @@ def test_a_killed_daemon_leaves_no_opener_hanging(rundir: Path, tmp_path: Path) 
             for opener in openers:
                 out, _ = opener.communicate(timeout=10)
                 assert out == b"data\n"
-            assert time.monotonic() - t0 < 2
+            assert time.monotonic() - t0 < SLACK_S  # not the 60 s deadline
         finally:
             stuck.kill()
             stuck.communicate(timeout=10)

@@ -88,6 +88,8 @@ class ServerPort:
         self.path = paths.port_path(name, runtime_dir)
         #: the last seq this port assigned or was given
         self.seq = 0
+        #: notifications broadcast or published (``_publish_lock`` held to change it)
+        self.published = 0
         #: orders seqs and notifications between threads (``publish``) and the loop, and
         #: holds a replay's switch to live notifications still
         self._publish_lock = threading.Lock()
@@ -135,6 +137,8 @@ class ServerPort:
         if self._listener.listening:
             raise RuntimeError(f"port {self.name!r} is already started")
         self._loop = asyncio.get_running_loop()
+        if self.history is not None:  # a replay asked for before the first new event
+            self.seq = max(self.seq, self.history.last_seq())  # covers the history whole
         self._listener.open()
         if self.one_way:
             self._hup_poll = select.epoll()
@@ -263,6 +267,7 @@ class ServerPort:
         item = data if packed or not self._conns else self.pack_item(data)
         with self._publish_lock:
             seq = self._next_seq(seq)
+            self.published += 1
             for conn in self._conns.values():
                 if conn.life.admits.broadcast and (where is None or where(conn)):
                     conn.outbox.notify(seq, item)
@@ -284,6 +289,7 @@ class ServerPort:
         later: list[ServerConnection] = []
         with self._publish_lock:
             self.seq = max(self.seq, items[-1][0])
+            self.published += len(items)
             for conn in list(self._conns.values()):  # the loop may add or drop meanwhile
                 if not conn.life.admits.broadcast:
                     continue

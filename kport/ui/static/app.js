@@ -264,7 +264,8 @@ function clock(ts) {
 function summary(e) {
   if (e.kind === "lost") {
     const range = e.first_seq != null ? ` (seq ${e.first_seq}–${e.last_seq})` : "";
-    return `LOST ${e.count ?? "some"} events${range} ${e.reason || e.where || ""}`;
+    const howMany = e.count ?? (e.at_most != null ? `up to ${e.at_most}` : "some");  // a bound only, after a crash
+    return `LOST ${howMany} events${range} ${e.reason || e.where || ""}`;
   }
   const argv = e.argv || e.cmdline;
   const command = (argv && argv.length ? argv.join(" ") : e.exe || e.comm || "?") + (e.gone ? " (gone)" : "");
