@@ -9,6 +9,7 @@ any thread, and the source bounds how many of its asks are in flight at once (th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,3 +18,54 @@ from typing import Any
 Done = Callable[[str, str], None]
 #: a source's way to ask: ask(request, done)
 Ask = Callable[[dict[str, Any], Done], None]
+
+
+class Asking:
+    """A source's asks in flight: at most ``max_asks`` at once, each answered once.
+
+    ``reserve`` takes a place for one ask or says why there is none (the source then
+    applies its default verdict); ``send`` makes the ask in that place, and gives the
+    place back with the first answer — a second answer (a late one after the default,
+    say) is ignored.
+    """
+
+    def __init__(self, ask: Ask | None, max_asks: int) -> None:
+        self.ask = ask
+        self.max_asks = max_asks
+        #: asks made
+        self.asked = 0
+        #: asks that got the default verdict: none could be made, or none was answered
+        self.defaulted = 0
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def reserve(self) -> str | None:
+        """A place for one ask (None), or why there is none."""
+        with self._lock:
+            if self.ask is None:
+                why = "no decision client"
+            elif self.in_flight >= self.max_asks:
+                why = "too many asks in flight"
+            else:
+                self.in_flight += 1
+                self.asked += 1
+                return None
+            self.defaulted += 1
+        return why
+
+    def send(self, request: dict[str, Any], answered: Done) -> None:
+        """Ask, in a place :meth:`reserve` took; ``answered(verdict, why)`` gets the first
+        answer only, once the place is free again."""
+        assert self.ask is not None
+        once = threading.Lock()
+
+        def done(verdict: str, why: str) -> None:
+            if not once.acquire(blocking=False):
+                return  # answered already
+            with self._lock:
+                self.in_flight -= 1
+                if why != "decided":
+                    self.defaulted += 1
+            answered(verdict, why)
+
+        self.ask(request, done)

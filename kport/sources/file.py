@@ -34,7 +34,7 @@ from typing import Any, Final, Literal
 
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
-from kport.sources.ask import Ask
+from kport.sources.ask import Ask, Asking
 from kport.sources.subjects import Pending, ProcessTableView, Subjects
 
 log = logging.getLogger("kport.file")
@@ -179,8 +179,7 @@ class FileSource:
         self.emit = emit
         self.watches: list[Watch] = [*watches_of(paths), *watches]
         self.rules = rules
-        self.ask = ask
-        self.max_asks = max_asks
+        self.asking = Asking(ask, max_asks)
         self.default_verdict = default_verdict
         self.trusted = trusted
         self.permissions = tuple(permissions)
@@ -192,11 +191,7 @@ class FileSource:
         self.events = 0
         self.allowed = 0
         self.denied = 0
-        self.asked = 0
-        self.defaulted = 0
         self.lost = 0
-        self._asks = 0
-        self._asks_lock = threading.Lock()
         #: (deadline in monotonic ns, notification), in the order they were read
         self._held: deque[tuple[int, fan.FanotifyEvent]] = deque()
         #: the last subject the rules saw, and the process details it was made from
@@ -349,9 +344,9 @@ class FileSource:
             "events": self.events,
             "allowed": self.allowed,
             "denied": self.denied,
-            "asked": self.asked,
-            "defaulted": self.defaulted,
-            "asks_in_flight": self._asks,
+            "asked": self.asking.asked,
+            "defaulted": self.asking.defaulted,
+            "asks_in_flight": self.asking.in_flight,
             "lost": self.lost,
             "paths": self.paths,
             "watches": [{"path": w.path, "mark": w.mark} for w in self.watches],
@@ -491,28 +486,14 @@ class FileSource:
             self.denied += 1
 
     def _ask(self, group: fan.FanotifyGroup, event: fan.FanotifyEvent, record: Event) -> None:
-        with self._asks_lock:
-            room = self.ask is not None and self._asks < self.max_asks
-            if room:
-                self._asks += 1
-        if not room:
-            self.defaulted += 1
-            why = "no decision client" if self.ask is None else "too many asks in flight"
+        why = self.asking.reserve()
+        if why is not None:
             self._finish(group, event, record, self.default_verdict, why)
             return
-        self.asked += 1
-        answered = threading.Lock()
 
-        def done(verdict: str, why: str) -> None:
-            if not answered.acquire(blocking=False):
-                return  # answered already
-            with self._asks_lock:
-                self._asks -= 1
-            if why != "decided":
-                self.defaulted += 1
+        def answered(verdict: str, why: str) -> None:
             self._finish(group, event, record, verdict == "allow", why)
 
-        assert self.ask is not None
         request = {
             "kind": record["kind"],
             "path": record["path"],
@@ -524,7 +505,7 @@ class FileSource:
             "cmdline": record["argv"],
             "ancestors": record["ancestors"],
         }
-        self.ask(request, done)
+        self.asking.send(request, answered)
 
     def _finish(
         self,

@@ -34,7 +34,7 @@ from typing import Any, Final
 from kport.rules import RuleSet, Subject
 from kport.sources import firewall, nfqueue
 from kport.sources import packet as packets
-from kport.sources.ask import Ask
+from kport.sources.ask import Ask, Asking
 from kport.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket
 from kport.sources.sockets import Candidates, Owners, SocketDiag, all_processes
 from kport.sources.subjects import ProcessTableView, Subjects
@@ -102,8 +102,7 @@ class NetSource:
         self.emit = emit
         self.plan = plan
         self.rules = rules
-        self.ask = ask
-        self.max_asks = max_asks
+        self.asking = Asking(ask, max_asks)
         self.default_verdict = default_verdict
         self.prefer = backend
         self.trusted = trusted
@@ -119,8 +118,6 @@ class NetSource:
         self.allowed = 0
         self.denied = 0
         self.rejected = 0
-        self.asked = 0
-        self.defaulted = 0
         self.unreadable = 0
         self.unowned = 0
         self.reinstalled = 0
@@ -254,8 +251,8 @@ class NetSource:
             "allowed": self.allowed,
             "denied": self.denied,
             "rejected": self.rejected,
-            "asked": self.asked,
-            "defaulted": self.defaulted,
+            "asked": self.asking.asked,
+            "defaulted": self.asking.defaulted,
             "asks_in_flight": len(self._pending),
             "unreadable": self.unreadable,
             "without_process": self.unowned,
@@ -507,25 +504,18 @@ class NetSource:
             if waiting is not None:
                 waiting.append(pkt)  # a retransmission: it waits on the same answer
                 return None
-            room = self.ask is not None and len(self._pending) < self.max_asks
-            if room:
+            why = self.asking.reserve()
+            if why is None:
                 self._pending[slot] = [pkt]
-        if not room:
-            self.defaulted += 1
-            why = "no decision client" if self.ask is None else "too many asks in flight"
+        if why is not None:
             if self.default_verdict != "allow":
                 self._settle(flow, self.default_verdict)
             return self._finish([pkt], record, self.default_verdict, f"default: {why}")
-        self.asked += 1
-        answered = threading.Lock()
 
-        def done(verdict: str, why: str) -> None:
-            if not answered.acquire(blocking=False):
-                return
+        def answered(verdict: str, why: str) -> None:
             with self._lock:
                 held = self._pending.pop(slot, [])
             if why != "decided":
-                self.defaulted += 1
                 why = f"default: {why}"
             if verdict not in VERDICTS:
                 verdict = self.default_verdict
@@ -556,8 +546,7 @@ class NetSource:
         request["cmdline"] = record.get("argv")
         request["verdicts"] = list(VERDICTS)
         asked = dict(record, kind="asked")
-        assert self.ask is not None
-        self.ask(request, done)
+        self.asking.send(request, answered)
         return asked
 
     def _finish(self, held: list[QueuedPacket], record: Event, verdict: str, why: str) -> Event:

@@ -18,7 +18,7 @@ from kport.sources import file as file_source
 from kport.sources.ask import Done
 from kport.sources.file import FileSource, Watch
 from kport.sources.proc import ProcessTable
-from tests.conftest import mount_tmpfs, mounted
+from tests.conftest import SLACK_S, mount_tmpfs, mounted
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -179,8 +179,8 @@ def test_asks_are_answered_by_the_callback_or_by_the_default(tmp_path: Path, mou
     try:
         t0 = time.monotonic()
         assert cat(mount / "plain.txt").returncode != 0
-        assert time.monotonic() - t0 < 2
-        assert source.defaulted >= 1
+        assert time.monotonic() - t0 < SLACK_S
+        assert source.asking.defaulted >= 1
     finally:
         source.stop()
 
@@ -241,7 +241,7 @@ def test_stopping_releases_an_opener_that_waits_for_an_answer(tmp_path: Path, mo
         t0 = time.monotonic()
         source.stop()
     out, _ = opener.communicate(timeout=5)
-    assert time.monotonic() - t0 < 2 and out == b"hello\n"
+    assert time.monotonic() - t0 < SLACK_S and out == b"hello\n"
     for done in pending:
         done(True, "late")  # an answer after the stop harms nothing
 
@@ -266,7 +266,7 @@ def test_asks_beyond_max_asks_get_the_default_at_once(tmp_path: Path, mount: Pat
             time.sleep(0.01)
         assert len(pending) == 1 and waiting.poll() is None  # the one ask in flight
         assert cat(mount / "secret.txt").stdout == "s3cret\n"  # no room: the default
-        assert len(pending) == 1 and source.defaulted == 1
+        assert len(pending) == 1 and source.asking.defaulted == 1
     finally:
         source.stop()
         waiting.communicate(timeout=5)
@@ -384,7 +384,7 @@ def test_a_notification_is_held_until_its_process_is_named_and_opens_go_on(
     ):
         t0 = time.monotonic()
         assert cat(mount / "plain.txt").returncode == 0
-        assert time.monotonic() - t0 < 5  # not held behind the notifications
+        assert time.monotonic() - t0 < SLACK_S  # not held behind the notifications (60 s)
         time.sleep(0.1)
         assert creates(got) == []
 
@@ -415,7 +415,7 @@ def test_a_process_the_table_never_names_is_reported_in_time_without_a_name(
         with made_and_gone(source, monkeypatch, mount, ["unnamed"]):
             t0 = time.monotonic()
             (event,) = wait_for_events(got, bool)
-            assert time.monotonic() - t0 < 1  # SETTLE_S (20 ms), and a poll
+            assert time.monotonic() - t0 < SLACK_S  # SETTLE_S (20 ms), and a poll
         assert event["path"] == str(mount / "unnamed") and event["gone"] is True
         assert event["exe"] is None and event["argv"] is None
         assert source.subjects.unsettled == 1
