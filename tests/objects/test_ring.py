@@ -24,13 +24,15 @@ import pytest
 
 from kport.errors import PortClosed, QueueFull, Timeout
 from kport.objects.ring import MAX_CAPACITY, Ring
+from tests.conftest import SLACK_S
 
 pytestmark = pytest.mark.timeout(300)
 
 FORK = multiprocessing.get_context("fork")
 RECORD_COUNT = 10_000_000
 MAX_SIZE = 300
-DEAD_PEER_NOTICED_S = 3.0
+#: a dead peer is noticed long before the 60 s the waits are given
+DEAD_PEER_NOTICED_S = SLACK_S
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +142,7 @@ def test_a_full_ring_times_out_and_never_overwrites() -> None:
         started = time.monotonic()
         with pytest.raises(QueueFull, match=r"waited 0.3 s and were not put; the consumer is not"):
             producer.put(records[written], timeout=0.3)
-        assert 0.3 <= time.monotonic() - started < 2
+        assert 0.3 <= time.monotonic() - started < 0.3 + SLACK_S
         with pytest.raises(
             QueueFull, match=r"61 record\(s\) of 6100 bytes waited 0.1 s and were not put;"
         ):
@@ -168,7 +170,7 @@ def test_an_empty_ring_times_out() -> None:
         started = time.monotonic()
         with pytest.raises(Timeout, match=r"ring empty: no record arrived within 0.3 s"):
             ring.get(timeout=0.3)
-        assert 0.3 <= time.monotonic() - started < 2
+        assert 0.3 <= time.monotonic() - started < 0.3 + SLACK_S
         with attach(ring) as consumer, pytest.raises(Timeout):
             consumer.get_many(timeout=0.1)
 
@@ -184,7 +186,7 @@ def test_a_record_the_ring_can_never_hold_is_refused_at_once() -> None:
             producer.put(bytes(4093), timeout=60)
         with pytest.raises(ValueError, match="can never fit"):
             producer.put_many([b"first", bytes(5000)], timeout=60)
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < SLACK_S  # not after the 60 s it was given
         with pytest.raises(Timeout):
             consumer.get(timeout=0)  # the refused batch put nothing
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from kport.sources import fanotify as fa
 from kport.sources.fanotify import FanotifyEvent, FanotifyGroup
-from tests.conftest import mount_tmpfs, mounted
+from tests.conftest import SLACK_S, mount_tmpfs, mounted
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify and mount need root")
 slow = pytest.mark.timeout(120)
@@ -327,9 +327,9 @@ def test_closing_the_group_releases_unanswered_openers(
     finally:
         group.close()
     started = time.monotonic()
-    opener.join(2)
-    assert not opener.is_alive(), "the opener was not released within 2 s"
-    assert time.monotonic() - started < 2
+    opener.join(SLACK_S)
+    assert not opener.is_alive(), f"the opener was not released within {SLACK_S:g} s"
+    assert time.monotonic() - started < SLACK_S
     assert opener.outcome == "released"
 
 

@@ -10,7 +10,6 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import websockets.sync.client
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from bench.ui import BROWSER_ARGS, CHROMIUM, free_port, wait_until
-from tests.conftest import mount_tmpfs
+from tests.conftest import SLACK_S, mount_tmpfs
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
@@ -214,15 +213,13 @@ def test_the_process_tree_comes_from_the_daemon(stack: Stack) -> None:
 # --- in the browser --------------------------------------------------------------------
 
 
-def test_a_new_process_appears_in_the_log_within_a_second(stack: Stack, browser: Browser) -> None:
+def test_a_new_process_appears_in_the_log(stack: Stack, browser: Browser) -> None:
+    """(How soon is measured by `kport bench ui`.)"""
     with opened(browser, stack) as page:
         marker = f"ui-marker-{secrets.token_hex(4)}"
-        started = time.monotonic()
         subprocess.run(["/bin/sh", "-c", "sleep 0.1; true", marker], check=True)
         row = page.locator(".row", has_text=marker).first
-        expect(row).to_be_visible(timeout=5000)
-        took = time.monotonic() - started
-        assert took < 1.0, f"the process took {took:.2f} s to appear"
+        expect(row).to_be_visible(timeout=SLACK_S * 1000)
         page.fill("#f-text", marker)  # rows are reused as the log moves: pin it first
         expect(page.locator("#log-count")).to_contain_text(" of ")
         page.fill("#f-kind", "exec")
@@ -238,17 +235,15 @@ def test_a_new_process_appears_in_the_log_within_a_second(stack: Stack, browser:
         expect(page.locator("#detail")).to_be_hidden()
 
 
-def test_a_process_that_lives_a_millisecond_appears_with_its_argv_within_a_second(
+def test_a_process_that_lives_a_millisecond_appears_with_its_argv(
     stack: Stack, browser: Browser
 ) -> None:
+    """(How soon is measured by `kport bench ui`.)"""
     with opened(browser, stack) as page:
         marker = f"ui-instant-{secrets.token_hex(4)}"
-        started = time.monotonic()
         subprocess.run(["/bin/true", marker], check=True)  # gone at once
         row = page.locator(".row", has_text=f"/bin/true {marker}").first
-        expect(row).to_be_visible(timeout=5000)
-        took = time.monotonic() - started
-        assert took < 1.0, f"the process took {took:.2f} s to appear"
+        expect(row).to_be_visible(timeout=SLACK_S * 1000)
         assert "(gone)" not in row.inner_text()
 
 

@@ -19,7 +19,8 @@ import pytest
 
 import kport
 from kport import protocol
-from tests.conftest import run, run_as_nobody, spawn_client, wait_for
+from kport.port.server import requests
+from tests.conftest import SLACK_S, run, run_as_nobody, spawn_client, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -292,7 +293,7 @@ def test_request_deadline_and_late_reply(rundir: Path) -> None:
             started = time.monotonic()
             with pytest.raises(kport.Timeout, match=r"did not reply within 0\.2 s"):
                 await port.request(conn, "q", timeout=0.2)
-            assert 0.2 <= time.monotonic() - started < 1.0
+            assert 0.2 <= time.monotonic() - started < 0.2 + SLACK_S  # at its deadline
             msg = await client.get_message(timeout=5)
             assert msg.time_left() is not None and msg.time_left() <= 0  # type: ignore[operator]
             await client.reply(msg, "too late")
@@ -387,10 +388,13 @@ def test_request_from_thread_is_written_there_or_queued_and_answered_in_the_loop
 
 
 def test_requests_from_a_thread_keep_their_deadlines_though_the_loop_is_not_woken(
-    rundir: Path,
+    rundir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Written from a thread, a request's deadline is started by the loop when it next
-    looks: each still fails at its own deadline, none early and none much late."""
+    looks: each still fails at its own deadline, counted from when it was made. The loop
+    is made to look only every 3 s, so a deadline counted from the look would come more
+    than 2.5 s late for all but the first: a bound that a busy machine cannot break."""
+    monkeypatch.setattr(requests, "THREAD_ASKS_S", 3.0)
 
     async def main() -> None:
         async with kport.ServerPort("dl", runtime_dir=rundir) as port:
@@ -405,7 +409,7 @@ def test_requests_from_a_thread_keep_their_deadlines_though_the_loop_is_not_woke
                     port.request_from_thread(
                         conn,
                         {"i": i},
-                        timeout=0.3,
+                        timeout=1.0,
                         on_done=lambda f, i=i: ended.__setitem__(
                             i, (time.monotonic(), f.exception() or f.result())
                         ),
@@ -414,12 +418,12 @@ def test_requests_from_a_thread_keep_their_deadlines_though_the_loop_is_not_woke
                 return starts
 
             starts = await asyncio.to_thread(ask_many)
-            await wait_for(lambda: len(ended) == 40, timeout=5)
+            await wait_for(lambda: len(ended) == 40, timeout=30)
             for i, start in enumerate(starts):
                 at, outcome = ended[i]
                 assert isinstance(outcome, kport.Timeout), outcome
-                assert "within 0.3 s" in str(outcome)
-                assert 0.3 <= at - start < 0.45, (i, at - start)
+                assert "within 1 s" in str(outcome)
+                assert 1.0 <= at - start < 1.0 + 2.0, (i, at - start)
             await wait_for(lambda: conn.pending_requests == 0)
             assert conn.sent == 40  # every one was written by the thread itself
             await client.close()
@@ -624,7 +628,7 @@ def test_killed_client_ends_its_pending_request_at_once(rundir: Path) -> None:
             started = time.monotonic()
             with pytest.raises(kport.PortClosed, match="ended"):
                 await task
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < SLACK_S  # not at its 60 s deadline
             await asyncio.to_thread(child.communicate)
             assert not port.connections
 
