@@ -49,16 +49,16 @@ class ServerConnection:
         self.life = Lifecycle()
         self._sock = sock
         self._proto = protocol.Connection(protocol.Role.SERVER, max_frame=port.max_frame)
-        self.writer: Writer
+        wake = asyncio.Event()  # set: the writer task has something to write
         self.outbox = Outbox(
             self._proto,
             limit=port.queue_limit,
             max_bytes=port.queue_bytes,
-            wake=self._wake,
+            wake=wake.set,
             tally=tally,
             owner=f"port {port.name!r}: connection {conn_id} (pid {peer.pid})",
         )
-        self.writer = Writer(sock, self.outbox, self.life, asyncio.get_running_loop())
+        self.writer = Writer(sock, self.outbox, self.life, wake, asyncio.get_running_loop())
         #: requests in flight, by id
         self._pending: dict[int, asyncio.Future[Any]] = {}
         #: done callbacks of requests from other threads, called as their reply is read
@@ -74,9 +74,6 @@ class ServerConnection:
         self.objects: dict[int, Any] = {}
         self._handles = itertools.count(1)
         self._fds_in: deque[int] = deque()
-
-    def _wake(self) -> None:
-        self.writer.wake.set()
 
     def __repr__(self) -> str:
         return (

@@ -166,7 +166,7 @@ class Outbox:
         for entry in in_seq_order(page.items, page.gaps):
             ends_run = isinstance(entry, Gap) or size + len(entry[1]) > self._batch_limit
             if run and ends_run:
-                parts.append(self._notify_frame(run))
+                parts.append(self._notify_frame(*_unzip(run)))
                 self.replayed += len(run)
                 run, size = [], 0
             if isinstance(entry, Gap):
@@ -176,7 +176,7 @@ class Outbox:
                 run.append(entry)
                 size += len(entry[1])
         if run:
-            parts.append(self._notify_frame(run))
+            parts.append(self._notify_frame(*_unzip(run)))
             self.replayed += len(run)
         self.sent += len(page.items)
         return b"".join(parts)
@@ -224,21 +224,23 @@ class Outbox:
                 total += len(payload)
                 self.sent += 1
                 continue
-            run: list[tuple[int, bytes]] = []  # a run of notifications: one NOTIFY frame
+            seqs: list[int] = []  # a run of notifications: one NOTIFY frame
+            items: list[bytes] = []
             run_bytes = 0
             while queue and queue[0][0] == _NOTIFY:
                 _, seq, item = queue[0]
-                if run and run_bytes + len(item) > limit:
+                if items and run_bytes + len(item) > limit:
                     break
                 queue.popleft()
-                run.append((seq, item))
+                seqs.append(seq)
+                items.append(item)
                 run_bytes += len(item)
             self.bytes -= run_bytes
-            self._notifies -= len(run)
-            frame = self._notify_frame(run)
+            self._notifies -= len(items)
+            frame = self._notify_frame(seqs, items)
             parts.append(frame)
             total += len(frame)
-            self.sent += len(run)
+            self.sent += len(items)
         return b"".join(parts)
 
     def release(self) -> list[int]:
@@ -251,9 +253,8 @@ class Outbox:
 
     # --- inside ----------------------------------------------------------------------
 
-    def _notify_frame(self, run: list[tuple[int, bytes]]) -> bytes:
-        seqs = [seq for seq, _ in run]
-        return self._proto.send(protocol.Notify(seq_run(seqs), [i for _, i in run], packed=True))
+    def _notify_frame(self, seqs: list[int], items: list[bytes]) -> bytes:
+        return self._proto.send(protocol.Notify(seq_run(seqs), items, packed=True))
 
     def _drop_oldest_notify(self) -> bool:
         if not self._notifies:
@@ -298,3 +299,7 @@ def in_seq_order(
 def seq_run(seqs: list[int]) -> int | list[int]:
     """A NOTIFY frame's seqs: the first of a contiguous run, else the list."""
     return seqs[0] if seqs[-1] - seqs[0] == len(seqs) - 1 else seqs
+
+
+def _unzip(run: list[tuple[int, bytes]]) -> tuple[list[int], list[bytes]]:
+    return [seq for seq, _ in run], [item for _, item in run]

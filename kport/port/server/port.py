@@ -218,17 +218,20 @@ class ServerPort:
 
     # --- notifications ---------------------------------------------------------------
 
-    def pack_item(
-        self, data: Any, what: str = "a message", packer: Callable[[Any], bytes] = protocol.pack
-    ) -> bytes:
-        """``data`` as msgpack, checked against this port's frame limit."""
-        item = packer(data)
+    def pack_item(self, data: Any) -> bytes:
+        """``data`` as msgpack (the loop's packer), checked against the frame limit."""
+        item = protocol.pack(data)
+        if len(item) > self.max_frame - 64:
+            self.check_size(item, "a message")
+        return item
+
+    def check_size(self, item: bytes, what: str) -> None:
+        """Raise the error for ``item`` when it exceeds this port's frame limit."""
         if len(item) > self.max_frame - 64:
             raise ValueError(
                 f"{what} of {len(item)} bytes exceeds port {self.name!r}'s frame limit "
                 f"of {self.max_frame} bytes"
             )
-        return item
 
     def _next_seq(self, seq: int | None) -> int:
         """The seq to send under; call with ``_publish_lock`` held."""

@@ -64,7 +64,8 @@ class Requests:
     def future(self, conn: ServerConnection, data: Any, timeout: float) -> asyncio.Future[Any]:
         """In the loop: send (or queue) a request now; the future gets the reply."""
         request_id, deadline_ns = self._new(conn, timeout)
-        item = self._port.pack_item(data, "a request")
+        item = protocol.pack(data)
+        self._port.check_size(item, "a request")
         frame = conn._proto.send(protocol.Request(request_id, deadline_ns, item, packed=True))
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         conn._pending[request_id] = future
@@ -91,7 +92,8 @@ class Requests:
             raise PortClosed(f"port {port.name!r} is not running")
         request_id, deadline_ns = self._new(conn, timeout)
         # this thread's own packer, not the loop's shared one
-        item = port.pack_item(data, "a request", packer=protocol.pack_new)
+        item = protocol.pack_new(data)
+        port.check_size(item, "a request")
         frame = protocol.encode_request_packed(request_id, deadline_ns, item)
         future: asyncio.Future[Any] = loop.create_future()
         future.add_done_callback(on_done)

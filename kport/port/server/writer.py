@@ -30,6 +30,7 @@ class Writer:
         sock: socket.socket,
         outbox: Outbox,
         life: Lifecycle,
+        wake: asyncio.Event,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._sock = sock
@@ -48,7 +49,8 @@ class Writer:
         self.handed = 0
         #: the part of a frame the socket did not take at once: it goes next
         self._rest: bytes | None = None
-        self.wake = asyncio.Event()
+        #: set when there may be something to write (the outbox sets it too)
+        self.wake = wake
 
     def may_write_now(self) -> bool:
         """Whether a frame may go straight to the socket now (call with :attr:`lock`
