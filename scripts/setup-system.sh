@@ -6,6 +6,8 @@ set -eu
 need=""
 if [ "${1:-}" = "--tests" ]; then
     command -v chromium >/dev/null 2>&1 || need="$need chromium"
+    # the fleet's tests start their own JetStream brokers on 127.0.0.1
+    command -v nats-server >/dev/null 2>&1 || need="$need nats-server"
 fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need="$need python3-venv"
 command -v python3 >/dev/null 2>&1 || need="$need python3"

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the web UI here (kport ui, as the user nobody), and print its URL",
     )
     serve.add_argument(
+        "--export",
+        metavar="URL",
+        help="also export this host's events to NATS JetStream at URL (kport export)",
+    )
+    serve.add_argument(
         "--firewall",
         action="store_true",
         help="ask a decision client about every new outbound connection (NFQUEUE)",
@@ -118,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--runtime-dir", help="where the ports' sockets are")
     ui.set_defaults(face="ui")
 
+    export = sub.add_parser(
+        "export", help="stream this host's events to NATS JetStream (the fleet), exactly once"
+    )
+    export.add_argument(
+        "--nats", metavar="URL", help="the broker, nats://HOST:PORT (credentials: [export])"
+    )
+    export.add_argument("--host", help="this host's name in the fleet (default: its host name)")
+    export.add_argument("--stream", help="the JetStream stream (default: KPORT)")
+    export.add_argument("--config", help="TOML configuration: [export] (and [daemon] dirs)")
+    export.add_argument("--runtime-dir", help="where the daemon's ports are")
+    export.add_argument("--state-dir", help="where the cursor and status files go")
+    export.set_defaults(face="export")
+
     q = sub.add_parser("query", help="print the journal's history, filtered")
     q.add_argument("--source", action="append", help="proc, file, net or kport (repeatable)")
     q.add_argument("--kind", action="append", help="exec, exit, fork, ... (repeatable)")
@@ -139,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the daemon's sources, ports and connections")
     status.add_argument("--json", action="store_true")
     status.add_argument("--runtime-dir", help="where the ports' sockets are")
+    status.add_argument("--state-dir", help="where exporters keep their status (…/export)")
     status.set_defaults(face="status")
 
     watch = sub.add_parser("watch", help="watch file access under PATH now (root)")

@@ -81,20 +81,24 @@ def command(args: argparse.Namespace) -> int:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if args.verbose else cfg.daemon.log_level.upper())
-    ui = _start_ui(args.ui, cfg.daemon.runtime_dir) if args.ui else None
+    helpers = []
+    if args.ui:
+        helpers.append(_start_ui(args.ui, cfg.daemon.runtime_dir))
+    if args.export or cfg.export.url:
+        helpers.append(_start_export(args, cfg))
     try:
         uvloop.run(daemon.Daemon(cfg).run())  # the daemon's loop: see pyproject
     except KportError as err:
         print(f"kport serve: {err}", file=sys.stderr)
         return 1
     finally:
-        if ui is not None:
-            ui.terminate()
+        for helper in helpers:
+            helper.terminate()
             try:
-                ui.wait(timeout=10)
+                helper.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                ui.kill()
-                ui.wait()
+                helper.kill()
+                helper.wait()
     return 0
 
 
@@ -103,4 +107,18 @@ def _start_ui(listen: str, runtime_dir: str) -> subprocess.Popen[bytes]:
     root at once), stopped with it. It waits for the ports by itself."""
     where = str(paths.runtime_dir(runtime_dir or None))
     command = [sys.executable, "-m", "kport.cli", "ui", "--listen", listen, "--runtime-dir", where]
+    return subprocess.Popen(command, start_new_session=True)
+
+
+def _start_export(args: argparse.Namespace, cfg: config_mod.Config) -> subprocess.Popen[bytes]:
+    """`kport serve --export URL` (or [export] url): the exporter beside the daemon, as its
+    own process, a client of the ports like any other, stopped with it."""
+    where = str(paths.runtime_dir(cfg.daemon.runtime_dir or None))
+    command = [sys.executable, "-m", "kport.cli", "export", "--runtime-dir", where]
+    if args.export:
+        command += ["--nats", args.export]
+    if args.config:
+        command += ["--config", args.config]
+    if cfg.daemon.state_dir:
+        command += ["--state-dir", str(paths.state_dir(cfg.daemon.state_dir) / "export")]
     return subprocess.Popen(command, start_new_session=True)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kport
+from kport.fleet import state as export_state
 
 
 def command(args: argparse.Namespace) -> int:
@@ -18,7 +19,7 @@ def command(args: argparse.Namespace) -> int:
     with kport.connect("control", runtime_dir=args.runtime_dir) as conn:
         status = conn.send({"op": "status"}, timeout=5)
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps({**status, "exports": export_state.read_status(args.state_dir)}, indent=2))
         return 0
     console = Console()
     console.print(
@@ -120,7 +121,23 @@ def command(args: argparse.Namespace) -> int:
             )
     console.print(ports)
     console.print(conns)
+    for export in export_state.read_status(args.state_dir):
+        _export_line(console, export)
     return 0
+
+
+def _export_line(console: Any, export: dict[str, Any]) -> None:
+    """One exporter's state: connected or not, cursor, lag, resends, duplicates refused."""
+    sources = export.get("sources", {}).values()
+    state = "connected" if export.get("connected") else f"NOT CONNECTED: {export.get('error')}"
+    console.print(
+        f"export {export['host']} to {export['url']} ({export['stream']}): {state}; "
+        f"cursor seq {export['cursor']}, lag {export['lag_events']} events "
+        f"({export['lag_s']} s), {sum(s['resends'] for s in sources)} resends, "
+        f"{sum(s['duplicates'] for s in sources)} duplicates refused, "
+        f"{sum(s['lost'] for s in sources)} lost",
+        soft_wrap=True,
+    )
 
 
 def _decided(source: dict[str, Any]) -> str:

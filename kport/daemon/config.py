@@ -130,6 +130,38 @@ class JournalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """[export]: this host's events to a NATS JetStream stream (`kport export`)."""
+
+    #: the NATS server(s), comma-separated; "" exports nothing
+    url: str = ""
+    #: this host's name in the fleet; "" is the machine's host name
+    host: str = ""
+    #: the stream; created when missing (file storage), used as it is when an operator
+    #: made it (its subjects must take kport.<host>.>)
+    stream: str = "KPORT"
+    #: for a stream kport creates: its replicas (3 on a 3-node cluster), and its limits
+    replicas: int = 1
+    max_age_days: float = 30.0
+    max_size_mb: int = 10240
+    #: messages published and not yet acknowledged, at most
+    window: int = 512
+    #: how long an acknowledgement may take before the window is sent again
+    ack_timeout_s: float = 5.0
+    #: credentials, never on the command line: user and password, or a token, or a
+    #: .creds file (JWT and nkey), or an nkey seed file
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds: str = ""
+    nkey: str = ""
+    #: TLS: a CA to trust, and a client certificate and key if the server asks for one
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass
 class DaemonConfig:
     runtime_dir: str = ""
     state_dir: str = ""
@@ -144,6 +176,7 @@ class Config:
     journal: JournalConfig = field(default_factory=JournalConfig)
     file: FileConfig = field(default_factory=FileConfig)
     net: NetConfig = field(default_factory=NetConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     ports: dict[str, PortConfig] = field(
         default_factory=lambda: {
             "proc": PortConfig(groups=["kport"]),
@@ -223,14 +256,14 @@ def load(path: str | Path | None) -> Config:
                     raise ConfigError(f"{path}: [ports.{name}] must be a table")
                 target = config.ports.setdefault(name, PortConfig())
                 _fill(target, port, f"{path}: ports.{name}")
-        elif section in ("daemon", "proc", "journal", "file", "net"):
+        elif section in ("daemon", "proc", "journal", "file", "net", "export"):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             _fill(getattr(config, section), value, f"{path}: {section}")
         else:
             raise ConfigError(
                 f"{path}: unknown section [{section}] "
-                "(known: daemon, proc, journal, file, net, ports)"
+                "(known: daemon, proc, journal, file, net, export, ports)"
             )
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
@@ -252,6 +285,7 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: journal.commit_interval_ms must be 1 to 60000")
     check_file(config.file, str(path))
     check_net(config.net, str(path))
+    check_export(config.export, str(path))
     if config.daemon.log_format not in ("text", "json"):
         raise ConfigError(f"{path}: daemon.log_format must be 'text' or 'json'")
     return config
@@ -305,3 +339,19 @@ def check_net(cfg: NetConfig, where: str) -> None:
         )
     if not 1 <= cfg.queue_length <= 1_000_000:
         raise ConfigError(f"{where}: net.queue_length must be 1 to 1000000")
+
+
+def check_export(cfg: ExportConfig, where: str) -> None:
+    if cfg.url and "@" in cfg.url.split("//", 1)[-1].split("/", 1)[0]:
+        raise ConfigError(
+            f"{where}: export.url holds credentials: put them in export.user and "
+            "export.password (or token, creds, nkey), where no command line shows them"
+        )
+    if not 1 <= cfg.replicas <= 5:
+        raise ConfigError(f"{where}: export.replicas must be 1 to 5")
+    if not 1 <= cfg.window <= 100_000:
+        raise ConfigError(f"{where}: export.window must be 1 to 100000")
+    if cfg.max_age_days <= 0 or cfg.max_size_mb <= 0 or cfg.ack_timeout_s <= 0:
+        raise ConfigError(
+            f"{where}: export.max_age_days, export.max_size_mb and export.ack_timeout_s must be > 0"
+        )

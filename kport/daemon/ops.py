@@ -45,8 +45,9 @@ def process_tree() -> list[dict[str, Any]]:
 
 
 class JournalOps:
-    """The journal port's requests: ``query``, and ``processes`` for the web UI's process
-    tree (the UI reads nothing of the machine itself: its privileges are the ports')."""
+    """The journal port's requests: ``query``; ``processes`` for the web UI's process
+    tree (the UI reads nothing of the machine itself: its privileges are the ports');
+    ``identity``, the journal's, for an exporter to name events by."""
 
     def __init__(self, journal: Journal, pool: Executor) -> None:
         self.journal = journal
@@ -58,7 +59,12 @@ class JournalOps:
             return await self._query(data)
         if op == "processes":
             return await asyncio.get_running_loop().run_in_executor(self.pool, process_tree)
-        raise ValueError(f"unknown journal request {data!r:.60}; known ops: query, processes")
+        if op == "identity":
+            # the journal's identity and where it stands: an exporter names events by it
+            return {"journal": f"{self.journal.identity:x}", "last_seq": self.journal.last_seq()}
+        raise ValueError(
+            f"unknown journal request {data!r:.60}; known ops: query, processes, identity"
+        )
 
     async def _query(self, data: dict[str, Any]) -> dict[str, Any]:
         """``{"op": "query", ...Query fields}`` → ``{"events": [...], "next": {...} | None}``.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 import struct
 import threading
@@ -130,6 +131,8 @@ class Journal:
         self.error: str | None = None
         #: every seq up to this one is committed: as an event, or inside a gap
         self.committed = 0
+        #: this journal file's identity (random, made with it; 0 until opened)
+        self.identity = 0
         #: events dropped from the journal because its queue was full (still delivered)
         self.dropped = 0
         self.written = 0
@@ -214,6 +217,10 @@ class Journal:
             )
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 0)")
+        # who this journal is: its seqs count from 1 again only in a new file, which gets a
+        # new identity, so (identity, seq) names one event for good (the fleet's message id)
+        self.identity = meta.get("identity") or secrets.randbits(62) + 1
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('identity', ?)", (self.identity,))
         db.execute("COMMIT")
         return int(start)
 
@@ -620,6 +627,7 @@ class Journal:
     def status(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
+            "identity": f"{self.identity:x}",
             "durable": self.durable,
             "error": self.error,
             "committed": self.committed,

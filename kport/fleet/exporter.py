@@ -1,0 +1,544 @@
+"""`kport export`: this host's events to a NATS JetStream stream, each exactly once in effect.
+
+The exporter is a client of the daemon's ports, like `kport tail`, never in the delivery
+path: it follows each event port with ``since=`` (the journal's replay, then live) and
+publishes every event to ``kport.<host>.<source>.<kind>`` with a message id naming it for
+good (host, journal identity, seq), up to ``window`` unacknowledged at once.
+
+Where it resumes is what the stream holds: before following a port it asks the stream
+for the last message of ``kport.<host>.<source>.>`` and goes on after its seq (the
+messages of one publisher are stored in order, so what is stored is a prefix). After any
+trouble — the broker killed or away, an acknowledgement late, the daemon restarted, the
+exporter itself restarted — it drops its connection, backs off, asks again and replays
+from the journal: nothing is skipped, and what might be sent twice carries the same
+message id, which the broker refuses within its duplicate window. A cursor file keeps the
+last acknowledged seq of each source for `kport status`.
+
+Loss is said, never silent: events the journal no longer holds (retention, a full queue)
+reach the fleet as one ``lost`` event with their seq range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as Nats
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from kport import paths
+from kport.errors import KportError, NoHistory, PortClosed, PortNotFound, Timeout
+from kport.fleet import state as files
+from kport.fleet import subjects
+from kport.port.aclient import AsyncConnection, aconnect
+from kport.port.message import Message
+
+log = logging.getLogger("kport.export")
+
+#: the event ports an exporter follows
+SOURCES: Final = ("proc", "file", "net")
+#: how long to wait between tries while the broker or the daemon is away, at most
+BACKOFF_MAX_S: Final = 5.0
+#: how often the cursor and status files are written
+STATUS_EVERY_S: Final = 1.0
+#: how long the broker keeps a message id to refuse it again (the stream kport creates)
+DUPLICATE_WINDOW_S: Final = 120.0
+
+
+class ExportRefused(KportError):
+    """The broker or the stream will not take this host's events as configured: trying
+    again will not help (credentials refused, a stream whose subjects do not take ours)."""
+
+
+@dataclass
+class Settings:
+    """What the exporter needs; from [export] in the config and `kport export`'s flags."""
+
+    url: str
+    host: str = field(default_factory=socket.gethostname)
+    stream: str = subjects.DEFAULT_STREAM
+    replicas: int = 1
+    max_age_s: float = 30 * 86400.0
+    max_bytes: int = 10240 * 1024 * 1024
+    window: int = 512
+    ack_timeout_s: float = 5.0
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds: str = ""
+    nkey: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    runtime_dir: str | os.PathLike[str] | None = None
+    #: where the cursor and status files go (default: <state dir>/export)
+    state_dir: str | os.PathLike[str] | None = None
+    sources: tuple[str, ...] = SOURCES
+
+
+@dataclass
+class SourceState:
+    """One event port's export: how far the broker has acknowledged it, and how it went."""
+
+    acked: int = 0
+    acked_ts: int = 0
+    published: int = 0
+    resends: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    state: str = "starting"
+
+
+class _Trouble(Exception):
+    """The broker let us down (gone, late, refused one message): start this source again
+    from what the stream holds."""
+
+
+class Exporter:
+    """One host's export (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host = subjects.token(settings.host)
+        base = files.directory(settings.state_dir)
+        self.cursor_path = base / f"{self.host}.cursor.json"
+        self.status_path = base / f"{self.host}.status.json"
+        self.sources = {name: SourceState() for name in settings.sources}
+        self.journal = ""
+        self.connected = False
+        self.error = ""
+        self.daemon_seq = 0
+        self._nc: Nats | None = None
+        self._js: JetStreamContext | None = None
+        self._connecting = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    # --- running -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Export until :meth:`stop` (or a refusal that trying again cannot mend)."""
+        self.cursor_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._load_cursor()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._report())
+                for name in self.sources:
+                    tasks.create_task(self._follow(name))
+                await self._stop.wait()
+                raise _Stopped
+        except* _Stopped:
+            pass
+        except* ExportRefused as group:
+            refused = group.exceptions[0]
+            assert isinstance(refused, ExportRefused)
+            self.error = str(refused)
+            raise refused from None
+        finally:
+            await self._drop_broker()
+            self._write_status()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _follow(self, source: str) -> None:
+        """One event port to the stream, again and again after any trouble."""
+        state = self.sources[source]
+        pause = 0.2
+        port = paths.port_path(source, self.settings.runtime_dir)
+        while True:
+            if not port.exists():  # not served (yet, or the daemon is away): nothing to do
+                state.state = f"waiting: no port at {port}"
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                js = await self._broker()
+                journal = await self._journal_identity()
+                after = await self._stored_up_to(js, source, journal)
+                state.state = "replaying"
+                async with aconnect(
+                    source, runtime_dir=self.settings.runtime_dir, since=after, max_inbox=65536
+                ) as conn:
+                    await self._pump(js, source, journal, conn, after)
+            except ExportRefused:
+                raise
+            except (PortNotFound, NoHistory) as err:
+                state.state = f"waiting: {err}"
+            except (PortClosed, ConnectionError) as err:
+                state.state = f"daemon away: {err}"
+            except (_Trouble, nats.errors.Error, OSError, TimeoutError) as err:
+                state.state = f"broker trouble: {_say(err)}"
+                await self._drop_broker(f"{source}: {_say(err)}")
+            else:
+                pause = 0.2
+                continue
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, BACKOFF_MAX_S)
+
+    async def _pump(
+        self,
+        js: JetStreamContext,
+        source: str,
+        journal: str,
+        conn: AsyncConnection,
+        after: int,
+    ) -> None:
+        """Publish what the port gives, ``window`` unacknowledged at most, in order."""
+        state = self.sources[source]
+        window = self.settings.window
+        pending: deque[tuple[int, int, asyncio.Future[Any]]] = deque()
+        last = after  # the last seq published on this connection
+        first_message = True
+        kport_events = source == self._kport_source()
+        try:
+            while True:
+                try:
+                    msgs = await conn.get_messages(1024, timeout=0.5 if pending else None)
+                except Timeout:  # quiet: settle what is in flight meanwhile
+                    msgs = []
+                for msg in msgs:
+                    item = self._item(
+                        msg, source, journal, last=last, first=first_message, own=kport_events
+                    )
+                    first_message = False
+                    if item is None:
+                        continue
+                    seq, ts, subject, data, msg_id = item
+                    future = await js.publish_async(
+                        subject, data, headers={"Nats-Msg-Id": msg_id}, wait_stall=None
+                    )
+                    pending.append((seq, ts, future))
+                    state.published += 1
+                    last = seq
+                    while len(pending) > window:
+                        await self._settle(pending, state)
+                while pending and pending[0][2].done():
+                    await self._settle(pending, state)
+                if pending:
+                    await self._settle(pending, state)
+                state.state = "live"
+        except _Again:
+            while pending:
+                await self._settle(pending, state)
+            state.resends += 1
+
+    def _item(
+        self, msg: Message, source: str, journal: str, *, last: int, first: bool, own: bool
+    ) -> tuple[int, int, str, bytes, str] | None:
+        """(seq, ts, subject, payload, message id) to publish for one message from the
+        port, or None. A loss that the journal may still mend raises ``_Again``: the port
+        is followed again from ``last``; one that comes first, right after ``last``, is
+        the journal's own (it does not hold those events), and is published."""
+        host = self.host
+        if msg.is_lost:
+            data = msg.data if isinstance(msg.data, dict) else {}
+            begin, end = data.get("first_seq"), data.get("last_seq")
+            if begin is None or end is None or not (first and begin == last + 1):
+                raise _Again  # dropped on the way (a queue, our inbox): the journal has it
+            # the history itself does not hold these: say so, once, for good
+            self.sources[source].lost += int(data.get("count") or 0)
+            event = {
+                "source": source,
+                "kind": "lost",
+                "count": data.get("count"),
+                "first_seq": begin,
+                "last_seq": end,
+                "reason": "not in the journal (removed by retention, or never written)",
+                "ts": time.time_ns(),
+                "seq": end,
+            }
+            return (
+                end,
+                event["ts"],
+                subjects.subject(host, source, "lost"),
+                subjects.payload(event, self.settings.host),
+                subjects.message_id(host, journal, end),
+            )
+        event = msg.data
+        if not isinstance(event, dict):
+            return None
+        seq = event.get("seq")
+        if not isinstance(seq, int) or seq <= last:
+            return None
+        origin = event.get("source", source)
+        if origin == "kport" and not own:
+            return None  # kport's own events come on every port: one exports them
+        kind = str(event.get("kind", "event"))
+        return (
+            seq,
+            int(event.get("ts") or 0),
+            subjects.subject(host, str(origin), kind)
+            if origin != "kport"
+            else subjects.subject(host, source, f"kport-{kind}"),
+            subjects.payload(event, self.settings.host),
+            subjects.message_id(host, journal, seq),
+        )
+
+    async def _settle(
+        self, pending: deque[tuple[int, int, asyncio.Future[Any]]], state: SourceState
+    ) -> None:
+        """Wait for the oldest acknowledgement (``ack_timeout_s`` at most)."""
+        seq, ts, future = pending[0]
+        try:
+            ack = await asyncio.wait_for(asyncio.shield(future), self.settings.ack_timeout_s)
+        except TimeoutError:
+            wait = self.settings.ack_timeout_s
+            raise _Trouble(f"no acknowledgement within {wait:g} s") from None
+        except (nats.errors.Error, nats.js.errors.Error) as err:
+            raise _Trouble(_say(err)) from err
+        pending.popleft()
+        if getattr(ack, "duplicate", False):
+            state.duplicates += 1
+        state.acked, state.acked_ts = seq, ts
+
+    # --- the broker ----------------------------------------------------------------------
+
+    async def _broker(self) -> JetStreamContext:
+        """The JetStream context, connecting (and checking the stream) if need be."""
+        async with self._connecting:
+            if self._js is not None and self._nc is not None and self._nc.is_connected:
+                return self._js
+            await self._drop_broker()
+            cfg = self.settings
+            options: dict[str, Any] = {
+                "servers": [u.strip() for u in cfg.url.split(",") if u.strip()],
+                "allow_reconnect": False,
+                "connect_timeout": 2,
+                "max_reconnect_attempts": 1,  # 0 would try for ever, inside connect()
+                "name": f"kport-export {self.host}",
+                "error_cb": _quiet,
+                "disconnected_cb": self._disconnected,
+            }
+            if cfg.user:
+                options["user"], options["password"] = cfg.user, cfg.password
+            if cfg.token:
+                options["token"] = cfg.token
+            if cfg.creds:
+                options["user_credentials"] = cfg.creds
+            if cfg.nkey:
+                options["nkeys_seed"] = cfg.nkey
+            if cfg.tls_ca or cfg.tls_cert:
+                context = ssl.create_default_context(cafile=cfg.tls_ca or None)
+                if cfg.tls_cert:
+                    context.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+                options["tls"] = context
+            try:
+                nc = await nats.connect(**options)
+            except nats.errors.NoServersError as err:
+                raise _Trouble(f"cannot reach {cfg.url}: {_say(err)}") from err
+            except Exception as err:
+                if "authorization" in str(err).lower() or "authentication" in str(err).lower():
+                    raise ExportRefused(
+                        f"the broker at {cfg.url} refused the credentials: {_say(err)}"
+                    ) from err
+                raise _Trouble(f"cannot connect to {cfg.url}: {_say(err)}") from err
+            js = nc.jetstream(timeout=cfg.ack_timeout_s)
+            try:
+                await self._check_stream(js)
+            except BaseException:
+                await nc.close()
+                raise
+            self._nc, self._js = nc, js
+            self.connected, self.error = True, ""
+            log.info("export %s: connected to %s, stream %s", self.host, cfg.url, cfg.stream)
+            return js
+
+    async def _check_stream(self, js: JetStreamContext) -> None:
+        """Make the stream if it is missing; take one an operator made if its subjects
+        take ours."""
+        cfg = self.settings
+        ours = subjects.subject(self.host, "proc", "exec")
+        try:
+            info = await js.stream_info(cfg.stream)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(
+                StreamConfig(
+                    name=cfg.stream,
+                    subjects=[f"{subjects.ROOT}.>"],
+                    storage=StorageType.FILE,
+                    num_replicas=cfg.replicas,
+                    max_age=cfg.max_age_s,
+                    max_bytes=cfg.max_bytes,
+                    duplicate_window=DUPLICATE_WINDOW_S,
+                )
+            )
+            log.info(
+                "export: created stream %s (kport.>, file, %d replicas)", cfg.stream, cfg.replicas
+            )
+            return
+        taken = info.config.subjects or []
+        if not any(_matches(pattern, ours) for pattern in taken):
+            raise ExportRefused(
+                f"stream {cfg.stream} exists and takes {taken}, not {subjects.ROOT}.{self.host}.>: "
+                f"give it {subjects.ROOT}.> or export to another stream ([export] stream)"
+            )
+        if info.config.no_ack:
+            raise ExportRefused(
+                f"stream {cfg.stream} exists with no_ack: it would never say what it stored"
+            )
+
+    async def _stored_up_to(self, js: JetStreamContext, source: str, journal: str) -> int:
+        """The seq of the last message of this host's ``source`` the stream holds, if it
+        is of this journal; 0 otherwise (a new journal starts again at seq 1)."""
+        try:
+            msg = await js.get_last_msg(
+                self.settings.stream, subjects.host_filter(self.host, source)
+            )
+        except nats.js.errors.NotFoundError:
+            return 0
+        named = subjects.parse_message_id((msg.headers or {}).get("Nats-Msg-Id", ""))
+        if named is None or named[1] != journal:
+            return 0
+        return named[2]
+
+    async def _disconnected(self) -> None:
+        self.connected = False
+
+    async def _drop_broker(self, why: str = "") -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        self.connected = False
+        if why:
+            self.error = why
+            log.warning("export %s: %s; trying again", self.host, why)
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    # --- the daemon ----------------------------------------------------------------------
+
+    async def _journal_identity(self) -> str:
+        async with aconnect("journal", runtime_dir=self.settings.runtime_dir) as conn:
+            reply = await conn.send({"op": "identity"}, timeout=5)
+        self.journal = str(reply["journal"])
+        self.daemon_seq = int(reply["last_seq"])
+        return self.journal
+
+    def _kport_source(self) -> str:
+        """The port whose copy of kport's own events is exported (each port carries them)."""
+        return next(iter(self.sources))
+
+    # --- cursor and status ---------------------------------------------------------------
+
+    def _load_cursor(self) -> None:
+        try:
+            saved = json.loads(self.cursor_path.read_text())
+        except (OSError, ValueError):
+            return
+        for name, seq in (saved.get("acked") or {}).items():
+            if name in self.sources and isinstance(seq, int):
+                self.sources[name].acked = seq
+        self.journal = str(saved.get("journal") or "")
+
+    async def _report(self) -> None:
+        while True:
+            self._write_status()
+            with contextlib.suppress(KportError, OSError, TimeoutError):
+                await self._journal_identity()
+            await asyncio.sleep(STATUS_EVERY_S)
+
+    def status(self) -> dict[str, Any]:
+        now = time.time_ns()
+        acked = max((s.acked for s in self.sources.values()), default=0)
+        newest_ts = max((s.acked_ts for s in self.sources.values()), default=0)
+        behind = max(0, self.daemon_seq - acked)
+        return {
+            "host": self.host,
+            "url": self.settings.url,
+            "stream": self.settings.stream,
+            "connected": self.connected,
+            "error": self.error,
+            "journal": self.journal,
+            "cursor": acked,
+            "lag_events": behind,
+            "lag_s": round((now - newest_ts) / 1e9, 3) if behind and newest_ts else 0.0,
+            "sources": {name: vars(s) for name, s in self.sources.items()},
+            "updated": now,
+        }
+
+    def _write_status(self) -> None:
+        status = self.status()
+        cursor = {
+            "journal": self.journal,
+            "acked": {name: s.acked for name, s in self.sources.items()},
+        }
+        for path, data in ((self.cursor_path, cursor), (self.status_path, status)):
+            files.write_atomically(path, json.dumps(data))
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Again(Exception):
+    """A loss on the way: follow the port again from the last seq published."""
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject pattern (``*``, ``>``) takes ``subject``."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def _say(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text if len(text) < 300 else text[:300] + "…"
+
+
+async def _quiet(err: Exception) -> None:
+    log.debug("export: nats: %s", err)
+
+
+def settings_from(config: Any, **overrides: Any) -> Settings:
+    """Settings from a daemon Config's [export], with the command line's overrides."""
+    export = config.export
+    values: dict[str, Any] = {
+        "url": export.url,
+        "stream": export.stream,
+        "replicas": export.replicas,
+        "max_age_s": export.max_age_days * 86400,
+        "max_bytes": export.max_size_mb * 1024 * 1024,
+        "window": export.window,
+        "ack_timeout_s": export.ack_timeout_s,
+        "user": export.user,
+        "password": export.password,
+        "token": export.token,
+        "creds": export.creds,
+        "nkey": export.nkey,
+        "tls_ca": export.tls_ca,
+        "tls_cert": export.tls_cert,
+        "tls_key": export.tls_key,
+        "runtime_dir": config.daemon.runtime_dir or None,
+        "state_dir": (Path(config.daemon.state_dir) / "export")
+        if config.daemon.state_dir
+        else None,
+    }
+    if export.host:
+        values["host"] = export.host
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def sources_of(names: Iterable[str]) -> tuple[str, ...]:
+    bad = [n for n in names if n not in SOURCES]
+    if bad:
+        raise ValueError(f"unknown sources {bad}: an exporter follows {', '.join(SOURCES)}")
+    return tuple(names)

@@ -1,0 +1,46 @@
+"""What the fleet calls things: subjects ``kport.<host>.<source>.<kind>``, message ids
+that name one event of one host for good, and the events as JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+#: the stream's subjects, and the root of every kport subject
+ROOT: Final = "kport"
+DEFAULT_STREAM: Final = "KPORT"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def token(name: str) -> str:
+    """``name`` as one subject token: dots, spaces, wildcards and the like become ``_``."""
+    return _UNSAFE.sub("_", name) or "_"
+
+
+def subject(host: str, source: str, kind: str) -> str:
+    return f"{ROOT}.{token(host)}.{token(source)}.{token(kind)}"
+
+
+def host_filter(host: str | None, source: str | None = None) -> str:
+    """The subject filter for one host (or every host), one source (or all)."""
+    return f"{ROOT}.{token(host) if host else '*'}.{token(source) if source else '*'}.>"
+
+
+def message_id(host: str, journal: str, seq: int) -> str:
+    """One event of one host for good: a host whose journal was wiped starts its seqs
+    again under a new journal identity, so it never collides with its own past."""
+    return f"{token(host)}:{journal}:{seq}"
+
+
+def parse_message_id(value: str) -> tuple[str, str, int] | None:
+    """(host, journal, seq) of a message id, or None if it is not one of ours."""
+    parts = value.rsplit(":", 2)
+    if len(parts) != 3 or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def payload(event: dict[str, Any], host: str) -> bytes:
+    """The event as `kport tail --json` prints it, with its host: UTF-8 JSON."""
+    return json.dumps({**event, "host": host}, default=repr, separators=(",", ":")).encode()
