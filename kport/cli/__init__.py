@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(face="serve")
 
     tail = sub.add_parser("tail", help="print a source's events as they happen")
-    tail.add_argument("source", help="the port to follow, e.g. proc")
+    tail.add_argument(
+        "source", nargs="?", help="the port to follow, e.g. proc (with --fleet: all if none)"
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument(
         "--filter",
@@ -87,10 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=int, default=0, help="stop after this many events")
     tail.add_argument(
         "--since",
-        type=int,
         metavar="SEQ",
-        help="first replay the journal's events after SEQ, then go on live (no gap, no repeat)",
+        help="first replay the journal's events after SEQ, then go on live (no gap, no "
+        "repeat); with --fleet, from a stream sequence or a time (10m, 2h, ISO 8601)",
     )
+    tail.add_argument(
+        "--fleet", metavar="URL", help="follow the fleet's stream at this NATS URL instead"
+    )
+    tail.add_argument("--host", help="with --fleet: this host's events only")
     tail.add_argument("--runtime-dir", help="where the ports' sockets are")
     tail.set_defaults(face="tail")
 

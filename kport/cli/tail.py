@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fnmatch
 import json
 import sys
@@ -195,14 +196,68 @@ def run(
 def command(args: argparse.Namespace) -> int:
     """`kport tail` with its parsed arguments."""
     try:
+        if args.fleet:
+            return _fleet(args)
+        if args.source is None:
+            raise ValueError("which source? e.g. kport tail proc (or --fleet URL)")
+        if args.host:
+            raise ValueError("--host is for --fleet: a local port is this host's")
+        if args.since is not None and not args.since.isdigit():
+            raise ValueError(f"--since takes a seq here, not {args.since!r}")
         return run(
             args.source,
             as_json=args.json,
             terms=args.filter or [],
             runtime_dir=args.runtime_dir,
             count=args.count,
-            since=args.since,
+            since=None if args.since is None else int(args.since),
         )
     except ValueError as err:
         print(f"kport tail: {err}", file=sys.stderr)
         return 2
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    """`kport tail --fleet URL`: the fleet's events, the host on every line."""
+    from kport.cli.query import parse_time
+    from kport.fleet import reader
+
+    since_seq = since_ns = None
+    if args.since is not None:
+        if args.since.isdigit():
+            since_seq = int(args.since)
+        else:
+            since_ns = parse_time(args.since)
+    event_filter = Filter(args.filter or [])
+    out = sys.stdout
+    console = Console() if not args.json and out.isatty() else None
+
+    async def show() -> None:
+        shown = 0
+        events = reader.follow(
+            args.fleet, host=args.host, source=args.source, since_seq=since_seq, since_ns=since_ns
+        )
+        async for event in events:
+            if event.get("kind") != "lost" and not event_filter.matches(event):
+                continue
+            if args.json:
+                out.write(json.dumps(event, default=repr) + "\n")
+            else:
+                line = f"{event.get('host', '?'):<12} {format_line(event)}"
+                if console is not None:
+                    console.print(escape(line), highlight=False, soft_wrap=True)
+                else:
+                    out.write(line + "\n")
+            out.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return
+
+    try:
+        asyncio.run(show())
+    except reader.FleetError as err:
+        print(f"kport tail: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

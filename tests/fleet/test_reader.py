@@ -1,0 +1,106 @@
+"""`kport tail --fleet`: the fleet's events from a real nats-server, the host on each,
+one host or all, each (host, seq) once though the stream holds it twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kport.fleet import subjects
+from kport.fleet.reader import Seen
+from tests.fleet.test_exporter import NATS_SERVER, Broker
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed"),
+]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    found = Broker(tmp_path)
+    found.start()
+    try:
+        yield found
+    finally:
+        assert found.proc is not None
+        found.proc.kill()
+        found.proc.wait()
+
+
+def publish(url: str, events: list[tuple[str, dict[str, object], str]]) -> None:
+    """(host, event, message id) as exporters would publish them."""
+    import nats
+    from nats.js.api import StreamConfig
+
+    async def send() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="KPORT", subjects=["kport.>"]))
+        for host, event, msg_id in events:
+            subject = subjects.subject(host, str(event["source"]), str(event["kind"]))
+            await js.publish(
+                subject, subjects.payload(event, host), headers={"Nats-Msg-Id": msg_id}
+            )
+        await nc.close()
+
+    asyncio.run(send())
+
+
+def tail(url: str, *args: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "kport.cli", "tail", "--fleet", url, "--since", "1", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_the_fleet_tails_with_hosts_one_host_and_no_repeat(broker: Broker) -> None:
+    events = []
+    for seq in (1, 2, 3):
+        for host in ("alpha", "beta.example"):
+            event = {"seq": seq, "ts": 1, "source": "proc", "kind": "exec", "pid": seq}
+            events.append((host, event, subjects.message_id(host, "j1", seq)))
+    # a redelivery, as after a server was killed: same host and seq, another message
+    events.append(("alpha", events[0][1], "alpha:j1:1:again"))
+    publish(broker.url, events)
+    got = [json.loads(line) for line in tail(broker.url, "--json", "--count", "6")]
+    assert sorted((e["host"], e["seq"]) for e in got) == sorted(
+        (h, s) for h in ("alpha", "beta.example") for s in (1, 2, 3)
+    )
+    lines = tail(broker.url, "--host", "beta.example", "--count", "3")
+    assert len(lines) == 3 and all(line.startswith("beta.example") for line in lines)
+    assert all(" exec " in line for line in lines)
+
+
+def test_a_missing_broker_or_stream_is_one_line(tmp_path: Path, broker: Broker) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kport.cli", "tail", "--fleet", broker.url, "--count", "1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"kport tail: no stream KPORT at {broker.url}: nothing exported yet?"
+    )
+
+
+def test_seen_drops_repeats_and_forgets_the_oldest() -> None:
+    seen = Seen(limit=2)
+    assert seen.first_time({"host": "a", "seq": 1})
+    assert not seen.first_time({"host": "a", "seq": 1})
+    assert seen.first_time({"host": "b", "seq": 1}) and seen.first_time({"host": "a", "seq": 2})
+    assert seen.first_time({"host": "a", "seq": 1})  # forgotten: past the limit
+    assert seen.repeats == 1
