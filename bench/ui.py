@@ -229,9 +229,7 @@ def _steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
     return round(100 * stolen / total, 1) if total else 0.0
 
 
-def measure(
-    rate: float, seconds: float, window: int = 100_000, appear: int = 0
-) -> dict[str, Any]:
+def measure(rate: float, seconds: float, window: int = 100_000, appear: int = 0) -> dict[str, Any]:
     """``rate`` events/s for ``seconds`` into a page holding ``window`` rows at most; first,
     ``appear`` times, how long a process that lives a millisecond takes to show in the
     log with its argv."""

@@ -14,7 +14,7 @@ from kport.errors import KportError
 from kport.version import __version__
 
 #: the modules of bench/ that `kport bench` runs
-BENCHMARKS = ("port", "proc", "journal", "objects", "file", "net", "ui")
+BENCHMARKS = ("port", "proc", "journal", "objects", "file", "net", "ui", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

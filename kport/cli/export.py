@@ -9,6 +9,8 @@ import logging
 import signal
 import sys
 
+import uvloop
+
 from kport.daemon import config as config_mod
 from kport.fleet import exporter
 
@@ -34,7 +36,7 @@ def command(args: argparse.Namespace) -> int:
     if args.state_dir:
         settings.state_dir = args.state_dir
     logging.getLogger("nats").setLevel(logging.CRITICAL)  # what matters, the exporter says
-    return asyncio.run(_run(settings))
+    return uvloop.run(_run(settings))  # libuv's loop, as the daemon's: see pyproject
 
 
 async def _run(settings: exporter.Settings) -> int:

@@ -56,6 +56,8 @@ SOURCES: Final = ("proc", "file", "net")
 BACKOFF_MAX_S: Final = 5.0
 #: how often the cursor and status files are written
 STATUS_EVERY_S: Final = 1.0
+#: how long stopping may take: tasks, and closing the broker's connection
+STOP_S: Final = 5.0
 #: how long the broker keeps a message id to refuse it again (the stream kport creates)
 DUPLICATE_WINDOW_S: Final = 120.0
 
@@ -126,6 +128,8 @@ class Exporter:
         self._nc: Nats | None = None
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
+        #: (source, kind) → subject, made once
+        self._subjects: dict[tuple[Any, Any], str] = {}
         self._stop = asyncio.Event()
 
     # --- running -------------------------------------------------------------------------
@@ -134,21 +138,27 @@ class Exporter:
         """Export until :meth:`stop` (or a refusal that trying again cannot mend)."""
         self.cursor_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._load_cursor()
+        tasks = [asyncio.ensure_future(self._report())]
+        tasks += [asyncio.ensure_future(self._follow(name)) for name in self.sources]
+        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._report())
-                for name in self.sources:
-                    tasks.create_task(self._follow(name))
-                await self._stop.wait()
-                raise _Stopped
-        except* _Stopped:
-            pass
-        except* ExportRefused as group:
-            refused = group.exceptions[0]
-            assert isinstance(refused, ExportRefused)
-            self.error = str(refused)
-            raise refused from None
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopping and task.exception() is not None:
+                    refused = task.exception()
+                    if isinstance(refused, ExportRefused):
+                        self.error = str(refused)
+                    raise refused  # type: ignore[misc]
         finally:
+            self._stop.set()  # loops that a cancellation misses end at their next turn
+            stopping.cancel()
+            for task in tasks:
+                task.cancel()
+            _, late = await asyncio.wait(tasks, timeout=STOP_S)
+            if late:
+                log.warning(
+                    "export %s: %d tasks did not stop in %g s", self.host, len(late), STOP_S
+                )
             await self._drop_broker()
             self._write_status()
 
@@ -160,7 +170,7 @@ class Exporter:
         state = self.sources[source]
         pause = 0.2
         port = paths.port_path(source, self.settings.runtime_dir)
-        while True:
+        while not self._stop.is_set():
             if not port.exists():  # not served (yet, or the daemon is away): nothing to do
                 state.state = f"waiting: no port at {port}"
                 await asyncio.sleep(1.0)
@@ -277,15 +287,20 @@ class Exporter:
         origin = event.get("source", source)
         if origin == "kport" and not own:
             return None  # kport's own events come on every port: one exports them
-        kind = str(event.get("kind", "event"))
+        kind = event.get("kind", "event")
+        subject = self._subjects.get((origin, kind))
+        if subject is None:
+            subject = self._subjects[(origin, kind)] = (
+                subjects.subject(host, str(origin), str(kind))
+                if origin != "kport"
+                else subjects.subject(host, source, f"kport-{kind}")
+            )
         return (
             seq,
             int(event.get("ts") or 0),
-            subjects.subject(host, str(origin), kind)
-            if origin != "kport"
-            else subjects.subject(host, source, f"kport-{kind}"),
+            subject,
             subjects.payload(event, self.settings.host),
-            subjects.message_id(host, journal, seq),
+            f"{host}:{journal}:{seq}",  # subjects.message_id, inlined: once per event
         )
 
     async def _settle(
@@ -294,7 +309,10 @@ class Exporter:
         """Wait for the oldest acknowledgement (``ack_timeout_s`` at most)."""
         seq, ts, future = pending[0]
         try:
-            ack = await asyncio.wait_for(asyncio.shield(future), self.settings.ack_timeout_s)
+            if future.done():  # most are, by the time they are looked at: no timer for them
+                ack = future.result()
+            else:
+                ack = await asyncio.wait_for(asyncio.shield(future), self.settings.ack_timeout_s)
         except TimeoutError:
             wait = self.settings.ack_timeout_s
             raise _Trouble(f"no acknowledgement within {wait:g} s") from None
@@ -416,7 +434,7 @@ class Exporter:
             log.warning("export %s: %s; trying again", self.host, why)
         if nc is not None:
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), STOP_S)  # a dead broker is not waited for
 
     # --- the daemon ----------------------------------------------------------------------
 
@@ -444,7 +462,7 @@ class Exporter:
         self.journal = str(saved.get("journal") or "")
 
     async def _report(self) -> None:
-        while True:
+        while not self._stop.is_set():
             self._write_status()
             with contextlib.suppress(KportError, OSError, TimeoutError):
                 await self._journal_identity()
@@ -477,10 +495,6 @@ class Exporter:
         }
         for path, data in ((self.cursor_path, cursor), (self.status_path, status)):
             files.write_atomically(path, json.dumps(data))
-
-
-class _Stopped(Exception):
-    pass
 
 
 class _Again(Exception):
