@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="one JSON object per line")
     q.add_argument("--db", help="read this journal file directly instead of asking the daemon")
     q.add_argument("--runtime-dir", help="where the ports' sockets are")
+    q.add_argument("--fleet", metavar="URL", help="answer from the fleet's stream at this URL")
+    q.add_argument("--host", help="with --fleet: this host's events only")
+    q.add_argument(
+        "--stream-seq", type=int, metavar="N", help="with --fleet: from this stream sequence"
+    )
     q.set_defaults(face="query")
 
     status = sub.add_parser("status", help="the daemon's sources, ports and connections")

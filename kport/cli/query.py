@@ -4,6 +4,7 @@ daemon's journal port, or from a journal file with no daemon (``--db``)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import pwd
@@ -138,7 +139,46 @@ def command(args: argparse.Namespace) -> int:
             filters["since_ns"] = parse_time(args.since)
         if args.until:
             filters["until_ns"] = parse_time(args.until)
+        if args.fleet:
+            return _fleet(args, filters)
+        if args.host or args.stream_seq is not None:
+            raise ValueError("--host and --stream-seq are for --fleet")
         return run(filters, as_json=args.json, db=args.db, runtime_dir=args.runtime_dir)
     except ValueError as err:
         print(f"kport query: {err}", file=sys.stderr)
         return 2
+
+
+def _fleet(args: argparse.Namespace, filters: dict[str, Any]) -> int:
+    """`kport query --fleet URL`: the same filters, over every host's events in the stream."""
+    from kport.fleet import reader
+
+    try:
+        events = asyncio.run(
+            reader.history(
+                args.fleet,
+                Query.from_mapping(filters),
+                host=args.host,
+                since_seq=args.stream_seq,
+            )
+        )
+    except reader.FleetError as err:
+        print(f"kport query: {err}", file=sys.stderr)
+        return 1
+    out = sys.stdout
+    if args.json:
+        for event in events:
+            out.write(json.dumps(event, default=repr) + "\n")
+    elif out.isatty():
+        table = Table("host", *_COLUMNS, box=None, header_style="bold")
+        for event in events:
+            table.add_row(str(event.get("host", "")), *_row(event))
+        Console().print(table)
+    else:
+        for event in events:
+            out.write(
+                f"{event.get('host', ''):<12} {event.get('seq', ''):>8} {format_line(event)}\n"
+            )
+    if not events:
+        print("kport query: no events match", file=sys.stderr)
+    return 0

@@ -104,3 +104,37 @@ def test_seen_drops_repeats_and_forgets_the_oldest() -> None:
     assert seen.first_time({"host": "b", "seq": 1}) and seen.first_time({"host": "a", "seq": 2})
     assert seen.first_time({"host": "a", "seq": 1})  # forgotten: past the limit
     assert seen.repeats == 1
+
+
+def test_the_fleet_answers_queries_by_host_kind_and_stream_sequence(broker: Broker) -> None:
+    events = []
+    for seq in (1, 2, 3, 4):
+        for host in ("alpha", "beta"):
+            kind = "exec" if seq % 2 else "exit"
+            event = {"seq": seq, "ts": seq, "source": "proc", "kind": kind, "pid": seq}
+            events.append((host, event, subjects.message_id(host, "j1", seq)))
+    events.append(("alpha", events[0][1], "alpha:j1:1:again"))  # redelivered
+    publish(broker.url, events)
+
+    def query(*args: str) -> list[dict[str, object]]:
+        result = subprocess.run(
+            [sys.executable, "-m", "kport.cli", "query", "--fleet", broker.url, "--json", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    got = query("--host", "alpha", "--kind", "exec")
+    assert [(e["host"], e["seq"]) for e in got] == [("alpha", 1), ("alpha", 3)]
+    assert len(query()) == 8  # the redelivery once
+    # from stream sequence 7: the last two, and the redelivered copy, new to this reader
+    assert [(e["host"], e["seq"]) for e in query("--stream-seq", "7")] == [
+        ("alpha", 4),
+        ("beta", 4),
+        ("alpha", 1),
+    ]
+    newest = query("--newest-first", "--limit", "2")  # the redelivery is not new
+    assert [(e["host"], e["seq"]) for e in newest] == [("beta", 4), ("alpha", 4)]
