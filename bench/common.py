@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], pct: float) -> float:

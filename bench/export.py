@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import kport
-from bench.common import Table, percentile, save_results
+from bench.common import Table, free_port, percentile, save_results
 from bench.proc import tiny_program
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,47 +71,50 @@ asyncio.run(main())
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class Broker:
+    """A nats-server with JetStream on 127.0.0.1, its store and log in ``where``; killed
+    (or stopped) and started again on the same port and store."""
 
-
-class _Broker:
     def __init__(self, where: Path) -> None:
-        self.where, self.port = where, _free_port()
+        self.where = where
+        self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         server = shutil.which("nats-server")
         if server is None:
-            raise SystemExit("kport bench export: nats-server is not installed")
-        self.proc = subprocess.Popen(
-            [server, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.where)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+            raise RuntimeError("nats-server is not installed (scripts/setup-system.sh --tests)")
+        with open(self.where / "nats.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [server, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.where)],
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + 20
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
                 return
             if time.monotonic() > deadline:
-                raise SystemExit("kport bench export: nats-server did not listen")
+                raise RuntimeError(f"nats-server did not listen on {self.port}")
             time.sleep(0.05)
 
     def kill(self) -> None:
         if self.proc is not None:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(10)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
 
 
 @contextlib.contextmanager
-def _setup() -> Iterator[tuple[_Broker, Path]]:
+def _setup() -> Iterator[tuple[Broker, Path]]:
     with tempfile.TemporaryDirectory(prefix="kport-bench-export-") as tmp:
         where = Path(tmp)
         (where / "broker").mkdir()
-        broker = _Broker(where / "broker")
+        broker = Broker(where / "broker")
         broker.start()
         daemon = subprocess.Popen(
             [
@@ -134,7 +137,7 @@ def _setup() -> Iterator[tuple[_Broker, Path]]:
             broker.kill()
 
 
-def _exporter(broker: _Broker, where: Path) -> subprocess.Popen[bytes]:
+def _exporter(broker: Broker, where: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "kport.cli", "export", "--nats", broker.url, "--host", "bench"),
@@ -191,7 +194,7 @@ def _storm(program: str, execs: int, spawners: int = 2) -> None:
         t.join()
 
 
-def sustained(broker: _Broker, where: Path, program: str, execs: int) -> dict[str, Any]:
+def sustained(broker: Broker, where: Path, program: str, execs: int) -> dict[str, Any]:
     """A backlog in the journal with no exporter, then the time to export all of it."""
     first = _daemon_seq(where)
     _storm(program, execs)
@@ -208,7 +211,7 @@ def sustained(broker: _Broker, where: Path, program: str, execs: int) -> dict[st
 
 
 def paced(
-    broker: _Broker, where: Path, program: str, seconds: float, with_exporter: bool
+    broker: Broker, where: Path, program: str, seconds: float, with_exporter: bool
 ) -> dict[str, Any]:
     """About 1,000 events/s (333 execs, each a fork, an exec and an exit): the latency
     from each exec's kernel timestamp to a local client, and to a fleet consumer."""
@@ -274,7 +277,7 @@ def paced(
     }
 
 
-def core_publish(broker: _Broker, count: int, kill: bool) -> dict[str, Any]:
+def core_publish(broker: Broker, count: int, kill: bool) -> dict[str, Any]:
     """falcosidekick's way: core publish, no acknowledgement, one connection (kept, and
     reconnecting, which is kinder than one connection per event). With ``kill``, the broker
     is killed a third of the way and started again."""
@@ -327,9 +330,7 @@ async def _quiet(err: Exception) -> None:
     pass
 
 
-def exporter_across_a_kill(
-    broker: _Broker, where: Path, program: str, execs: int
-) -> dict[str, Any]:
+def exporter_across_a_kill(broker: Broker, where: Path, program: str, execs: int) -> dict[str, Any]:
     """The exporter exporting a storm while the broker is killed and started again: how
     many events the stream lacks afterwards, and how many it has twice."""
     import nats

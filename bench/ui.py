@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import Table, percentile, save_results
+from bench.common import Table, free_port, percentile, save_results
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = [
@@ -84,12 +83,6 @@ while (elapsed := time.monotonic() - start) < seconds:
     time.sleep(0.002)
 print(done)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Any, timeout: float = 20, what: str = "") -> None:

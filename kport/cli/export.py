@@ -45,7 +45,7 @@ async def _run(settings: exporter.Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, export.stop)
     print(
-        f"kport export: {export.host} to {settings.url}, stream {settings.stream}; "
+        f"kport export: {export.host} to {settings.export.url}, stream {settings.export.stream}; "
         f"cursor {export.cursor_path}",
         file=sys.stderr,
         flush=True,

@@ -29,10 +29,9 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import nats
 import nats.errors
@@ -47,6 +46,9 @@ from kport.fleet import state as files
 from kport.fleet import subjects
 from kport.port.aclient import AsyncConnection, aconnect
 from kport.port.message import Message
+
+if TYPE_CHECKING:
+    from kport.daemon.config import Config, ExportConfig
 
 log = logging.getLogger("kport.export")
 
@@ -69,24 +71,12 @@ class ExportRefused(KportError):
 
 @dataclass
 class Settings:
-    """What the exporter needs; from [export] in the config and `kport export`'s flags."""
+    """What the exporter needs: [export] from the config, and where this host stands."""
 
-    url: str
+    #: the broker, the stream and its limits, the window, the credentials
+    export: ExportConfig
+    #: this host's name in the fleet
     host: str = field(default_factory=socket.gethostname)
-    stream: str = subjects.DEFAULT_STREAM
-    replicas: int = 1
-    max_age_s: float = 30 * 86400.0
-    max_bytes: int = 10240 * 1024 * 1024
-    window: int = 512
-    ack_timeout_s: float = 5.0
-    user: str = ""
-    password: str = ""
-    token: str = ""
-    creds: str = ""
-    nkey: str = ""
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
     runtime_dir: str | os.PathLike[str] | None = None
     #: where the cursor and status files go (default: <state dir>/export)
     state_dir: str | os.PathLike[str] | None = None
@@ -209,7 +199,7 @@ class Exporter:
     ) -> None:
         """Publish what the port gives, ``window`` unacknowledged at most, in order."""
         state = self.sources[source]
-        window = self.settings.window
+        window = self.settings.export.window
         pending: deque[tuple[int, int, asyncio.Future[Any]]] = deque()
         last = after  # the last seq published on this connection
         first_message = True
@@ -300,7 +290,7 @@ class Exporter:
             int(event.get("ts") or 0),
             subject,
             subjects.payload(event, self.settings.host),
-            f"{host}:{journal}:{seq}",  # subjects.message_id, inlined: once per event
+            subjects.message_id(host, journal, seq),
         )
 
     async def _settle(
@@ -312,9 +302,11 @@ class Exporter:
             if future.done():  # most are, by the time they are looked at: no timer for them
                 ack = future.result()
             else:
-                ack = await asyncio.wait_for(asyncio.shield(future), self.settings.ack_timeout_s)
+                ack = await asyncio.wait_for(
+                    asyncio.shield(future), self.settings.export.ack_timeout_s
+                )
         except TimeoutError:
-            wait = self.settings.ack_timeout_s
+            wait = self.settings.export.ack_timeout_s
             raise _Trouble(f"no acknowledgement within {wait:g} s") from None
         except (nats.errors.Error, nats.js.errors.Error) as err:
             raise _Trouble(_say(err)) from err
@@ -331,7 +323,7 @@ class Exporter:
             if self._js is not None and self._nc is not None and self._nc.is_connected:
                 return self._js
             await self._drop_broker()
-            cfg = self.settings
+            cfg = self.settings.export
             options: dict[str, Any] = {
                 "servers": [u.strip() for u in cfg.url.split(",") if u.strip()],
                 "allow_reconnect": False,
@@ -378,7 +370,7 @@ class Exporter:
     async def _check_stream(self, js: JetStreamContext) -> None:
         """Make the stream if it is missing; take one an operator made if its subjects
         take ours."""
-        cfg = self.settings
+        cfg = self.settings.export
         ours = subjects.subject(self.host, "proc", "exec")
         try:
             info = await js.stream_info(cfg.stream)
@@ -389,8 +381,8 @@ class Exporter:
                     subjects=[f"{subjects.ROOT}.>"],
                     storage=StorageType.FILE,
                     num_replicas=cfg.replicas,
-                    max_age=cfg.max_age_s,
-                    max_bytes=cfg.max_bytes,
+                    max_age=cfg.max_age_days * 86400,
+                    max_bytes=cfg.max_size_mb * 1024 * 1024,
                     duplicate_window=DUPLICATE_WINDOW_S,
                 )
             )
@@ -414,7 +406,7 @@ class Exporter:
         is of this journal; 0 otherwise (a new journal starts again at seq 1)."""
         try:
             msg = await js.get_last_msg(
-                self.settings.stream, subjects.host_filter(self.host, source)
+                self.settings.export.stream, subjects.host_filter(self.host, source)
             )
         except nats.js.errors.NotFoundError:
             return 0
@@ -438,9 +430,13 @@ class Exporter:
 
     # --- the daemon ----------------------------------------------------------------------
 
-    async def _journal_identity(self) -> str:
-        async with aconnect("journal", runtime_dir=self.settings.runtime_dir) as conn:
-            reply = await conn.send({"op": "identity"}, timeout=5)
+    async def _journal_identity(self, conn: AsyncConnection | None = None) -> str:
+        """The daemon's journal identity (and how far it stands), over ``conn`` or a
+        connection of its own."""
+        if conn is None:
+            async with aconnect("journal", runtime_dir=self.settings.runtime_dir) as own:
+                return await self._journal_identity(own)
+        reply = await conn.send({"op": "identity"}, timeout=5)
         self.journal = str(reply["journal"])
         self.daemon_seq = int(reply["last_seq"])
         return self.journal
@@ -462,11 +458,24 @@ class Exporter:
         self.journal = str(saved.get("journal") or "")
 
     async def _report(self) -> None:
-        while not self._stop.is_set():
-            self._write_status()
-            with contextlib.suppress(KportError, OSError, TimeoutError):
-                await self._journal_identity()
-            await asyncio.sleep(STATUS_EVERY_S)
+        """Each second: the status and cursor files, and where the daemon stands (over
+        one journal connection, kept while it lasts)."""
+        conn: AsyncConnection | None = None
+        try:
+            while not self._stop.is_set():
+                self._write_status()
+                try:
+                    if conn is None:
+                        conn = await aconnect("journal", runtime_dir=self.settings.runtime_dir)
+                    await self._journal_identity(conn)
+                except (KportError, OSError, TimeoutError):
+                    if conn is not None:
+                        await conn.close()
+                    conn = None  # the daemon is away: again next time
+                await asyncio.sleep(STATUS_EVERY_S)
+        finally:
+            if conn is not None:
+                await conn.close()
 
     def status(self) -> dict[str, Any]:
         now = time.time_ns()
@@ -475,8 +484,8 @@ class Exporter:
         behind = max(0, self.daemon_seq - acked)
         return {
             "host": self.host,
-            "url": self.settings.url,
-            "stream": self.settings.stream,
+            "url": self.settings.export.url,
+            "stream": self.settings.export.stream,
             "connected": self.connected,
             "error": self.error,
             "journal": self.journal,
@@ -493,8 +502,8 @@ class Exporter:
             "journal": self.journal,
             "acked": {name: s.acked for name, s in self.sources.items()},
         }
-        for path, data in ((self.cursor_path, cursor), (self.status_path, status)):
-            files.write_atomically(path, json.dumps(data))
+        files.write_atomically(self.cursor_path, json.dumps(cursor))
+        files.write_atomically(self.status_path, json.dumps(status), durable=False)
 
 
 class _Again(Exception):
@@ -521,38 +530,16 @@ async def _quiet(err: Exception) -> None:
     log.debug("export: nats: %s", err)
 
 
-def settings_from(config: Any, **overrides: Any) -> Settings:
-    """Settings from a daemon Config's [export], with the command line's overrides."""
-    export = config.export
-    values: dict[str, Any] = {
-        "url": export.url,
-        "stream": export.stream,
-        "replicas": export.replicas,
-        "max_age_s": export.max_age_days * 86400,
-        "max_bytes": export.max_size_mb * 1024 * 1024,
-        "window": export.window,
-        "ack_timeout_s": export.ack_timeout_s,
-        "user": export.user,
-        "password": export.password,
-        "token": export.token,
-        "creds": export.creds,
-        "nkey": export.nkey,
-        "tls_ca": export.tls_ca,
-        "tls_cert": export.tls_cert,
-        "tls_key": export.tls_key,
-        "runtime_dir": config.daemon.runtime_dir or None,
-        "state_dir": (Path(config.daemon.state_dir) / "export")
-        if config.daemon.state_dir
-        else None,
-    }
-    if export.host:
-        values["host"] = export.host
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
-
-
-def sources_of(names: Iterable[str]) -> tuple[str, ...]:
-    bad = [n for n in names if n not in SOURCES]
-    if bad:
-        raise ValueError(f"unknown sources {bad}: an exporter follows {', '.join(SOURCES)}")
-    return tuple(names)
+def settings_from(
+    config: Config, *, host: str | None = None, stream: str | None = None
+) -> Settings:
+    """Settings from a daemon Config's [export] and [daemon] dirs, with the command
+    line's host and stream."""
+    export = replace(config.export, stream=stream) if stream else config.export
+    daemon = config.daemon
+    return Settings(
+        export=export,
+        host=host or export.host or socket.gethostname(),
+        runtime_dir=daemon.runtime_dir or None,
+        state_dir=Path(daemon.state_dir) / "export" if daemon.state_dir else None,
+    )

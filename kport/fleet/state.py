@@ -26,11 +26,13 @@ def read_status(state_dir: str | os.PathLike[str] | None = None) -> list[dict[st
     return out
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """``text`` to ``path``, all of it or (after a crash) the file as it was."""
+def write_atomically(path: Path, text: str, *, durable: bool = True) -> None:
+    """``text`` to ``path``, all of it or the file as it was; ``durable``: on disk before
+    it replaces the old one (a status, rewritten each second, need not be)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as out:
         out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
+        if durable:
+            out.flush()
+            os.fsync(out.fileno())
     os.replace(tmp, path)

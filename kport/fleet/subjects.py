@@ -29,9 +29,10 @@ def host_filter(host: str | None, source: str | None = None) -> str:
 
 
 def message_id(host: str, journal: str, seq: int) -> str:
-    """One event of one host for good: a host whose journal was wiped starts its seqs
-    again under a new journal identity, so it never collides with its own past."""
-    return f"{token(host)}:{journal}:{seq}"
+    """One event of one host (its subject token, see :func:`token`) for good: a host
+    whose journal was wiped starts its seqs again under a new journal identity, so it
+    never collides with its own past."""
+    return f"{host}:{journal}:{seq}"
 
 
 def parse_message_id(value: str) -> tuple[str, str, int] | None:

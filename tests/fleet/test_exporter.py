@@ -7,12 +7,10 @@ none twice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from bench.export import Broker
 from kport.journal.chunks import chunk_items
 
 pytestmark = [
@@ -37,48 +36,6 @@ if NATS_SERVER is None:  # scripts/setup-system.sh --tests installs it: say so, 
     pytestmark.append(
         pytest.mark.skip(reason="nats-server is not installed (scripts/setup-system.sh --tests)")
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Broker:
-    """A nats-server with JetStream on 127.0.0.1, its store in ``where``; killed and
-    started again on the same port and store."""
-
-    def __init__(self, where: Path) -> None:
-        self.where = where
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert NATS_SERVER is not None
-        log = open(self.where / "nats.log", "ab")  # noqa: SIM115  # the child keeps it
-        self.proc = subprocess.Popen(
-            [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.where)],
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            assert time.monotonic() < deadline, "nats-server did not listen"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
 
 
 class Host:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.export import Broker
 from kport.fleet import subjects
 from kport.fleet.reader import Seen
-from tests.fleet.test_exporter import NATS_SERVER, Broker
+from tests.fleet.test_exporter import NATS_SERVER
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -70,7 +71,7 @@ def test_the_fleet_tails_with_hosts_one_host_and_no_repeat(broker: Broker) -> No
     for seq in (1, 2, 3):
         for host in ("alpha", "beta.example"):
             event = {"seq": seq, "ts": 1, "source": "proc", "kind": "exec", "pid": seq}
-            events.append((host, event, subjects.message_id(host, "j1", seq)))
+            events.append((host, event, subjects.message_id(subjects.token(host), "j1", seq)))
     # a redelivery, as after a server was killed: same host and seq, another message
     events.append(("alpha", events[0][1], "alpha:j1:1:again"))
     publish(broker.url, events)
@@ -112,7 +113,7 @@ def test_the_fleet_answers_queries_by_host_kind_and_stream_sequence(broker: Brok
         for host in ("alpha", "beta"):
             kind = "exec" if seq % 2 else "exit"
             event = {"seq": seq, "ts": seq, "source": "proc", "kind": kind, "pid": seq}
-            events.append((host, event, subjects.message_id(host, "j1", seq)))
+            events.append((host, event, subjects.message_id(subjects.token(host), "j1", seq)))
     events.append(("alpha", events[0][1], "alpha:j1:1:again"))  # redelivered
     publish(broker.url, events)
 

@@ -22,7 +22,8 @@ import websockets.exceptions
 import websockets.sync.client
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from bench.ui import BROWSER_ARGS, CHROMIUM, free_port, wait_until
+from bench.common import free_port
+from bench.ui import BROWSER_ARGS, CHROMIUM, wait_until
 from tests.conftest import SLACK_S, mount_tmpfs
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
