@@ -5,14 +5,15 @@ path: it follows each event port with ``since=`` (the journal's replay, then liv
 publishes every event to ``kport.<host>.<source>.<kind>`` with a message id naming it for
 good (host, journal identity, seq), up to ``window`` unacknowledged at once.
 
-Where it resumes is what the stream holds: before following a port it asks the stream
-for the last message of ``kport.<host>.<source>.>`` and goes on after its seq (the
-messages of one publisher are stored in order, so what is stored is a prefix). After any
-trouble — the broker killed or away, an acknowledgement late, the daemon restarted, the
-exporter itself restarted — it drops its connection, backs off, asks again and replays
-from the journal: nothing is skipped, and what might be sent twice carries the same
-message id, which the broker refuses within its duplicate window. A cursor file keeps the
-last acknowledged seq of each source for `kport status`.
+Where it resumes is the later of two marks: its cursor file (per source, the last seq the
+broker acknowledged, written each second) and what the stream holds (the last message of
+``kport.<host>.<source>.>``: the messages of one publisher are stored in order, so what is
+stored is a prefix). The stream covers the second the cursor had not yet written; the
+cursor covers a stream whose old messages its limits removed, which would otherwise be
+sent again. After any trouble — the broker killed or away, an acknowledgement late, the
+daemon restarted, the exporter itself restarted — it drops its connection, backs off,
+asks again and replays from the journal: nothing is skipped, and what might be sent twice
+carries the same message id, which the broker refuses within its duplicate window.
 
 Loss is said, never silent: events the journal no longer holds (retention, a full queue)
 reach the fleet as one ``lost`` event with their seq range.
@@ -112,6 +113,8 @@ class Exporter:
         self.status_path = base / f"{self.host}.status.json"
         self.sources = {name: SourceState() for name in settings.sources}
         self.journal = ""
+        #: the journal whose seqs the sources' ``acked`` count
+        self._cursor_journal = ""
         self.connected = False
         self.error = ""
         self.daemon_seq = 0
@@ -168,7 +171,9 @@ class Exporter:
             try:
                 js = await self._broker()
                 journal = await self._journal_identity()
-                after = await self._stored_up_to(js, source, journal)
+                after = max(
+                    await self._stored_up_to(js, source, journal), self._acked(journal)[source]
+                )
                 state.state = "replaying"
                 async with aconnect(
                     source, runtime_dir=self.settings.runtime_dir, since=after, max_inbox=65536
@@ -383,7 +388,8 @@ class Exporter:
                     num_replicas=cfg.replicas,
                     max_age=cfg.max_age_days * 86400,
                     max_bytes=cfg.max_size_mb * 1024 * 1024,
-                    duplicate_window=DUPLICATE_WINDOW_S,
+                    # the broker takes no window longer than the messages live
+                    duplicate_window=min(DUPLICATE_WINDOW_S, cfg.max_age_days * 86400),
                 )
             )
             log.info(
@@ -441,6 +447,15 @@ class Exporter:
         self.daemon_seq = int(reply["last_seq"])
         return self.journal
 
+    def _acked(self, journal: str) -> dict[str, int]:
+        """What the broker acknowledged of each source of ``journal``, as far as this
+        exporter knows (its cursor): nothing, if the cursor is another journal's."""
+        if journal != self._cursor_journal:
+            self._cursor_journal = journal
+            for state in self.sources.values():
+                state.acked, state.acked_ts = 0, 0
+        return {name: state.acked for name, state in self.sources.items()}
+
     def _kport_source(self) -> str:
         """The port whose copy of kport's own events is exported (each port carries them)."""
         return next(iter(self.sources))
@@ -455,7 +470,10 @@ class Exporter:
         for name, seq in (saved.get("acked") or {}).items():
             if name in self.sources and isinstance(seq, int):
                 self.sources[name].acked = seq
-        self.journal = str(saved.get("journal") or "")
+        self.journal = self._cursor_journal = str(saved.get("journal") or "")
+        for name, count in (saved.get("lost") or {}).items():
+            if name in self.sources and isinstance(count, int):
+                self.sources[name].lost = count
 
     async def _report(self) -> None:
         """Each second: the status and cursor files, and where the daemon stands (over
@@ -499,8 +517,9 @@ class Exporter:
     def _write_status(self) -> None:
         status = self.status()
         cursor = {
-            "journal": self.journal,
+            "journal": self._cursor_journal,
             "acked": {name: s.acked for name, s in self.sources.items()},
+            "lost": {name: s.lost for name, s in self.sources.items()},
         }
         files.write_atomically(self.cursor_path, json.dumps(cursor))
         files.write_atomically(self.status_path, json.dumps(status), durable=False)
