@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 import socket
 import ssl
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -38,6 +38,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
@@ -45,6 +46,7 @@ from kport import paths
 from kport.errors import KportError, NoHistory, PortClosed, PortNotFound, Timeout
 from kport.fleet import state as files
 from kport.fleet import subjects
+from kport.fleet.window import Refused, Window
 from kport.port.aclient import AsyncConnection, aconnect
 from kport.port.message import Message
 
@@ -61,6 +63,9 @@ BACKOFF_MAX_S: Final = 5.0
 STATUS_EVERY_S: Final = 1.0
 #: how long stopping may take: tasks, and closing the broker's connection
 STOP_S: Final = 5.0
+#: answers received and not yet handed to their window, at most (beyond: a slow
+#: consumer, the answers lost, the window late and sent again)
+ANSWERS_MAX: Final = 65536
 #: how long the broker keeps a message id to refuse it again (the stream kport creates)
 DUPLICATE_WINDOW_S: Final = 120.0
 
@@ -124,6 +129,10 @@ class Exporter:
         #: (source, kind) → subject, made once
         self._subjects: dict[tuple[Any, Any], str] = {}
         self._stop = asyncio.Event()
+        #: where the broker's answers come, per connection; each pump's window by token
+        self._inbox = ""
+        self._windows: dict[str, Window] = {}
+        self._tokens = itertools.count()
 
     # --- running -------------------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class Exporter:
                 await asyncio.sleep(1.0)
                 continue
             try:
-                js = await self._broker()
+                nc, js = await self._broker()
                 journal = await self._journal_identity()
                 after = max(
                     await self._stored_up_to(js, source, journal), self._acked(journal)[source]
@@ -178,7 +187,7 @@ class Exporter:
                 async with aconnect(
                     source, runtime_dir=self.settings.runtime_dir, since=after, max_inbox=65536
                 ) as conn:
-                    await self._pump(js, source, journal, conn, after)
+                    await self._pump(nc, source, journal, conn, after)
             except ExportRefused:
                 raise
             except (PortNotFound, NoHistory) as err:
@@ -195,24 +204,22 @@ class Exporter:
             pause = min(pause * 2, BACKOFF_MAX_S)
 
     async def _pump(
-        self,
-        js: JetStreamContext,
-        source: str,
-        journal: str,
-        conn: AsyncConnection,
-        after: int,
+        self, nc: Nats, source: str, journal: str, conn: AsyncConnection, after: int
     ) -> None:
         """Publish what the port gives, ``window`` unacknowledged at most, in order."""
         state = self.sources[source]
-        window = self.settings.export.window
-        pending: deque[tuple[int, int, asyncio.Future[Any]]] = deque()
+        cfg = self.settings.export
+        window = Window(cfg.window, cfg.ack_timeout_s)
+        token = str(next(self._tokens))
+        self._windows[token] = window
+        reply = f"{self._inbox}.{token}."
         last = after  # the last seq published on this connection
         first_message = True
         kport_events = source == self._kport_source()
         try:
             while True:
                 try:
-                    msgs = await conn.get_messages(1024, timeout=0.5 if pending else None)
+                    msgs = await conn.get_messages(1024, timeout=0.5 if len(window) else None)
                 except Timeout:  # quiet: settle what is in flight meanwhile
                     msgs = []
                 for msg in msgs:
@@ -223,23 +230,38 @@ class Exporter:
                     if item is None:
                         continue
                     seq, ts, subject, data, msg_id = item
-                    future = await js.publish_async(
-                        subject, data, headers={"Nats-Msg-Id": msg_id}, wait_stall=None
+                    await nc.publish(
+                        subject, data, reply=reply + str(seq), headers={"Nats-Msg-Id": msg_id}
                     )
-                    pending.append((seq, ts, future))
+                    window.sent(seq, ts)
                     state.published += 1
                     last = seq
-                    while len(pending) > window:
-                        await self._settle(pending, state)
-                while pending and pending[0][2].done():
-                    await self._settle(pending, state)
-                if pending:
-                    await self._settle(pending, state)
+                    if len(window) > window.limit:
+                        self._settled(state, window, await window.drain_to(window.limit))
+                self._settled(state, window, window.settle())
                 state.state = "live"
         except _Again:
-            while pending:
-                await self._settle(pending, state)
+            self._settled(state, window, await window.drain_to(0))
             state.resends += 1
+        except Refused as err:
+            raise _Trouble(str(err)) from None
+        finally:
+            del self._windows[token]
+
+    @staticmethod
+    def _settled(state: SourceState, window: Window, newest: tuple[int, int] | None) -> None:
+        state.duplicates += window.duplicates
+        window.duplicates = 0
+        if newest is not None:
+            state.acked, state.acked_ts = newest
+
+    async def _answer(self, msg: Msg) -> None:
+        """The broker's answer to one message: to the window of the source that sent it."""
+        token, _, seq = msg.subject[len(self._inbox) + 1 :].partition(".")
+        window = self._windows.get(token)
+        if window is not None and seq.isdigit():
+            status = (msg.headers or {}).get("Status")
+            window.answer(int(seq), msg.data, status)
 
     def _item(
         self, msg: Message, source: str, journal: str, *, last: int, first: bool, own: bool
@@ -298,35 +320,14 @@ class Exporter:
             subjects.message_id(host, journal, seq),
         )
 
-    async def _settle(
-        self, pending: deque[tuple[int, int, asyncio.Future[Any]]], state: SourceState
-    ) -> None:
-        """Wait for the oldest acknowledgement (``ack_timeout_s`` at most)."""
-        seq, ts, future = pending[0]
-        try:
-            if future.done():  # most are, by the time they are looked at: no timer for them
-                ack = future.result()
-            else:
-                ack = await asyncio.wait_for(
-                    asyncio.shield(future), self.settings.export.ack_timeout_s
-                )
-        except TimeoutError:
-            wait = self.settings.export.ack_timeout_s
-            raise _Trouble(f"no acknowledgement within {wait:g} s") from None
-        except (nats.errors.Error, nats.js.errors.Error) as err:
-            raise _Trouble(_say(err)) from err
-        pending.popleft()
-        if getattr(ack, "duplicate", False):
-            state.duplicates += 1
-        state.acked, state.acked_ts = seq, ts
-
     # --- the broker ----------------------------------------------------------------------
 
-    async def _broker(self) -> JetStreamContext:
-        """The JetStream context, connecting (and checking the stream) if need be."""
+    async def _broker(self) -> tuple[Nats, JetStreamContext]:
+        """The connection and its JetStream context, connecting (checking the stream,
+        and listening for the broker's answers) if need be."""
         async with self._connecting:
             if self._js is not None and self._nc is not None and self._nc.is_connected:
-                return self._js
+                return self._nc, self._js
             await self._drop_broker()
             cfg = self.settings.export
             options: dict[str, Any] = {
@@ -337,6 +338,7 @@ class Exporter:
                 "name": f"kport-export {self.host}",
                 "error_cb": _quiet,
                 "disconnected_cb": self._disconnected,
+                "skip_subject_validation": True,  # subjects.token made them safe
             }
             if cfg.user:
                 options["user"], options["password"] = cfg.user, cfg.password
@@ -364,13 +366,17 @@ class Exporter:
             js = nc.jetstream(timeout=cfg.ack_timeout_s)
             try:
                 await self._check_stream(js)
+                self._inbox = nc.new_inbox()
+                await nc.subscribe(
+                    f"{self._inbox}.>", cb=self._answer, pending_msgs_limit=ANSWERS_MAX
+                )
             except BaseException:
                 await nc.close()
                 raise
             self._nc, self._js = nc, js
             self.connected, self.error = True, ""
             log.info("export %s: connected to %s, stream %s", self.host, cfg.url, cfg.stream)
-            return js
+            return nc, js
 
     async def _check_stream(self, js: JetStreamContext) -> None:
         """Make the stream if it is missing; take one an operator made if its subjects
