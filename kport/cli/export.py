@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -35,6 +36,7 @@ def command(args: argparse.Namespace) -> int:
     settings = exporter.settings_from(cfg, host=args.host, stream=args.stream)
     if args.state_dir:
         settings.state_dir = args.state_dir
+    os.nice(max(0, cfg.export.nice - os.nice(0)))  # never less nice than it was started
     logging.getLogger("nats").setLevel(logging.CRITICAL)  # what matters, the exporter says
     return uvloop.run(_run(settings))  # libuv's loop, as the daemon's: see pyproject
 

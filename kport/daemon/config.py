@@ -159,6 +159,9 @@ class ExportConfig:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    #: the exporter's niceness (0 to 19): a shipper in the background, it yields the
+    #: CPU to the daemon and its local clients whenever they want it
+    nice: int = 10
 
 
 @dataclass
@@ -349,6 +352,8 @@ def check_export(cfg: ExportConfig, where: str) -> None:
         )
     if not 1 <= cfg.replicas <= 5:
         raise ConfigError(f"{where}: export.replicas must be 1 to 5")
+    if not 0 <= cfg.nice <= 19:
+        raise ConfigError(f"{where}: export.nice must be 0 to 19")
     if not 1 <= cfg.window <= 100_000:
         raise ConfigError(f"{where}: export.window must be 1 to 100000")
     if cfg.max_age_days <= 0 or cfg.max_size_mb <= 0 or cfg.ack_timeout_s <= 0:
