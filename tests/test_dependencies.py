@@ -11,7 +11,9 @@ The rules, each a reason:
    (kport.replay) that a port, or anything else, replays from;
 4. the web UI (kport.ui) imports only the port, the protocol, the errors, the paths, the
    version and itself: what it learns of the machine comes over the daemon's ports, so
-   its privileges are the ports' and nothing more;
+   its privileges are the ports' and nothing more; and, for `kport ui --fleet`, the
+   fleet's reader and subjects, which read the stream as any NATS client may (never the
+   exporter, nor anything of the fleet that touches this host);
 5. the protocol imports no I/O (sockets, event loops, threads, processes, files) and no
    kport module but the errors: it is sans-IO, tested and fuzzed byte by byte;
 6. no import cycle among kport's modules (imports at module level);
@@ -54,6 +56,8 @@ IO_MODULES = frozenset(
 )
 #: what the web UI may import of kport
 UI_MAY_IMPORT = ("kport.port", "kport.protocol", "kport.errors", "kport.paths", "kport.version")
+#: what the web UI may import of the fleet, for `kport ui --fleet`: modules, not packages
+UI_MAY_IMPORT_OF_THE_FLEET = ("kport.fleet.reader", "kport.fleet.subjects")
 #: what is built on the port: it must not import them but for type checking
 ABOVE_THE_PORT = (
     "kport.objects",
@@ -206,11 +210,14 @@ RULES = [
     ),
     Rule(
         4,
-        "the web UI imports of kport only " + ", ".join(UI_MAY_IMPORT) + " and kport.ui",
+        "the web UI imports of kport only "
+        + ", ".join((*UI_MAY_IMPORT, *UI_MAY_IMPORT_OF_THE_FLEET))
+        + " and kport.ui",
         lambda i: (
             within(i.importer, "kport.ui")
             and _kport(i)
             and not within(i.target, *UI_MAY_IMPORT, "kport.ui")
+            and i.target not in UI_MAY_IMPORT_OF_THE_FLEET
         ),
     ),
     Rule(
@@ -324,6 +331,14 @@ SYNTHETIC = {
     "kport/journal/store.py": "from ..port.server import ServerPort\n",
     "kport/ui/__init__.py": "",
     "kport/ui/bridge.py": "from kport.sources import procinfo\nfrom kport.port import server\n",
+    "kport/ui/fleet.py": (
+        "from kport.fleet import reader, subjects\nfrom kport.fleet import exporter\n"
+        "import kport.fleet\n"
+    ),
+    "kport/fleet/__init__.py": "",
+    "kport/fleet/reader.py": "",
+    "kport/fleet/subjects.py": "",
+    "kport/fleet/exporter.py": "",
     "kport/daemon/__init__.py": "",
     "kport/daemon/decisions.py": "",
 }
@@ -341,7 +356,11 @@ def test_the_checker_names_each_broken_rule_and_the_import_that_breaks_it() -> N
         ],
         2: ["kport/port/server.py:3: kport.port.server imports kport.sources.procinfo"],
         3: ["kport/journal/store.py:1: kport.journal.store imports kport.port.server"],
-        4: ["kport/ui/bridge.py:1: kport.ui.bridge imports kport.sources.procinfo"],
+        4: [
+            "kport/ui/bridge.py:1: kport.ui.bridge imports kport.sources.procinfo",
+            "kport/ui/fleet.py:2: kport.ui.fleet imports kport.fleet.exporter",
+            "kport/ui/fleet.py:3: kport.ui.fleet imports kport.fleet",
+        ],
         5: [
             "kport/protocol.py:1: kport.protocol imports threading",
             "kport/protocol.py:2: kport.protocol imports kport.paths",
