@@ -1,5 +1,6 @@
-"""The web UI's HTTP API and live WebSocket over a :class:`~kport.ui.bridge.Bridge`, and
-the page's own files; the API is described by OpenAPI at ``/api/openapi.json``.
+"""The web UI's HTTP API and live WebSocket over a :class:`~kport.ui.bridge.Bridge` (or,
+for `kport ui --fleet`, a :class:`~kport.ui.fleet.FleetBridge`), and the page's own
+files; the API is described by OpenAPI at ``/api/openapi.json``.
 
 FastAPI, on Starlette and uvicorn: its OpenAPI document is made from the routes
 themselves, so it cannot drift from what the server does. Its own docs pages load their
@@ -13,7 +14,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from fastapi import FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, Response
@@ -21,12 +22,17 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from kport.errors import AccessDenied, BadRequest, KportError, PortNotFound
-from kport.ui.bridge import Bridge, Page
+from kport.ui.bridge import Bridge
 from kport.version import __version__
+
+if TYPE_CHECKING:  # imported by `kport ui --fleet` alone: a host's UI loads no NATS client
+    from kport.ui.fleet import FleetBridge
 
 STATIC: Final = Path(__file__).resolve().parent / "static"
 #: events of one history page at most
 HISTORY_LIMIT: Final = 5000
+#: events of the first message at most; an opening page gets the rest in more of them
+FIRST_CHUNK: Final = 2000
 #: pages batch live events this often at most, so that a busy machine means few, larger
 #: messages rather than many small ones
 FLUSH_S: Final = 0.1
@@ -71,7 +77,10 @@ def _refusal(err: Exception) -> HTTPException:
     return HTTPException(502, f"the daemon did not answer: {err}")
 
 
-def make_app(bridge: Bridge, *, start_bridge: bool = True) -> FastAPI:
+def make_app(bridge: Bridge | FleetBridge, *, start_bridge: bool = True) -> FastAPI:
+    """The API over this host's ports (:class:`Bridge`) or over the fleet's stream
+    (:class:`~kport.ui.fleet.FleetBridge`, which refuses what is a host's own)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(bridge.run()) if start_bridge else None
@@ -171,7 +180,7 @@ def make_app(bridge: Bridge, *, start_bridge: bool = True) -> FastAPI:
         await socket.accept()
         after_text = socket.query_params.get("after")
         after = int(after_text) if after_text and after_text.isdigit() else None
-        page = Page()
+        page = bridge.new_page()
         recent = bridge.attach(page, after)
         try:
             oldest = bridge.oldest_seq()
@@ -187,7 +196,9 @@ def make_app(bridge: Bridge, *, start_bridge: bool = True) -> FastAPI:
                     }
                 )
             )
-            await socket.send_text(_json({"type": "events", "events": recent, "gaps": []}))
+            for start in range(0, max(len(recent), 1), FIRST_CHUNK):
+                chunk = recent[start : start + FIRST_CHUNK]
+                await socket.send_text(_json({"type": "events", "events": chunk, "gaps": []}))
             receiving = asyncio.create_task(_drain(socket))
             try:
                 while not receiving.done():

@@ -62,12 +62,17 @@ class PortState:
 class Page:
     """One open page: the events, prompt changes and stats waiting for it, bounded."""
 
-    def __init__(self, limit: int = PAGE_QUEUE) -> None:
+    def __init__(self, limit: int = PAGE_QUEUE, *, gaps: bool = True) -> None:
         self.limit = limit
         self.events: deque[dict[str, Any]] = deque()
+        #: whether dropped events are named by seq, for the page to fetch back: this
+        #: host's seqs are gap-free; the fleet's are each host's, so its pages get a count
+        self.name_gaps = gaps
         #: seqs dropped because the page fell behind: (first, last), for it to fetch back
         self.gaps: list[tuple[int, int]] = []
         self.dropped = 0
+        #: dropped since the page was last told
+        self.untold = 0
         self.other: list[dict[str, Any]] = []
         self.ready = asyncio.Event()
 
@@ -75,8 +80,9 @@ class Page:
         if len(self.events) >= self.limit:
             old = self.events.popleft()
             self.dropped += 1
+            self.untold += 1
             seq = old.get("seq")
-            if isinstance(seq, int):
+            if self.name_gaps and isinstance(seq, int):
                 if self.gaps and self.gaps[-1][1] == seq - 1:
                     self.gaps[-1] = (self.gaps[-1][0], seq)
                 else:
@@ -91,10 +97,18 @@ class Page:
     def take(self) -> list[dict[str, Any]]:
         """Every message waiting, events batched into one; clears the page's queue."""
         out, self.other = self.other, []
-        if self.events or self.gaps:
-            out.append({"type": "events", "events": list(self.events), "gaps": self.gaps})
+        if self.events or self.gaps or self.untold:
+            out.append(
+                {
+                    "type": "events",
+                    "events": list(self.events),
+                    "gaps": self.gaps,
+                    "dropped": self.untold,
+                }
+            )
             self.events.clear()
             self.gaps = []
+            self.untold = 0
         self.ready.clear()
         return out
 
@@ -270,6 +284,10 @@ class Bridge:
             self._expire_prompts()
 
     # --- pages ---------------------------------------------------------------------------
+
+    def new_page(self) -> Page:
+        """A page's queue: one that falls behind is told the seqs it missed."""
+        return Page()
 
     def attach(self, page: Page, after: int | None) -> list[dict[str, Any]]:
         """Add an open page; the recent events it lacks (after seq ``after``, or the last

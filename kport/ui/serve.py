@@ -19,13 +19,16 @@ import pwd
 import secrets
 import socket
 import sys
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import uvicorn
 
 from kport.ui.app import make_app
 from kport.ui.bridge import Bridge
 from kport.ui.guard import Guard, own_hosts
+
+if TYPE_CHECKING:
+    from kport.ui.fleet import FleetBridge
 
 log = logging.getLogger("kport.ui")
 
@@ -108,7 +111,9 @@ def run(
     user: str,
     token: str | None = None,
     open_print: bool = True,
+    fleet: FleetBridge | None = None,
 ) -> int:
+    """Serve the UI over this host's ports, or over the fleet's stream if ``fleet``."""
     try:
         host, port = parse_listen(listen)
         sock = bind(host, port)
@@ -121,7 +126,8 @@ def run(
     token = token or os.environ.get("KPORT_UI_TOKEN") or secrets.token_urlsafe(24)
     name = f"[{host}]" if ":" in host else host  # as it stands in a Host header or URL
     hosts = own_hosts(name, port)
-    app = Guard(make_app(Bridge(runtime_dir)), token=token, hosts=hosts)
+    bridge = Bridge(runtime_dir) if fleet is None else fleet
+    app = Guard(make_app(bridge), token=token, hosts=hosts)
     config = uvicorn.Config(
         app,
         log_level="warning",
