@@ -127,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", default="nobody", help="the user to become when started as root (nobody)"
     )
     ui.add_argument("--runtime-dir", help="where the ports' sockets are")
+    ui.add_argument(
+        "--fleet",
+        metavar="URL",
+        help="show the fleet's log from the stream at this NATS URL instead of this host's",
+    )
+    ui.add_argument("--stream", help="with --fleet: the JetStream stream (default: KPORT)")
+    ui.add_argument(
+        "--since",
+        metavar="SEQ|TIME",
+        help="with --fleet: start at this stream sequence or time (10m, 2h, ISO 8601; default 10m)",
+    )
     ui.set_defaults(face="ui")
 
     export = sub.add_parser(
