@@ -10,6 +10,9 @@ const TRIM = Math.ceil(MAX_ROWS / 10);  // how many go at once when the window i
 const PAGE = 1000;              // events per history fetch
 const TREE_KEEP_MS = 10000;     // how long an exited process stays in the tree, fading
 const SOURCES = ["proc", "file", "net"];
+const HOSTS_MAX = 10000;        // fleet: hosts listed in the host filter and stats at most
+// fleet: the views that are each host's own, off when the page shows the fleet
+const FLEET_OFF = ["tree", "prompts", "rules"];
 const COLOURS = { proc: "--proc", file: "--file", net: "--net" };
 
 const $ = (id) => document.getElementById(id);
@@ -29,7 +32,13 @@ const el = (tag, props = {}, ...children) => {
 
 const state = {
   rows: [],            // events, oldest first
-  seqs: new Set(),     // seqs in rows: nothing is shown twice
+  seqs: new Set(),     // keys (see keyOf) of the rows: nothing is shown twice
+  fleet: null,         // {url, stream} when the UI shows the fleet (kport ui --fleet)
+  hosts: new Map(),    // fleet: host → {events, last_ts}, at most HOSTS_MAX
+  hostsUnlisted: 0,    // fleet: events of hosts beyond HOSTS_MAX
+  trimmed: 0,          // rows let go because the page held MAX_ROWS (the oldest first)
+  notShown: 0,         // fleet: events never shown (this page fell behind, or paused too long)
+  repeats: 0,          // fleet: events this page already had (a replay after a reconnect)
   view: [],            // rows that pass the filters
   lastSeq: null,       // the newest seq received live: a reconnect asks from there
   paused: false,
@@ -89,6 +98,16 @@ function setConn(what, wait) {
     node.classList.add("bad");
   } else if (what === "connecting") {
     node.textContent = "connecting…";
+  } else if (state.fleet) {
+    const fleet = state.ports.fleet || { state: "connecting" };
+    if (fleet.state === "connected") {
+      node.textContent = `live: the fleet at ${state.fleet.url}, ${state.hosts.size.toLocaleString()} hosts`;
+    } else if (fleet.state === "connecting") {
+      node.textContent = `connecting to the fleet at ${state.fleet.url}…`;
+    } else {
+      node.textContent = `fleet: ${fleet.error || fleet.state}; trying again`;
+      node.classList.add("bad");
+    }
   } else if (!served.length || down.length === served.length) {
     const why = sources.map(([n, p]) => `${n} ${p.state}`).join(", ");
     node.textContent = `daemon not reachable (${why}); trying again`;
@@ -106,6 +125,7 @@ function onMessage(msg) {
   switch (msg.type) {
     case "hello": {
       state.ports = msg.status.ports;
+      if (msg.status.fleet && !state.fleet) enterFleet(msg.status.fleet);
       state.rates = msg.rates;
       for (const p of msg.status.prompts) state.prompts.set(p.id, p);
       state.settled = msg.status.settled.slice(-50);
@@ -115,11 +135,12 @@ function onMessage(msg) {
       if (state.lastSeq !== null && msg.ring_first !== null && msg.ring_first > state.lastSeq + 1) {
         fillGap(state.lastSeq + 1, msg.ring_first - 1);
       }
-      refreshProcesses();
+      if (!state.fleet) refreshProcesses();
       break;
     }
     case "events":
       for (const event of msg.events) live(event);
+      if (state.fleet) state.notShown += msg.dropped || 0;  // here, gaps name this host's seqs
       for (const [first, last] of msg.gaps) { state.uiDropped += last - first + 1; fillGap(first, last); }
       afterAppend();
       break;
@@ -136,6 +157,7 @@ function onMessage(msg) {
 // --- the log ----------------------------------------------------------------------------
 
 function live(event) {
+  if (state.fleet) { fleetLive(event); return; }
   if (typeof event.seq === "number") {
     if (state.lastSeq !== null && event.seq <= state.lastSeq && state.seqs.has(event.seq)) return;
     if (state.lastSeq !== null && event.seq > state.lastSeq + 1 && everyPortLive()) {
@@ -153,12 +175,70 @@ function live(event) {
 }
 
 function append(event) {
-  if (typeof event.seq === "number") {
-    if (state.seqs.has(event.seq)) return;
-    state.seqs.add(event.seq);
+  const key = keyOf(event);
+  if (key !== null) {
+    if (state.seqs.has(key)) return;
+    state.seqs.add(key);
   }
   state.rows.push(event);
   if (passes(event)) state.view.push(event);
+}
+
+// What makes an event one: here its seq (daemon-wide); in the fleet its host and seq, since
+// each host counts its own and the stream may deliver one again after a broker was killed.
+function keyOf(e) {
+  if (typeof e.seq !== "number") return null;
+  return state.fleet ? `${e.host}\u0000${e.seq}` : e.seq;
+}
+
+// --- the fleet (kport ui --fleet) -------------------------------------------------------
+
+function enterFleet(fleet) {
+  state.fleet = fleet;
+  state.seqs = new Set(state.rows.map(keyOf).filter((k) => k !== null));
+  document.body.classList.add("fleet");
+  document.title = "kport: fleet";
+  $("fleet-note").textContent = `The fleet's log, from ${fleet.url} (stream ${fleet.stream}). ` +
+    "Prompts, rules and the process tree are each host's own: open kport ui on that host.";
+  for (const v of FLEET_OFF) {
+    const tab = $(`tab-${v}`);
+    tab.disabled = true;
+    tab.title = "each host's own: open kport ui on that host";
+  }
+  if (!available(state.view_)) show("log");
+}
+
+function available(view) { return !(state.fleet && FLEET_OFF.includes(view)); }
+
+// The server drops what it has sent once; a page that reconnects is sent the recent past
+// again, and drops what it holds.
+function fleetLive(event) {
+  const key = keyOf(event);
+  if (key !== null && state.seqs.has(key)) { state.repeats++; return; }
+  noteHost(event);
+  if (state.paused) {
+    if (state.held.length < MAX_ROWS) state.held.push(event); else state.notShown++;
+    return;
+  }
+  append(event);
+}
+
+let hostsTimer = null;
+function noteHost(e) {
+  if (e.host == null) return;
+  const host = String(e.host);
+  const known = state.hosts.get(host);
+  if (known) { known.events++; known.last_ts = e.ts ?? known.last_ts; return; }
+  if (state.hosts.size >= HOSTS_MAX) { state.hostsUnlisted++; return; }
+  state.hosts.set(host, { events: 1, last_ts: e.ts });
+  if (!hostsTimer) hostsTimer = setTimeout(listHosts, 200);
+}
+
+function listHosts() {
+  hostsTimer = null;
+  const names = [...state.hosts.keys()].sort();
+  $("hosts-list").replaceChildren(...names.map((h) => el("option", { value: h })));
+  setConn(state.wsState);
 }
 
 // seq is daemon-wide and every event port's events reach this page, so a seq skipped is
@@ -195,7 +275,8 @@ function afterAppend() {
 
 function trimOldest() {
   const gone = state.rows.splice(0, state.rows.length - MAX_ROWS + TRIM);
-  for (const e of gone) if (typeof e.seq === "number") state.seqs.delete(e.seq);
+  for (const e of gone) state.seqs.delete(keyOf(e));
+  state.trimmed += gone.length;
   const before = state.view.length;
   state.view = state.rows.filter(passes);
   state.exhausted = false;
@@ -206,16 +287,18 @@ function trimOldest() {
 
 function trimNewest() {
   const gone = state.rows.splice(MAX_ROWS - TRIM);
-  for (const e of gone) if (typeof e.seq === "number") state.seqs.delete(e.seq);
+  for (const e of gone) state.seqs.delete(keyOf(e));
   state.view = state.rows.filter(passes);
   state.detached = true;
   $("live").hidden = false;
 }
 
-const filters = { source: "", kind: "", text: "", user: "", pid: "" };
+const filters = { host: "", source: "", kind: "", text: "", user: "", pid: "" };
 
 function passes(e) {
-  if (e.kind === "lost") return true;  // loss is never filtered away
+  // a host's loss is shown with that host's events (loss is never filtered away otherwise)
+  if (filters.host && !globMatch(filters.host, String(e.host ?? ""))) return false;
+  if (e.kind === "lost") return true;
   if (filters.source && e.source !== filters.source) return false;
   if (filters.kind && !globMatch(filters.kind, String(e.kind || ""))) return false;
   if (filters.pid && String(e.pid) !== filters.pid) return false;
@@ -234,6 +317,7 @@ function globMatch(pattern, value) {
 }
 
 function applyFilters() {
+  filters.host = state.fleet ? $("f-host").value.trim() : "";
   filters.source = $("f-source").value;
   filters.kind = $("f-kind").value.trim();
   filters.text = $("f-text").value.trim().toLowerCase();
@@ -252,6 +336,8 @@ function updateCount() {
   let text = shown === all ? `${all} events` : `${shown} of ${all} events`;
   if (state.paused) text += ` · paused, ${state.held.length.toLocaleString()} waiting`;
   if (state.detached) text += ` · ${state.newer.toLocaleString()} newer not shown`;
+  if (state.fleet && state.trimmed) text += ` · ${state.trimmed.toLocaleString()} older let go (at most ${MAX_ROWS.toLocaleString()} held)`;
+  if (state.fleet && state.notShown) text += ` · ${state.notShown.toLocaleString()} not shown (this page fell behind)`;
   $("log-count").textContent = text;
 }
 
@@ -272,7 +358,8 @@ function summary(e) {
   switch (e.source) {
     case "file": return `${e.verdict ? e.verdict.toUpperCase() + " " : ""}${e.path ?? e.name ?? ""}  ← ${command}${e.rule ? "  [" + e.rule + "]" : ""}`;
     case "net": {
-      const where = e.direction === "in" ? `from ${e.src}:${e.sport} to port ${e.dport}` : `${e.dst}${e.host ? " (" + e.host + ")" : ""}:${e.dport}`;
+      const peer = state.fleet ? null : e.host;  // in the fleet, host is the host that saw it
+      const where = e.direction === "in" ? `from ${e.src}:${e.sport} to port ${e.dport}` : `${e.dst}${peer ? " (" + peer + ")" : ""}:${e.dport}`;
       return `${(e.verdict || e.kind || "").toUpperCase()} ${e.protocol || ""} ${where}  ← ${command}${e.rule ? "  [" + e.rule + "]" : ""}`;
     }
     case "kport": return `${e.kind}${e.reason ? ": " + e.reason : ""}${e.durable !== undefined ? " (durable: " + e.durable + ")" : ""}`;
@@ -300,7 +387,7 @@ function renderLog() {
     let row = pool[used];
     if (!row) {
       row = el("div", { class: "row", role: "row" },
-        el("span"), el("span"), el("span"), el("span", { class: "c-pid" }), el("span", { class: "c-user" }), el("span"));
+        el("span"), el("span", { class: "c-host" }), el("span"), el("span"), el("span", { class: "c-pid" }), el("span", { class: "c-user" }), el("span"));
       row.addEventListener("click", () => select(row._index, true));
       pool.push(row);
       log.append(row);
@@ -315,14 +402,16 @@ function renderLog() {
       const c = row.children;
       row.classList.toggle("lost", e.kind === "lost");
       c[0].textContent = clock(e.ts);
-      c[1].textContent = e.source || "";
-      c[1].className = "s-" + (e.source || "");
-      c[2].textContent = e.kind || "";
-      c[3].textContent = e.pid ?? "";
-      c[4].textContent = e.user ?? e.uid ?? "";
-      c[5].textContent = summary(e);
-      c[5].className = e.verdict ? "v-" + e.verdict : "";
-      c[5].title = c[5].textContent;
+      c[1].textContent = state.fleet ? e.host ?? "" : "";
+      c[1].title = c[1].textContent;
+      c[2].textContent = e.source || "";
+      c[2].className = "s-" + (e.source || "");
+      c[3].textContent = e.kind || "";
+      c[4].textContent = e.pid ?? "";
+      c[5].textContent = e.user ?? e.uid ?? "";
+      c[6].textContent = summary(e);
+      c[6].className = e.verdict ? "v-" + e.verdict : "";
+      c[6].title = c[6].textContent;
     }
   }
   for (let j = used; j < pool.length; j++) pool[j].hidden = true;
@@ -346,7 +435,7 @@ function onScroll() {
     const log = $("log");
     state.following = log.scrollTop + log.clientHeight >= log.scrollHeight - ROW * 2 && !state.detached;
     renderLog();
-    if (log.scrollTop < ROW * 30) loadOlder();
+    if (log.scrollTop < ROW * 30 && !state.fleet) loadOlder();  // the fleet has no journal here
   });
 }
 
@@ -886,10 +975,11 @@ function drawChart() {
 function renderStatsTables() {
   const body = $("ports");
   if (!body) return;
+  const words = state.fleet ? { absent: "not reachable" } : { absent: "not served by the daemon", idle: "not in use" };
   body.replaceChildren(...Object.entries(state.ports).map(([name, p]) => el("tr", {},
     el("td", {}, name),
-    el("td", { class: p.state === "connected" ? "a-allow" : ["idle", "absent"].includes(p.state) ? "muted" : "a-deny" },
-      { absent: "not served by the daemon", idle: "not in use" }[p.state] || p.state),
+    el("td", { class: p.state === "connected" ? "a-allow" : ["idle", "absent"].includes(p.state) && !state.fleet ? "muted" : "a-deny" },
+      words[p.state] || p.state),
     el("td", {}, new Date(p.since * 1000).toLocaleTimeString()), el("td", {}, (p.events || 0).toLocaleString()),
     el("td", { class: p.lost ? "a-deny" : "" }, (p.lost || 0).toLocaleString()), el("td", { class: "m" }, p.error || ""))));
   const memory = performance.memory ? `${(performance.memory.usedJSHeapSize / 1048576).toFixed(1)} MiB` : "n/a";
@@ -898,6 +988,16 @@ function renderStatsTables() {
     el("tr", {}, el("td", {}, "events held by this page"), el("td", {}, `${state.rows.length.toLocaleString()} (at most ${MAX_ROWS.toLocaleString()})`)),
     el("tr", {}, el("td", {}, "fallen behind, fetched back from the journal"), el("td", {}, `${state.uiDropped.toLocaleString()} (${state.gapsFilled.toLocaleString()} fetched)`)),
     el("tr", {}, el("td", {}, "JavaScript heap"), el("td", {}, memory)));
+  if (state.fleet) {
+    $("page-stats").append(
+      el("tr", {}, el("td", {}, "older events let go (the oldest go first)"), el("td", {}, state.trimmed.toLocaleString())),
+      el("tr", {}, el("td", {}, "not shown: this page fell behind"), el("td", {}, state.notShown.toLocaleString())),
+      el("tr", {}, el("td", {}, "sent again and dropped (same host and seq)"), el("td", {}, state.repeats.toLocaleString())));
+    const hosts = [...state.hosts.entries()].sort(([a], [b]) => a.localeCompare(b));
+    $("hosts").replaceChildren(...hosts.map(([h, info]) => el("tr", {},
+      el("td", {}, h), el("td", {}, info.events.toLocaleString()), el("td", {}, clock(info.last_ts)))));
+    if (state.hostsUnlisted) $("hosts").append(el("tr", {}, el("td", { colspan: "3", class: "muted" }, `more hosts than ${HOSTS_MAX.toLocaleString()}: ${state.hostsUnlisted.toLocaleString()} events not counted here`)));
+  }
 }
 
 // --- views and keys ---------------------------------------------------------------------
@@ -905,6 +1005,7 @@ function renderStatsTables() {
 const VIEWS = ["log", "tree", "prompts", "rules", "stats"];
 
 function show(view) {
+  if (!available(view)) return;  // the fleet: each host's own (the tab says so)
   state.view_ = view;
   for (const v of VIEWS) {
     $(`view-${v}`).hidden = v !== view;
@@ -930,7 +1031,7 @@ function togglePause() {
     const held = state.held;
     const overflow = state.heldOverflow;
     state.held = []; state.heldOverflow = false;
-    if (overflow) { jumpToLive(); return; }
+    if (overflow && !state.fleet) { jumpToLive(); return; }
     for (const e of held) { if (state.detached) state.newer++; else append(e); }
     afterAppend();
   }
@@ -946,7 +1047,11 @@ function onKey(e) {
   }
   if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
   const n = Number(e.key);
-  if (n >= 1 && n <= VIEWS.length) { show(VIEWS[n - 1]); $(`tab-${VIEWS[n - 1]}`).focus(); e.preventDefault(); return; }
+  if (n >= 1 && n <= VIEWS.length) {
+    if (available(VIEWS[n - 1])) { show(VIEWS[n - 1]); $(`tab-${VIEWS[n - 1]}`).focus(); }
+    e.preventDefault();
+    return;
+  }
   if (state.view_ !== "log") return;
   if (e.key === "/") { $("f-text").focus(); e.preventDefault(); }
   else if (e.key === "p") togglePause();
@@ -963,7 +1068,9 @@ function onKey(e) {
 function onTabKey(e) {
   const at = VIEWS.indexOf(state.view_);
   if (e.key === "ArrowRight" || e.key === "ArrowLeft") {
-    const next = VIEWS[(at + (e.key === "ArrowRight" ? 1 : VIEWS.length - 1)) % VIEWS.length];
+    const step = e.key === "ArrowRight" ? 1 : VIEWS.length - 1;
+    let next = VIEWS[(at + step) % VIEWS.length];
+    while (!available(next)) next = VIEWS[(VIEWS.indexOf(next) + step) % VIEWS.length];
     show(next); $(`tab-${next}`).focus(); e.preventDefault();
   }
 }
@@ -976,7 +1083,7 @@ function start() {
   document.addEventListener("keydown", onKey);
   $("log").addEventListener("scroll", onScroll, { passive: true });
   $("log").addEventListener("dblclick", () => { if (state.selected >= 0) showDetail(state.view[state.selected]); });
-  for (const id of ["f-kind", "f-text", "f-user", "f-pid"]) $(id).addEventListener("input", debounce(applyFilters, 200));
+  for (const id of ["f-host", "f-kind", "f-text", "f-user", "f-pid"]) $(id).addEventListener("input", debounce(applyFilters, 200));
   $("f-source").addEventListener("change", applyFilters);
   $("pause").addEventListener("click", togglePause);
   $("live").addEventListener("click", jumpToLive);
