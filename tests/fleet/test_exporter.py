@@ -7,202 +7,28 @@ none twice."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bench.export import Broker
-from kport.journal.chunks import chunk_items
+from tests.fleet.hosts import NATS_SERVER, Activity, Host, check_exactly
 
 pytestmark = [
     pytest.mark.timeout(600),
     pytest.mark.skipif(os.geteuid() != 0, reason="kport serve needs root"),
 ]
 
-NATS_SERVER = shutil.which("nats-server")
 if NATS_SERVER is None:  # scripts/setup-system.sh --tests installs it: say so, never silently
     pytestmark.append(
         pytest.mark.skip(reason="nats-server is not installed (scripts/setup-system.sh --tests)")
     )
-
-
-class Host:
-    """One simulated host: a daemon (proc events, journal on) and its exporter."""
-
-    def __init__(self, name: str, where: Path, broker: Broker) -> None:
-        self.name = name
-        self.where = where
-        self.run_dir = where / "run"
-        self.state_dir = where / "state"
-        self.broker = broker
-        self.daemon: subprocess.Popen[bytes] | None = None
-        self.exporter: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self, what: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.where / f"{what}.log", "ab")  # noqa: SIM115  # the child keeps it
-        try:
-            return subprocess.Popen([sys.executable, "-m", "kport.cli", *args], stderr=log)
-        finally:
-            log.close()
-
-    def start_daemon(self) -> None:
-        self.daemon = self._spawn(
-            "daemon",
-            *("serve", "--runtime-dir", str(self.run_dir), "--state-dir", str(self.state_dir)),
-        )
-        deadline = time.monotonic() + 30
-        while not (self.run_dir / "journal.sock").exists() or not _answers(self.run_dir):
-            assert self.daemon.poll() is None, self.log("daemon")
-            assert time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.05)
-
-    def stop_daemon(self) -> None:
-        assert self.daemon is not None
-        self.daemon.terminate()
-        assert self.daemon.wait(30) == 0, self.log("daemon")
-
-    def start_exporter(self) -> None:
-        self.exporter = self._spawn(
-            "exporter",
-            *("export", "--nats", self.broker.url, "--host", self.name),
-            *("--runtime-dir", str(self.run_dir), "--state-dir", str(self.where / "export")),
-        )
-
-    def kill_exporter(self) -> None:
-        assert self.exporter is not None
-        self.exporter.kill()
-        self.exporter.wait(10)
-
-    def stop_exporter(self) -> None:
-        assert self.exporter is not None
-        self.exporter.terminate()
-        assert self.exporter.wait(30) == 0, self.log("exporter")
-
-    def journal_seqs(self) -> list[int]:
-        """Every seq this host's journal holds, committed."""
-        db = sqlite3.connect(f"file:{self.state_dir / 'journal.db'}?mode=ro", uri=True)
-        try:
-            chunks = db.execute("SELECT seqs, offsets, sources, data FROM chunks ORDER BY first")
-            return [seq for chunk in chunks for seq, _, _ in chunk_items(*chunk)]
-        finally:
-            db.close()
-
-    def status(self) -> dict[str, Any]:
-        path = self.where / "export" / f"{self.name}.status.json"
-        try:
-            return dict(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            return {}
-
-    def log(self, what: str) -> str:
-        return (self.where / f"{what}.log").read_text()[-3000:]
-
-
-def _answers(run_dir: Path) -> bool:
-    import kport
-
-    try:
-        with kport.connect("control", runtime_dir=run_dir, timeout=2) as conn:
-            conn.send({"op": "status"}, timeout=2)
-        return True
-    except kport.KportError:
-        return False
-
-
-def stream_messages(url: str) -> list[dict[str, Any]]:
-    """Every message in the stream, as (host, seq, journal) from its id and its data."""
-    import nats
-    import nats.js.errors
-
-    async def read() -> list[dict[str, Any]]:
-        nc = await nats.connect(url)
-        try:
-            js = nc.jetstream()
-            try:
-                info = await js.stream_info("KPORT")
-            except nats.js.errors.NotFoundError:
-                return []  # not made yet
-            out: list[dict[str, Any]] = []
-            if not info.state.messages:
-                return out
-            sub = await js.pull_subscribe("kport.>", durable=None, stream="KPORT")
-            while len(out) < info.state.messages:
-                for msg in await sub.fetch(1000, timeout=10):
-                    host, journal, seq = (msg.headers or {})["Nats-Msg-Id"].rsplit(":", 2)
-                    data = json.loads(msg.data)
-                    out.append({"host": host, "journal": journal, "seq": int(seq), "data": data})
-                    await msg.ack()
-            return out
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
-
-
-class Activity:
-    """Processes started steadily (about 200 a second) while a fault is made."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-        self.started = 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            pid = os.posix_spawn("/bin/true", ["true", "kport-fleet"], os.environ)
-            os.waitpid(pid, 0)
-            self.started += 1
-            time.sleep(0.005)
-
-    def __enter__(self) -> Activity:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
-def check_exactly(hosts: list[Host], broker: Broker, what: str) -> None:
-    """Once the exporters have caught up: each host's events in the stream are exactly
-    its journal's, none missing and none twice."""
-    deadline = time.monotonic() + 120
-    while True:
-        messages = stream_messages(broker.url)
-        by_host: dict[str, Counter[int]] = {h.name: Counter() for h in hosts}
-        for m in messages:
-            by_host[m["host"]][m["seq"]] += 1
-        wanted = {h.name: h.journal_seqs() for h in hosts}
-        done = all(wanted[h.name] and set(by_host[h.name]) >= set(wanted[h.name]) for h in hosts)
-        if done:
-            break
-        assert time.monotonic() < deadline, (
-            what,
-            {h.name: (len(wanted[h.name]), len(by_host[h.name]), h.status()) for h in hosts},
-        )
-        time.sleep(0.5)
-    for host in hosts:
-        journal = set(host.journal_seqs())
-        got = by_host[host.name]
-        twice = {seq: n for seq, n in got.items() if n > 1}
-        assert not twice, (what, host.name, "sent twice", sorted(twice)[:20])
-        extra = set(got) - journal
-        # events of the last commit interval may be in the stream and not yet committed
-        assert all(seq > max(journal) for seq in extra), (what, host.name, sorted(extra)[:20])
-        missing = journal - set(got)
-        assert not missing, (what, host.name, "missing", sorted(missing)[:20])
 
 
 @pytest.fixture
