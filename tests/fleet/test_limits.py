@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.export import Broker
-from tests.fleet.test_exporter import NATS_SERVER, Activity, Host, stream_messages
+from tests.fleet.hosts import NATS_SERVER, Activity, Host, stream_messages
 
 pytestmark = [
     pytest.mark.timeout(300),
