@@ -66,6 +66,8 @@ STOP_S: Final = 5.0
 #: answers received and not yet handed to their window, at most (beyond: a slow
 #: consumer, the answers lost, the window late and sent again)
 ANSWERS_MAX: Final = 65536
+#: how long a question to JetStream (the stream's info, its last message) may take
+API_TIMEOUT_S: Final = 2.0
 #: how long the broker keeps a message id to refuse it again (the stream kport creates)
 DUPLICATE_WINDOW_S: Final = 120.0
 
@@ -363,7 +365,9 @@ class Exporter:
                         f"the broker at {cfg.url} refused the credentials: {_say(err)}"
                     ) from err
                 raise _Trouble(f"cannot connect to {cfg.url}: {_say(err)}") from err
-            js = nc.jetstream(timeout=cfg.ack_timeout_s)
+            # what is asked of the stream (its info, its last message) goes unanswered while
+            # a cluster elects its leader: ask again soon, not after a whole ack timeout
+            js = nc.jetstream(timeout=min(cfg.ack_timeout_s, API_TIMEOUT_S))
             try:
                 await self._check_stream(js)
                 self._inbox = nc.new_inbox()

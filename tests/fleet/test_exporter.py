@@ -146,12 +146,15 @@ def test_a_broker_that_is_not_there_is_said_and_tried_again(one_host: tuple[Brok
     broker, host = one_host  # never started
     host.start_exporter()
     deadline = time.monotonic() + 30
-    while "cannot reach" not in host.log("exporter"):
+    # said in its log, and in its status file (written each second: it may come later)
+    while "cannot reach" not in host.log("exporter") or "error" not in host.status():
         assert host.exporter is not None and host.exporter.poll() is None, host.log("exporter")
         assert time.monotonic() < deadline, host.log("exporter")
         time.sleep(0.2)
-    status = host.status()
-    assert status["connected"] is False and "cannot reach" in status["error"]
+    while "cannot reach" not in host.status()["error"]:
+        assert time.monotonic() < deadline, host.status()
+        time.sleep(0.2)
+    assert host.status()["connected"] is False
     assert delivered_locally(host)
     broker.start()  # it comes: the exporter finds it
     check_exactly([host], broker, "broker late")
