@@ -15,7 +15,7 @@ import pytest
 from bench.export import Broker
 from kport.fleet import subjects
 from kport.fleet.reader import Seen
-from tests.fleet.test_exporter import NATS_SERVER
+from tests.fleet.hosts import NATS_SERVER
 
 pytestmark = [
     pytest.mark.timeout(120),
