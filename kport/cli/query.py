@@ -151,7 +151,7 @@ def command(args: argparse.Namespace) -> int:
 
 def _fleet(args: argparse.Namespace, filters: dict[str, Any]) -> int:
     """`kport query --fleet URL`: the same filters, over every host's events in the stream."""
-    from kport.fleet import reader
+    from kport.fleet import reader, subjects
 
     try:
         events = asyncio.run(
@@ -172,7 +172,7 @@ def _fleet(args: argparse.Namespace, filters: dict[str, Any]) -> int:
     elif out.isatty():
         table = Table("host", *_COLUMNS, box=None, header_style="bold")
         for event in events:
-            table.add_row(str(event.get("host", "")), *_row(event))
+            table.add_row(str(event.get("host", "")), *_row(subjects.as_on_host(event)))
         Console().print(table)
     else:
         for event in events:

@@ -220,7 +220,7 @@ def command(args: argparse.Namespace) -> int:
 def _fleet(args: argparse.Namespace) -> int:
     """`kport tail --fleet URL`: the fleet's events, the host on every line."""
     from kport.cli.query import parse_time
-    from kport.fleet import reader
+    from kport.fleet import reader, subjects
 
     since_seq = since_ns = None
     if args.since is not None:
@@ -243,7 +243,7 @@ def _fleet(args: argparse.Namespace) -> int:
             if args.json:
                 out.write(json.dumps(event, default=repr) + "\n")
             else:
-                line = f"{event.get('host', '?'):<12} {format_line(event)}"
+                line = f"{event.get('host', '?'):<12} {format_line(subjects.as_on_host(event))}"
                 if console is not None:
                     console.print(escape(line), highlight=False, soft_wrap=True)
                 else:

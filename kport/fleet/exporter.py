@@ -294,7 +294,7 @@ class Exporter:
                 end,
                 event["ts"],
                 subjects.subject(host, source, "lost"),
-                subjects.payload(event, self.settings.host),
+                subjects.payload(event, self.settings.host, journal),
                 subjects.message_id(host, journal, end),
             )
         event = msg.data
@@ -318,7 +318,7 @@ class Exporter:
             seq,
             int(event.get("ts") or 0),
             subject,
-            subjects.payload(event, self.settings.host),
+            subjects.payload(event, self.settings.host, journal),
             subjects.message_id(host, journal, seq),
         )
 

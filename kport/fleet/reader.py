@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -14,11 +15,14 @@ from typing import Any, Final
 import nats
 import nats.errors
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kport.errors import KportError
 from kport.fleet import subjects
 from kport.journal.query import Query
+
+log = logging.getLogger("kport.fleet")
 
 #: (host, seq) pairs remembered to drop a redelivery
 SEEN_MAX: Final = 200_000
@@ -29,16 +33,17 @@ class FleetError(KportError):
 
 
 class Seen:
-    """The (host, seq) of the last SEEN_MAX events: a redelivery is one of them."""
+    """The (host, journal, seq) of the last SEEN_MAX events: a redelivery is one of them
+    (and a host whose journal was wiped, starting its seqs again, is not)."""
 
     def __init__(self, limit: int = SEEN_MAX) -> None:
         self.limit = limit
-        self._keys: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._keys: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         #: events dropped as delivered before
         self.repeats = 0
 
     def first_time(self, event: dict[str, Any]) -> bool:
-        key = (str(event.get("host")), int(event.get("seq") or 0))
+        key = (str(event.get("host")), str(event.get("journal", "")), int(event.get("seq") or 0))
         if key in self._keys:
             self.repeats += 1
             return False
@@ -59,37 +64,38 @@ async def follow(
     options: dict[str, Any] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """The fleet's events as they come (from ``since_seq``, a stream sequence, or
-    ``since_ns``, a time, if given), each with its ``host``, each once."""
+    ``since_ns``, a time, if given), each with its ``host``, each once. A broker not
+    there at the start is a :class:`FleetError`; one that goes away later is waited for,
+    and reading goes on where it stopped."""
+    options = {"error_cb": _quiet, **(options or {})}
+    try:  # there now? (the reading's own client tries for ever, from its first connect)
+        probe = await nats.connect(
+            url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=1, **options
+        )
+    except nats.errors.NoServersError as err:
+        raise FleetError(f"cannot reach the fleet at {url}: {err}") from err
+    await probe.close()
     try:
         nc = await nats.connect(
-            url,
-            allow_reconnect=True,
-            connect_timeout=2,
-            max_reconnect_attempts=-1,
-            **(options or {}),
+            url, allow_reconnect=True, connect_timeout=2, max_reconnect_attempts=-1, **options
         )
     except nats.errors.NoServersError as err:
         raise FleetError(f"cannot reach the fleet at {url}: {err}") from err
     try:
         js = nc.jetstream()
-        if since_seq is not None:
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=since_seq
-            )
-        elif since_ns is not None:
-            start = dt.datetime.fromtimestamp(since_ns / 1e9, tz=dt.UTC)
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start
-            )
-        else:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+        wanted = subjects.host_filter(host, source)
         try:
-            sub = await js.subscribe(
-                subjects.host_filter(host, source),
-                stream=stream,
-                ordered_consumer=True,
-                config=config,
-            )
+            if since_seq is None and since_ns is not None:
+                # by sequence, not by time: the client resumes an ordered consumer after a
+                # broker restart by sequence, which the server refuses for one by time
+                since_seq = await _first_at(js, stream, wanted, since_ns)
+            if since_seq is not None:
+                config = ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=since_seq
+                )
+            else:
+                config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+            sub = await js.subscribe(wanted, stream=stream, ordered_consumer=True, config=config)
         except nats.js.errors.NotFoundError as err:
             raise FleetError(f"no stream {stream} at {url}: nothing exported yet?") from err
         seen = Seen()
@@ -102,6 +108,26 @@ async def follow(
                 yield event
     finally:
         await nc.close()
+
+
+async def _first_at(js: JetStreamContext, stream: str, wanted: str, since_ns: int) -> int:
+    """The stream sequence of the first message of ``wanted`` at ``since_ns`` or later;
+    past the last one if there is none yet."""
+    end = (await js.stream_info(stream)).state.last_seq
+    start = dt.datetime.fromtimestamp(since_ns / 1e9, tz=dt.UTC)
+    probe = await js.pull_subscribe(
+        wanted,
+        stream=stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start),
+    )
+    try:
+        (msg,) = await probe.fetch(1, timeout=2)
+        return int(msg.metadata.sequence.stream)
+    except (nats.errors.TimeoutError, TimeoutError):
+        return int(end) + 1
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await probe.unsubscribe()
 
 
 async def history(
@@ -117,7 +143,12 @@ async def history(
     stream sequence (``since_seq``), from ``query.since_ns``, or from the start; each
     (host, seq) once; oldest first, or newest first as the query says."""
     try:
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1, **(options or {}))
+        nc = await nats.connect(
+            url,
+            connect_timeout=2,
+            max_reconnect_attempts=1,
+            **{"error_cb": _quiet, **(options or {})},
+        )
     except nats.errors.NoServersError as err:
         raise FleetError(f"cannot reach the fleet at {url}: {err}") from err
     try:
@@ -163,3 +194,8 @@ async def history(
         return found
     finally:
         await nc.close()
+
+
+async def _quiet(error: Exception) -> None:
+    """The client's errors: what matters is said as a FleetError, or waited out."""
+    log.debug("fleet: nats: %s", error)

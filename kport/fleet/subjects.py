@@ -43,7 +43,20 @@ def parse_message_id(value: str) -> tuple[str, str, int] | None:
     return parts[0], parts[1], int(parts[2])
 
 
-def payload(event: dict[str, Any], host: str) -> bytes:
-    """The event as `kport tail --json` prints it, with its host: UTF-8 JSON. (orjson:
-    a third of the exporter's time went to the standard library's encoder.)"""
-    return orjson.dumps({**event, "host": host}, default=repr)
+def payload(event: dict[str, Any], host: str, journal: str) -> bytes:
+    """The event as `kport tail --json` prints it, with its ``host`` and the identity of
+    its host's ``journal`` (with ``seq``, what names the event for good): UTF-8 JSON. A
+    net event's own ``host`` (the peer's name) becomes ``peer_host``. (orjson: a third of
+    the exporter's time went to the standard library's encoder.)"""
+    out = {**event, "host": host, "journal": journal}
+    if "host" in event:
+        out["peer_host"] = event["host"]
+    return orjson.dumps(out, default=repr)
+
+
+def as_on_host(event: dict[str, Any]) -> dict[str, Any]:
+    """A fleet event as its host's own faces show it: ``host`` the peer's name again."""
+    out = {k: v for k, v in event.items() if k not in ("host", "journal", "peer_host")}
+    if "peer_host" in event:
+        out["host"] = event["peer_host"]
+    return out

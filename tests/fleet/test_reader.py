@@ -7,11 +7,13 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.common import free_port
 from bench.export import Broker
 from kport.fleet import subjects
 from kport.fleet.reader import Seen
@@ -47,7 +49,9 @@ def publish(url: str, events: list[tuple[str, dict[str, object], str]]) -> None:
         for host, event, msg_id in events:
             subject = subjects.subject(host, str(event["source"]), str(event["kind"]))
             await js.publish(
-                subject, subjects.payload(event, host), headers={"Nats-Msg-Id": msg_id}
+                subject,
+                subjects.payload(event, host, msg_id.split(":")[1]),
+                headers={"Nats-Msg-Id": msg_id},
             )
         await nc.close()
 
@@ -139,3 +143,60 @@ def test_the_fleet_answers_queries_by_host_kind_and_stream_sequence(broker: Brok
     ]
     newest = query("--newest-first", "--limit", "2")  # the redelivery is not new
     assert [(e["host"], e["seq"]) for e in newest] == [("beta", 4), ("alpha", 4)]
+
+
+def test_a_host_whose_journal_was_wiped_is_not_a_repeat() -> None:
+    seen = Seen()
+    assert seen.first_time({"host": "a", "journal": "j1", "seq": 1})
+    assert seen.first_time({"host": "a", "journal": "j2", "seq": 1})  # its seqs began again
+    assert not seen.first_time({"host": "a", "journal": "j2", "seq": 1})
+
+
+def test_no_broker_at_the_start_is_one_line_at_once(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "kport.cli", "tail", "--fleet", url],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"kport tail: cannot reach the fleet at {url}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_following_from_a_time_goes_on_after_the_broker_restarts(broker: Broker) -> None:
+    def events(seqs: range) -> list[tuple[str, dict[str, object], str]]:
+        return [
+            (
+                "alpha",
+                {"seq": seq, "ts": time.time_ns(), "source": "proc", "kind": "exec"},
+                subjects.message_id("alpha", "j1", seq),
+            )
+            for seq in seqs
+        ]
+
+    publish(broker.url, events(range(1, 4)))
+    follower = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kport.cli", "tail", "--fleet", broker.url, "--json"),
+            *("--since", "1h", "--count", "6"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        got = [json.loads(follower.stdout.readline())["seq"] for _ in range(3)]
+        broker.kill()
+        broker.start()
+        publish(broker.url, events(range(4, 7)))
+        out, _ = follower.communicate(timeout=120)
+        got += [json.loads(line)["seq"] for line in out.splitlines()]
+        assert got == [1, 2, 3, 4, 5, 6]
+        assert follower.returncode == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()

@@ -109,9 +109,16 @@ def stack(rundir: Path, tmp_path: Path) -> Iterator[Stack]:
             stack.start_ui()
             yield stack
         finally:
-            stack.stop_ui()
-            daemon.terminate()
-            daemon.communicate(timeout=20)
+            try:
+                stack.stop_ui()
+            finally:
+                daemon.terminate()
+                try:
+                    daemon.communicate(timeout=20)
+                except subprocess.TimeoutExpired:  # never left behind: it loads the rest
+                    daemon.kill()
+                    daemon.communicate()
+                    raise
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ function append(event) {
 // each host counts its own and the stream may deliver one again after a broker was killed.
 function keyOf(e) {
   if (typeof e.seq !== "number") return null;
-  return state.fleet ? `${e.host}\u0000${e.seq}` : e.seq;
+  return state.fleet ? `${e.host}\u0000${e.journal}\u0000${e.seq}` : e.seq;
 }
 
 // --- the fleet (kport ui --fleet) -------------------------------------------------------
@@ -358,7 +358,7 @@ function summary(e) {
   switch (e.source) {
     case "file": return `${e.verdict ? e.verdict.toUpperCase() + " " : ""}${e.path ?? e.name ?? ""}  ← ${command}${e.rule ? "  [" + e.rule + "]" : ""}`;
     case "net": {
-      const peer = state.fleet ? null : e.host;  // in the fleet, host is the host that saw it
+      const peer = state.fleet ? e.peer_host : e.host;  // in the fleet, host is the host that saw it
       const where = e.direction === "in" ? `from ${e.src}:${e.sport} to port ${e.dport}` : `${e.dst}${peer ? " (" + peer + ")" : ""}:${e.dport}`;
       return `${(e.verdict || e.kind || "").toUpperCase()} ${e.protocol || ""} ${where}  ← ${command}${e.rule ? "  [" + e.rule + "]" : ""}`;
     }
