@@ -536,5 +536,5 @@ def run(
         "core_publish_across_kill": sidekick_kill,
         "targets": {k: {"met": m, "figures": f} for k, (m, f) in targets.items()},
     }
-    print(f"results saved to {save_results('export', result, json_dir)}")
+    save_results("export", result, json_dir)
     return result
