@@ -14,6 +14,9 @@ from kport.errors import KportError
 from kport.version import __version__
 
 #: the modules of bench/ that `kport bench` runs
+FLEET_CONFIG_HELP = (
+    "with --fleet: a TOML configuration whose [export] gives the credentials and TLS"
+)
 BENCHMARKS = ("port", "proc", "journal", "objects", "file", "net", "ui", "export")
 
 
@@ -97,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fleet", metavar="URL", help="follow the fleet's stream at this NATS URL instead"
     )
     tail.add_argument("--host", help="with --fleet: this host's events only")
+    tail.add_argument("--config", help=FLEET_CONFIG_HELP)
     tail.add_argument("--runtime-dir", help="where the ports' sockets are")
     tail.set_defaults(face="tail")
 
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the fleet's log from the stream at this NATS URL instead of this host's",
     )
     ui.add_argument("--stream", help="with --fleet: the JetStream stream (default: KPORT)")
+    ui.add_argument("--config", help=FLEET_CONFIG_HELP)
     ui.add_argument(
         "--since",
         metavar="SEQ|TIME",
@@ -171,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--runtime-dir", help="where the ports' sockets are")
     q.add_argument("--fleet", metavar="URL", help="answer from the fleet's stream at this URL")
     q.add_argument("--host", help="with --fleet: this host's events only")
+    q.add_argument("--config", help=FLEET_CONFIG_HELP)
     q.add_argument(
         "--stream-seq", type=int, metavar="N", help="with --fleet: from this stream sequence"
     )

@@ -141,12 +141,28 @@ def command(args: argparse.Namespace) -> int:
             filters["until_ns"] = parse_time(args.until)
         if args.fleet:
             return _fleet(args, filters)
-        if args.host or args.stream_seq is not None:
-            raise ValueError("--host and --stream-seq are for --fleet")
+        if args.host or args.stream_seq is not None or args.config:
+            raise ValueError("--host, --stream-seq and --config are for --fleet")
         return run(filters, as_json=args.json, db=args.db, runtime_dir=args.runtime_dir)
     except ValueError as err:
         print(f"kport query: {err}", file=sys.stderr)
         return 2
+
+
+def fleet_options(config: str | None) -> dict[str, Any]:
+    """The NATS connect options (credentials, TLS) of ``config``'s [export], for the faces
+    that read the fleet; none without a configuration."""
+    if not config:
+        return {}
+    from kport.daemon import config as config_mod
+    from kport.fleet import credentials
+
+    try:
+        export = config_mod.load(config).export
+        config_mod.check_export(export, config)
+        return credentials.connect_options(export)
+    except (config_mod.ConfigError, OSError) as err:
+        raise ValueError(str(err)) from None
 
 
 def _fleet(args: argparse.Namespace, filters: dict[str, Any]) -> int:
@@ -160,6 +176,7 @@ def _fleet(args: argparse.Namespace, filters: dict[str, Any]) -> int:
                 Query.from_mapping(filters),
                 host=args.host,
                 since_seq=args.stream_seq,
+                options=fleet_options(args.config),
             )
         )
     except reader.FleetError as err:

@@ -200,8 +200,8 @@ def command(args: argparse.Namespace) -> int:
             return _fleet(args)
         if args.source is None:
             raise ValueError("which source? e.g. kport tail proc (or --fleet URL)")
-        if args.host:
-            raise ValueError("--host is for --fleet: a local port is this host's")
+        if args.host or args.config:
+            raise ValueError("--host and --config are for --fleet: a local port is this host's")
         if args.since is not None and not args.since.isdigit():
             raise ValueError(f"--since takes a seq here, not {args.since!r}")
         return run(
@@ -219,7 +219,7 @@ def command(args: argparse.Namespace) -> int:
 
 def _fleet(args: argparse.Namespace) -> int:
     """`kport tail --fleet URL`: the fleet's events, the host on every line."""
-    from kport.cli.query import parse_time
+    from kport.cli.query import fleet_options, parse_time
     from kport.fleet import reader, subjects
 
     since_seq = since_ns = None
@@ -229,13 +229,19 @@ def _fleet(args: argparse.Namespace) -> int:
         else:
             since_ns = parse_time(args.since)
     event_filter = Filter(args.filter or [])
+    options = fleet_options(args.config)
     out = sys.stdout
     console = Console() if not args.json and out.isatty() else None
 
     async def show() -> None:
         shown = 0
         events = reader.follow(
-            args.fleet, host=args.host, source=args.source, since_seq=since_seq, since_ns=since_ns
+            args.fleet,
+            host=args.host,
+            source=args.source,
+            since_seq=since_seq,
+            since_ns=since_ns,
+            options=options,
         )
         async for event in events:
             if event.get("kind") != "lost" and not event_filter.matches(event):

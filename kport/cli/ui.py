@@ -26,10 +26,10 @@ def command(args: argparse.Namespace) -> int:
 def _fleet(args: argparse.Namespace) -> FleetBridge | None:
     """The fleet's side for ``--fleet URL``, or None; ValueError for what does not fit."""
     if not args.fleet:
-        if args.stream or args.since:
-            raise ValueError("--stream and --since are for --fleet URL")
+        if args.stream or args.since or args.config:
+            raise ValueError("--stream, --since and --config are for --fleet URL")
         return None
-    from kport.cli.query import parse_time
+    from kport.cli.query import fleet_options, parse_time
     from kport.fleet import subjects
     from kport.ui.fleet import FleetBridge  # NATS is loaded for --fleet alone
 
@@ -47,4 +47,5 @@ def _fleet(args: argparse.Namespace) -> FleetBridge | None:
         stream=args.stream or subjects.DEFAULT_STREAM,
         since_seq=since_seq,
         since_ns=since_ns,
+        options=fleet_options(args.config),
     )

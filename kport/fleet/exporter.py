@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import socket
-import ssl
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,8 +43,8 @@ from nats.js.api import StorageType, StreamConfig
 
 from kport import paths
 from kport.errors import KportError, NoHistory, PortClosed, PortNotFound, Timeout
+from kport.fleet import credentials, subjects
 from kport.fleet import state as files
-from kport.fleet import subjects
 from kport.fleet.window import Refused, Window
 from kport.port.aclient import AsyncConnection, aconnect
 from kport.port.message import Message
@@ -342,19 +341,7 @@ class Exporter:
                 "disconnected_cb": self._disconnected,
                 "skip_subject_validation": True,  # subjects.token made them safe
             }
-            if cfg.user:
-                options["user"], options["password"] = cfg.user, cfg.password
-            if cfg.token:
-                options["token"] = cfg.token
-            if cfg.creds:
-                options["user_credentials"] = cfg.creds
-            if cfg.nkey:
-                options["nkeys_seed"] = cfg.nkey
-            if cfg.tls_ca or cfg.tls_cert:
-                context = ssl.create_default_context(cafile=cfg.tls_ca or None)
-                if cfg.tls_cert:
-                    context.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
-                options["tls"] = context
+            options.update(credentials.connect_options(cfg))
             try:
                 nc = await nats.connect(**options)
             except nats.errors.NoServersError as err:

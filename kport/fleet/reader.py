@@ -15,6 +15,7 @@ from typing import Any, Final
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -68,19 +69,10 @@ async def follow(
     there at the start is a :class:`FleetError`; one that goes away later is waited for,
     and reading goes on where it stopped."""
     options = {"error_cb": _quiet, **(options or {})}
-    try:  # there now? (the reading's own client tries for ever, from its first connect)
-        probe = await nats.connect(
-            url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=1, **options
-        )
-    except nats.errors.NoServersError as err:
-        raise FleetError(f"cannot reach the fleet at {url}: {err}") from err
+    # there now, and taking us? (the reading's own client tries for ever, from its start)
+    probe = await _connect(url, allow_reconnect=False, max_reconnect_attempts=1, **options)
     await probe.close()
-    try:
-        nc = await nats.connect(
-            url, allow_reconnect=True, connect_timeout=2, max_reconnect_attempts=-1, **options
-        )
-    except nats.errors.NoServersError as err:
-        raise FleetError(f"cannot reach the fleet at {url}: {err}") from err
+    nc = await _connect(url, allow_reconnect=True, max_reconnect_attempts=-1, **options)
     try:
         js = nc.jetstream()
         wanted = subjects.host_filter(host, source)
@@ -142,15 +134,7 @@ async def history(
     """The fleet's events that pass ``query``, from the stream as it stands now: from a
     stream sequence (``since_seq``), from ``query.since_ns``, or from the start; each
     (host, seq) once; oldest first, or newest first as the query says."""
-    try:
-        nc = await nats.connect(
-            url,
-            connect_timeout=2,
-            max_reconnect_attempts=1,
-            **{"error_cb": _quiet, **(options or {})},
-        )
-    except nats.errors.NoServersError as err:
-        raise FleetError(f"cannot reach the fleet at {url}: {err}") from err
+    nc = await _connect(url, max_reconnect_attempts=1, **{"error_cb": _quiet, **(options or {})})
     try:
         js = nc.jetstream()
         try:
@@ -199,3 +183,25 @@ async def history(
 async def _quiet(error: Exception) -> None:
     """The client's errors: what matters is said as a FleetError, or waited out."""
     log.debug("fleet: nats: %s", error)
+
+
+async def _connect(url: str, **options: Any) -> Nats:
+    """A client of the fleet's broker, or a :class:`FleetError` saying why not."""
+    said: list[Exception] = []
+    given = options.pop("error_cb", _quiet)
+
+    async def heard(error: Exception) -> None:  # the last error: why no server would do
+        said[:] = [error]
+        await given(error)
+
+    try:
+        return await nats.connect(url, connect_timeout=2, error_cb=heard, **options)
+    except nats.errors.Error as err:
+        why = said[0] if said and isinstance(err, nats.errors.NoServersError) else err
+        if "authorization" in str(why).lower() or "authentication" in str(why).lower():
+            raise FleetError(
+                f"the fleet at {url} refused the credentials ([export] in --config): {why}"
+            ) from err
+        if isinstance(err, nats.errors.NoServersError):
+            raise FleetError(f"cannot reach the fleet at {url}: {err}") from err
+        raise FleetError(f"cannot read the fleet at {url}: {err}") from err

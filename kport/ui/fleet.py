@@ -62,9 +62,12 @@ class FleetBridge:
         stream: str = subjects.DEFAULT_STREAM,
         since_seq: int | None = None,
         since_ns: int | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
         self.stream = stream
+        #: the client's connect options: credentials and TLS ([export] in --config)
+        self.connect_options = dict(options or {})
         if since_seq is None and since_ns is None:
             since_ns = time.time_ns() - LOOK_BACK_S * 1_000_000_000
         self.since_seq, self.since_ns = since_seq, since_ns
@@ -133,6 +136,7 @@ class FleetBridge:
             since_seq=since_seq,
             since_ns=since_ns,
             options={
+                **self.connect_options,
                 "name": "kport ui",
                 "error_cb": self._nats_error,
                 "reconnected_cb": self._nats_reconnected,

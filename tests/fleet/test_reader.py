@@ -200,3 +200,55 @@ def test_following_from_a_time_goes_on_after_the_broker_restarts(broker: Broker)
         if follower.poll() is None:
             follower.kill()
             follower.wait()
+
+
+def test_the_faces_sign_in_with_export_credentials_and_say_a_refusal(tmp_path: Path) -> None:
+    assert NATS_SERVER is not None
+    broker = Broker(tmp_path)
+    broker.proc = subprocess.Popen(
+        [
+            *(NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(broker.port)),
+            *("-sd", str(tmp_path), "--user", "kport", "--pass", "right"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(broker.port)
+        signed = f"nats://kport:right@127.0.0.1:{broker.port}"  # the publisher's side only
+        event = {"seq": 1, "ts": 1, "source": "proc", "kind": "exec", "pid": 1}
+        publish(signed, [("alpha", event, subjects.message_id("alpha", "j1", 1))])
+        right, wrong = tmp_path / "right.toml", tmp_path / "wrong.toml"
+        right.write_text('[export]\nuser = "kport"\npassword = "right"\n')
+        wrong.write_text('[export]\nuser = "kport"\npassword = "wrong"\n')
+        assert len(tail(broker.url, "--count", "1", "--config", str(right))) == 1
+        for face in (["tail", "--count", "1"], ["query"]):
+            result = subprocess.run(
+                [
+                    *(sys.executable, "-m", "kport.cli", *face, "--fleet", broker.url),
+                    *("--config", str(wrong)),
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 1, result.stderr
+            (line,) = result.stderr.strip().splitlines()
+            assert "refused the credentials" in line and "wrong" not in line
+    finally:
+        broker.proc.kill()
+        broker.proc.wait()
+
+
+def wait_listening(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nats-server did not listen on {port}"
+            time.sleep(0.05)

@@ -360,4 +360,4 @@ def test_credentials_in_the_url_and_fleet_options_alone_are_refused() -> None:
     )
     alone = ui("--since", "10m")
     assert alone.returncode == 2
-    assert alone.stderr.strip() == "kport ui: --stream and --since are for --fleet URL"
+    assert alone.stderr.strip() == "kport ui: --stream, --since and --config are for --fleet URL"
