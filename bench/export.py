@@ -78,8 +78,10 @@ class Broker:
     """A nats-server with JetStream on 127.0.0.1, its store and log in ``where``; killed
     (or stopped) and started again on the same port and store."""
 
-    def __init__(self, where: Path) -> None:
+    def __init__(self, where: Path, *, user: str = "", password: str = "") -> None:
         self.where = where
+        #: the one user the server admits, if given
+        self.user, self.password = user, password
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -89,8 +91,12 @@ class Broker:
         if server is None:
             raise RuntimeError("nats-server is not installed (scripts/setup-system.sh --tests)")
         with open(self.where / "nats.log", "ab") as log:  # the child keeps its own copy
+            signing = ["--user", self.user, "--pass", self.password] if self.user else []
             self.proc = subprocess.Popen(
-                [server, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.where)],
+                [
+                    *(server, "-js", "-a", "127.0.0.1", "-p", str(self.port)),
+                    *("-sd", str(self.where), *signing),
+                ],
                 stdout=log,
                 stderr=log,
             )

@@ -47,14 +47,7 @@ def fleet(tmp_path: Path) -> Iterator[tuple[Broker, list[Host]]]:
         yield broker, hosts
     finally:
         for host in hosts:
-            for proc in (host.exporter, host.daemon):
-                if proc is not None and proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+            host.stop()
         if broker.proc is not None and broker.proc.poll() is None:
             broker.proc.kill()
             broker.proc.wait()
@@ -164,15 +157,8 @@ def test_refused_credentials_are_one_line_and_exit_1(
     one_host: tuple[Broker, Host], tmp_path: Path
 ) -> None:
     broker, host = one_host
-    assert NATS_SERVER is not None
-    broker.proc = subprocess.Popen(
-        [
-            *(NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(broker.port)),
-            *("-sd", str(broker.where), "--user", "kport", "--pass", "right"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    broker.user, broker.password = "kport", "right"
+    broker.start()
     config = tmp_path / "export.toml"
     config.write_text('[export]\nuser = "kport"\npassword = "wrong"\n')
     result = subprocess.run(

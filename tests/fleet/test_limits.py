@@ -60,14 +60,8 @@ def host(tmp_path: Path) -> Iterator[Host]:
     try:
         yield one
     finally:
-        for proc in (one.exporter, one.daemon, broker.proc):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        one.stop()
+        broker.kill()
 
 
 def test_a_stream_that_aged_out_a_hosts_messages_is_not_sent_them_again(host: Host) -> None:

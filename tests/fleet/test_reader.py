@@ -203,18 +203,9 @@ def test_following_from_a_time_goes_on_after_the_broker_restarts(broker: Broker)
 
 
 def test_the_faces_sign_in_with_export_credentials_and_say_a_refusal(tmp_path: Path) -> None:
-    assert NATS_SERVER is not None
-    broker = Broker(tmp_path)
-    broker.proc = subprocess.Popen(
-        [
-            *(NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(broker.port)),
-            *("-sd", str(tmp_path), "--user", "kport", "--pass", "right"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    broker = Broker(tmp_path, user="kport", password="right")
+    broker.start()
     try:
-        wait_listening(broker.port)
         signed = f"nats://kport:right@127.0.0.1:{broker.port}"  # the publisher's side only
         event = {"seq": 1, "ts": 1, "source": "proc", "kind": "exec", "pid": 1}
         publish(signed, [("alpha", event, subjects.message_id("alpha", "j1", 1))])
@@ -237,18 +228,4 @@ def test_the_faces_sign_in_with_export_credentials_and_say_a_refusal(tmp_path: P
             (line,) = result.stderr.strip().splitlines()
             assert "refused the credentials" in line and "wrong" not in line
     finally:
-        broker.proc.kill()
-        broker.proc.wait()
-
-
-def wait_listening(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port)).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nats-server did not listen on {port}"
-            time.sleep(0.05)
+        broker.kill()
