@@ -218,32 +218,33 @@ class Exporter:
         first_message = True
         kport_events = source == self._kport_source()
         try:
-            while True:
-                try:
-                    msgs = await conn.get_messages(1024, timeout=0.5 if len(window) else None)
-                except Timeout:  # quiet: settle what is in flight meanwhile
-                    msgs = []
-                for msg in msgs:
-                    item = self._item(
-                        msg, source, journal, last=last, first=first_message, own=kport_events
-                    )
-                    first_message = False
-                    if item is None:
-                        continue
-                    seq, ts, subject, data, msg_id = item
-                    await nc.publish(
-                        subject, data, reply=reply + str(seq), headers={"Nats-Msg-Id": msg_id}
-                    )
-                    window.sent(seq, ts)
-                    state.published += 1
-                    last = seq
-                    if len(window) > window.limit:
-                        self._settled(state, window, await window.drain_to(window.limit))
-                self._settled(state, window, window.settle())
-                state.state = "live"
-        except _Again:
-            self._settled(state, window, await window.drain_to(0))
-            state.resends += 1
+            try:
+                while True:
+                    try:
+                        msgs = await conn.get_messages(1024, timeout=0.5 if len(window) else None)
+                    except Timeout:  # quiet: settle what is in flight meanwhile
+                        msgs = []
+                    for msg in msgs:
+                        item = self._item(
+                            msg, source, journal, last=last, first=first_message, own=kport_events
+                        )
+                        first_message = False
+                        if item is None:
+                            continue
+                        seq, ts, subject, data, msg_id = item
+                        await nc.publish(
+                            subject, data, reply=reply + str(seq), headers={"Nats-Msg-Id": msg_id}
+                        )
+                        window.sent(seq, ts)
+                        state.published += 1
+                        last = seq
+                        if len(window) > window.limit:
+                            self._settled(state, window, await window.drain_to(window.limit))
+                    self._settled(state, window, window.settle())
+                    state.state = "live"
+            except _Again:  # what was sent is settled first (a refusal there is trouble too)
+                self._settled(state, window, await window.drain_to(0))
+                state.resends += 1
         except Refused as err:
             raise _Trouble(str(err)) from None
         finally:
