@@ -9,6 +9,7 @@ from typing import Any
 
 import tomli_w
 
+from kport.daemon.redact import RedactError, compile_patterns
 from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
 from kport.sources.net import MAX_QUEUES, VERDICTS, queue_count
@@ -165,6 +166,19 @@ class ExportConfig:
 
 
 @dataclass
+class RedactConfig:
+    """[redact]: secrets in command lines replaced by *** before events leave the daemon."""
+
+    enabled: bool = True
+    #: the built-in rules: --password=..., --token ..., mysql's -p..., a URL's password,
+    #: an Authorization header, PGPASSWORD=... (see kport/daemon/redact.py)
+    defaults: bool = True
+    #: regular expressions searched in each argument: the match's one group (else the
+    #: whole match) is replaced
+    patterns: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DaemonConfig:
     runtime_dir: str = ""
     state_dir: str = ""
@@ -180,6 +194,7 @@ class Config:
     file: FileConfig = field(default_factory=FileConfig)
     net: NetConfig = field(default_factory=NetConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    redact: RedactConfig = field(default_factory=RedactConfig)
     ports: dict[str, PortConfig] = field(
         default_factory=lambda: {
             "proc": PortConfig(groups=["kport"]),
@@ -259,14 +274,14 @@ def load(path: str | Path | None) -> Config:
                     raise ConfigError(f"{path}: [ports.{name}] must be a table")
                 target = config.ports.setdefault(name, PortConfig())
                 _fill(target, port, f"{path}: ports.{name}")
-        elif section in ("daemon", "proc", "journal", "file", "net", "export"):
+        elif section in ("daemon", "proc", "journal", "file", "net", "export", "redact"):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             _fill(getattr(config, section), value, f"{path}: {section}")
         else:
             raise ConfigError(
                 f"{path}: unknown section [{section}] "
-                "(known: daemon, proc, journal, file, net, export, ports)"
+                "(known: daemon, proc, journal, file, net, export, redact, ports)"
             )
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
@@ -289,6 +304,7 @@ def load(path: str | Path | None) -> Config:
     check_file(config.file, str(path))
     check_net(config.net, str(path))
     check_export(config.export, str(path))
+    check_redact(config.redact, str(path))
     if config.daemon.log_format not in ("text", "json"):
         raise ConfigError(f"{path}: daemon.log_format must be 'text' or 'json'")
     return config
@@ -360,3 +376,13 @@ def check_export(cfg: ExportConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: export.max_age_days, export.max_size_mb and export.ack_timeout_s must be > 0"
         )
+
+
+def check_redact(cfg: RedactConfig, where: str) -> None:
+    """Raise ConfigError naming a [redact] pattern that is not a usable regular expression."""
+    if not all(isinstance(p, str) for p in cfg.patterns):
+        raise ConfigError(f"{where}: redact.patterns must be strings")
+    try:
+        compile_patterns(cfg.patterns)
+    except RedactError as err:
+        raise ConfigError(f"{where}: redact.patterns: {err}") from err
