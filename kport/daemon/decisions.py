@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 from kport.errors import KportError, Timeout
+from kport.latency import Latencies
 from kport.port.server import ServerConnection, ServerPort
 from kport.rules import RuleSet
 from kport.sources import net as net_source
@@ -57,6 +59,9 @@ class Decisions:
         #: (read by the sources' threads)
         self.deciders: frozenset[int] = frozenset()
         self.missed = 0
+        #: from the ask to the verdict, by (verdict, decider): "client" when a decision
+        #: client answered, "default" when the default verdict was given instead
+        self.latency = Latencies()
         #: the requests waiting on a client's answer
         self._asks: set[asyncio.Future[Any]] = set()
         #: answers being applied (remembered as rules)
@@ -86,6 +91,7 @@ class Decisions:
         client sees it without the loop being woken first (see
         :meth:`ServerPort.request_from_thread`); the answer comes back through the loop.
         """
+        done = self._timed(done)
         default = self.default_verdict
         port = self.port
         loop = self._loop
@@ -114,6 +120,17 @@ class Decisions:
         self._asks.add(future)
         if future.done():  # answered before it was added: _answered has run, or will
             self._asks.discard(future)
+
+    def _timed(self, done: Done) -> Done:
+        """``done``, and the time until it was called kept in :attr:`latency`."""
+        asked = time.monotonic()
+
+        def timed(verdict: str, why: str) -> None:
+            took = time.monotonic() - asked
+            done(verdict, why)  # the verdict first: the metrics wait
+            self.latency.observe((verdict, "client" if why == "decided" else "default"), took)
+
+        return timed
 
     def cancel(self) -> None:
         """Stop every ask: each answers its caller with the default on the way out."""

@@ -64,6 +64,8 @@ class Delivery:
         self.filtered = 0
         #: events delivered per source
         self.rates: dict[str, Rate] = {}
+        #: events delivered, by source and kind (read with :meth:`counts`)
+        self.kinds: dict[str, dict[str, int]] = {}
         #: the daemon's event loop, once it runs
         self.loop: asyncio.AbstractEventLoop | None = None
         #: held while events get their seqs and go to the journal and the ports: sources'
@@ -112,10 +114,15 @@ class Delivery:
         items: list[tuple[int, bytes]] = []
         with self._lock:
             seq = self.seq
+            kinds = self.kinds.get(source)
+            if kinds is None:
+                kinds = self.kinds[source] = {}
             for event in batch:
                 if passes is not None and not passes(event):
                     self.filtered += 1
                     continue
+                kind = event.get("kind", "")
+                kinds[kind] = kinds.get(kind, 0) + 1
                 seq += 1
                 event["seq"] = seq
                 event["ts"] = now
@@ -132,6 +139,12 @@ class Delivery:
             if rate is not None:
                 rate.add(len(rows))
 
+    def counts(self) -> tuple[int, dict[str, dict[str, int]]]:
+        """The last seq handed out and the events delivered up to it, by source and kind:
+        taken together, so that the counts are those of every seq up to that one."""
+        with self._lock:
+            return self.seq, {source: dict(kinds) for source, kinds in self.kinds.items()}
+
     def journal_state(self, durable: bool, reason: str) -> None:
         """Called by the journal's writer when durability goes off or comes back."""
         event = {"source": "kport", "kind": "journal", "durable": durable, "reason": reason}
@@ -145,6 +158,8 @@ class Delivery:
         with self._lock:
             self.seq += 1
             seq = self.seq
+            kinds = self.kinds.setdefault("kport", {})
+            kinds[event["kind"]] = kinds.get(event["kind"], 0) + 1
             event["seq"] = seq
             event["ts"] = time.time_ns()
             item = protocol.pack_new(event)

@@ -41,6 +41,7 @@ from kport.errors import NameCollision
 from kport.journal.chunks import CHUNK_EVENTS, SOURCE_CODE, Row, chunk_items, chunk_of
 from kport.journal.reader import JournalReader
 from kport.journal.retention import Retention, size_bytes
+from kport.latency import Latencies
 from kport.replay import Gap, Page
 
 log = logging.getLogger("kport.journal")
@@ -138,6 +139,8 @@ class Journal:
         self.written = 0
         #: CPU time the writer thread has used
         self.writer_cpu_s = 0.0
+        #: how long each successful commit took, for the daemon's metrics
+        self.commit_latency = Latencies()
         # Appended, not yet committed, in seq order: the lists of rows the producer handed
         # over (kept whole, so neither side spends Python work per event), and a Gap for
         # each contiguous run of events the full queue turned away. Entries leave only
@@ -434,6 +437,7 @@ class Journal:
         through = max(
             rows[-1][0] if rows else 0, max((g.last for g in gaps), default=0), self.committed
         )
+        began = time.monotonic()
         try:
             db.execute("BEGIN")
             try:
@@ -459,6 +463,7 @@ class Journal:
             self._batch_max = max(64, self._batch_max // 2)
             self._set_durable(False, f"cannot write {self.path}: {err}")
             return False
+        self.commit_latency.observe((), time.monotonic() - began)
         self._batch_max = min(BATCH_MAX, self._batch_max * 2)
         if not self.durable:
             # before the commit is published: whoever sees it committed sees it durable
