@@ -26,6 +26,7 @@ from kport.daemon.config import Config, PortConfig
 from kport.daemon.decisions import MAX_ASKS, Decisions, remember_file, remember_net
 from kport.daemon.delivery import Delivery, Rate
 from kport.daemon.ops import ControlOps, JournalOps, rules_request
+from kport.daemon.redact import Redactor
 from kport.journal.store import Journal, SourceHistory
 from kport.objects import Namespace
 from kport.port.security import Security
@@ -71,6 +72,14 @@ class Daemon:
         self.state_dir = paths.state_dir(config.daemon.state_dir or None)
         self.ports: dict[str, ServerPort] = {}
         self.delivery = Delivery(config.proc, self.ports)
+        #: secrets taken out of command lines before events, requests and the process
+        #: tree leave the daemon; None when [redact] is off
+        self.redactor = (
+            Redactor(defaults=config.redact.defaults, patterns=config.redact.patterns)
+            if config.redact.enabled
+            else None
+        )
+        self.delivery.redactor = self.redactor
         if config.journal.enabled:
             jcfg = config.journal
             self.delivery.journal = Journal(
@@ -131,7 +140,8 @@ class Daemon:
                 journal = self.delivery.journal = None
         if journal is not None:
             journal.start()
-            self._port("journal", on_message=JournalOps(journal, self._queries).handle)
+            ops = JournalOps(journal, self._queries, self.redactor)
+            self._port("journal", on_message=ops.handle)
         self._port("control", on_message=ControlOps(self.status, self.sources).handle)
         cfg = self.config.ports.get("objects", PortConfig())
         self.namespace = Namespace(
@@ -232,6 +242,7 @@ class Daemon:
                 deadline_s=cfg.decision_deadline_s,
                 default_verdict=cfg.default_verdict,
                 on_reply=functools.partial(remember_file, rules, remembered),
+                redactor=self.redactor,
             ),
             rules,
             remembered,
@@ -264,6 +275,7 @@ class Daemon:
                 default_verdict=cfg.default_verdict,
                 verdicts=net_source.VERDICTS,
                 on_reply=functools.partial(remember_net, rules, remembered),
+                redactor=self.redactor,
             ),
             rules,
             remembered,

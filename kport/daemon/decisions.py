@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
+from kport.daemon.redact import Redactor
 from kport.errors import KportError, Timeout
 from kport.latency import Latencies
 from kport.port.server import ServerConnection, ServerPort
@@ -49,11 +50,14 @@ class Decisions:
         default_verdict: str,
         verdicts: Iterable[str] = ("allow", "deny"),
         on_reply: OnReply | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.deadline_s = deadline_s
         self.default_verdict = default_verdict
         self.verdicts = tuple(verdicts)
         self.on_reply = on_reply
+        #: what takes secrets out of a request's command line before it leaves the daemon
+        self.redactor = redactor
         self.port: ServerPort | None = None
         #: pids of the connected decision clients; replaced whole, never changed in place
         #: (read by the sources' threads)
@@ -92,6 +96,9 @@ class Decisions:
         :meth:`ServerPort.request_from_thread`); the answer comes back through the loop.
         """
         done = self._timed(done)
+        if self.redactor is not None:  # the rules saw the original; the client does not
+            request = dict(request)
+            self.redactor.event(request)
         default = self.default_verdict
         port = self.port
         loop = self._loop

@@ -20,6 +20,7 @@ from typing import Any
 
 from kport import protocol
 from kport.daemon.config import ProcConfig
+from kport.daemon.redact import Redactor
 from kport.journal.chunks import Row, row_of
 from kport.journal.store import Journal
 from kport.port.server import ServerPort
@@ -58,6 +59,8 @@ class Delivery:
         self.ports = ports
         #: where every event is kept; None without a journal
         self.journal: Journal | None = None
+        #: what takes secrets out of command lines; None: they go out as they are
+        self.redactor: Redactor | None = None
         #: the last seq handed out
         self.seq = 0
         #: process events the filters held back
@@ -110,6 +113,13 @@ class Delivery:
         filtered = source == "proc" and (cfg.kinds or cfg.uids or cfg.exe)
         passes = self.passes if filtered else None  # a call per event saved in a storm
         now = time.time_ns()
+        redactor = self.redactor
+        if redactor is not None:
+            # once per event, after the sources' rules saw the original, before anything
+            # (journal, ports, and so the fleet and the UI) sees the event
+            redact = redactor.event
+            for event in batch:
+                redact(event)
         rows: list[Row] = []
         items: list[tuple[int, bytes]] = []
         with self._lock:

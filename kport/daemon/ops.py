@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any, Final
 
+from kport.daemon.redact import Redactor
 from kport.errors import BadRequest
 from kport.journal.query import Query
 from kport.journal.store import Journal
@@ -33,14 +34,18 @@ QUERY_BUDGET_S = 1.0
 TREE_FIELDS: Final = ("ppid", "start_time", "comm", "argv", "exe", "uid", "user")
 
 
-def process_tree() -> list[dict[str, Any]]:
-    """Every process, with the :data:`TREE_FIELDS` of each, read from /proc (it blocks)."""
+def process_tree(redactor: Redactor | None = None) -> list[dict[str, Any]]:
+    """Every process, with the :data:`TREE_FIELDS` of each, read from /proc (it blocks);
+    command lines redacted by ``redactor``, as events are."""
     out = []
     for pid in procinfo.all_pids():
         info = procinfo.describe(pid)  # one process's reads, or None: never two mixed
         if info is None:
             continue
-        out.append({"pid": pid, **{k: info[k] for k in TREE_FIELDS}})
+        entry = {"pid": pid, **{k: info[k] for k in TREE_FIELDS}}
+        if redactor is not None:
+            redactor.event(entry)
+        out.append(entry)
     return out
 
 
@@ -49,16 +54,19 @@ class JournalOps:
     tree (the UI reads nothing of the machine itself: its privileges are the ports');
     ``identity``, the journal's, for an exporter to name events by."""
 
-    def __init__(self, journal: Journal, pool: Executor) -> None:
+    def __init__(self, journal: Journal, pool: Executor, redactor: Redactor | None = None) -> None:
         self.journal = journal
         self.pool = pool
+        self.redactor = redactor
 
     async def handle(self, conn: ServerConnection, data: Any) -> Any:
         op = data.get("op") if isinstance(data, dict) else None
         if op == "query":
             return await self._query(data)
         if op == "processes":
-            return await asyncio.get_running_loop().run_in_executor(self.pool, process_tree)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.pool, process_tree, self.redactor
+            )
         if op == "identity":
             # the journal's identity and where it stands: an exporter names events by it
             return {"journal": f"{self.journal.identity:x}", "last_seq": self.journal.last_seq()}
