@@ -75,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("allow", "deny"),
         help="the verdict when no decider answers in time (default: allow, fail-open)",
     )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (loopback unless "
+        "--metrics-public)",
+    )
+    serve.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="allow a --metrics address beyond this machine (warned about)",
+    )
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.set_defaults(face="serve")
 

@@ -1,5 +1,6 @@
 """`kport serve`: the daemon's configuration from its file and the command line, its
-logging, and the daemon run on uvloop, with the web UI beside it if asked."""
+logging, and the daemon run on uvloop, with the web UI (and the metrics) beside it if
+asked."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import uvloop
 
 from kport import daemon, paths
 from kport.daemon import config as config_mod
+from kport.daemon import metrics
 from kport.errors import KportError
 
 
@@ -64,6 +66,17 @@ def command(args: argparse.Namespace) -> int:
         return 2
     if args.log_format:
         cfg.daemon.log_format = args.log_format
+    if args.metrics:
+        cfg.metrics.listen = args.metrics
+    if args.metrics_public:
+        cfg.metrics.public = True
+    listen = None
+    if cfg.metrics.listen:
+        try:
+            listen = metrics.parse_listen(cfg.metrics.listen, public=cfg.metrics.public)
+        except metrics.MetricsAddressError as err:
+            print(f"kport serve: {err}", file=sys.stderr)
+            return 2
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0
@@ -81,17 +94,30 @@ def command(args: argparse.Namespace) -> int:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if args.verbose else cfg.daemon.log_level.upper())
+    the_daemon = daemon.Daemon(cfg)
+    metrics_server = metrics.MetricsServer(the_daemon, listen) if listen is not None else None
+    if metrics_server is not None:
+        try:
+            metrics_server.start()
+        except OSError as err:
+            print(
+                f"kport serve: cannot serve metrics on {cfg.metrics.listen}: {err.strerror}",
+                file=sys.stderr,
+            )
+            return 1
     helpers = []
     if args.ui:
         helpers.append(_start_ui(args.ui, cfg.daemon.runtime_dir))
     if args.export or cfg.export.url:
         helpers.append(_start_export(args, cfg))
     try:
-        uvloop.run(daemon.Daemon(cfg).run())  # the daemon's loop: see pyproject
+        uvloop.run(the_daemon.run())  # the daemon's loop: see pyproject
     except KportError as err:
         print(f"kport serve: {err}", file=sys.stderr)
         return 1
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         for helper in helpers:
             helper.terminate()
             try:

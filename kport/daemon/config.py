@@ -179,6 +179,16 @@ class RedactConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """[metrics]: the daemon's counts for Prometheus on /metrics (`kport serve --metrics`)."""
+
+    #: HOST:PORT to serve /metrics on; "" serves none
+    listen: str = ""
+    #: allow an address that is not loopback (the metrics name this host's clients)
+    public: bool = False
+
+
+@dataclass
 class DaemonConfig:
     runtime_dir: str = ""
     state_dir: str = ""
@@ -194,6 +204,7 @@ class Config:
     file: FileConfig = field(default_factory=FileConfig)
     net: NetConfig = field(default_factory=NetConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     redact: RedactConfig = field(default_factory=RedactConfig)
     ports: dict[str, PortConfig] = field(
         default_factory=lambda: {
@@ -274,14 +285,14 @@ def load(path: str | Path | None) -> Config:
                     raise ConfigError(f"{path}: [ports.{name}] must be a table")
                 target = config.ports.setdefault(name, PortConfig())
                 _fill(target, port, f"{path}: ports.{name}")
-        elif section in ("daemon", "proc", "journal", "file", "net", "export", "redact"):
+        elif section in ("daemon", "proc", "journal", "file", "net", "export", "metrics", "redact"):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             _fill(getattr(config, section), value, f"{path}: {section}")
         else:
             raise ConfigError(
                 f"{path}: unknown section [{section}] "
-                "(known: daemon, proc, journal, file, net, export, redact, ports)"
+                "(known: daemon, proc, journal, file, net, export, metrics, redact, ports)"
             )
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
