@@ -13,6 +13,7 @@ A rules file is TOML (file access)::
     users = ["alice", 1001]      # names or uids
     groups = ["staff"]           # names or gids
     ancestors = ["/usr/sbin/sshd"]  # any process up the parent chain
+    sha256 = ["9f86d0…"]          # the executable's content (64 hex digits each)
 
 Network rules (``RuleSet(..., domain="net")``) add ``reject`` (refuse at once, where
 ``deny`` drops) and match on the connection::
@@ -59,7 +60,7 @@ Match = Callable[[str], "re.Match[str] | None"]
 
 ACTIONS: Final = ("allow", "deny", "ask", "log")
 NET_ACTIONS: Final = ("allow", "deny", "reject", "ask", "log")
-_COMMON: Final = ("name", "action", "exe", "users", "groups", "ancestors")
+_COMMON: Final = ("name", "action", "exe", "users", "groups", "ancestors", "sha256")
 _FIELDS: Final = {
     "file": (*_COMMON, "kinds", "path"),
     "net": (
@@ -138,6 +139,8 @@ class Subject:
     protocol: str | None = None
     interface: str | None = None
     direction: str | None = None
+    #: the executable's sha256 (hex), None when it is not known (yet)
+    exe_sha256: str | None = None
 
 
 @dataclass
@@ -157,6 +160,8 @@ class Rule:
     protocols: frozenset[str] = frozenset()
     interfaces: frozenset[str] = frozenset()
     direction: str | None = None
+    #: the executable's content: its sha256, hex
+    sha256: frozenset[str] = frozenset()
     #: a rule kept in memory only ("until restart", "for N minutes"): when it ends,
     #: as time.monotonic(); None: never
     expires: float | None = None
@@ -208,6 +213,8 @@ class Rule:
             return False
         if self.uids and subject.uid not in self.uids:
             return False
+        if self.sha256 and subject.exe_sha256 not in self.sha256:
+            return False  # an unknown hash matches no sha256 rule
         if self.gids and not (self.gids & (subject.groups | {subject.gid})):
             return False
         ancestor = self._ancestor
@@ -312,6 +319,15 @@ def _networks(values: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6
     return tuple(out)
 
 
+def _sha256s(values: list[str]) -> frozenset[str]:
+    out = set()
+    for value in values:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError(f"sha256: {value!r} is not a sha256 (64 hex digits)")
+        out.add(value.lower())
+    return frozenset(out)
+
+
 def _wildcards(values: list[str]) -> tuple[re.Pattern[str], ...]:
     """Shell-style patterns where ``*`` matches anything (command lines, host names)."""
     return tuple(re.compile(fnmatch.translate(v)) for v in values)
@@ -360,6 +376,7 @@ def make_rule(
         protocols=frozenset(p.lower() for p in _strings(data, "protocols")),
         interfaces=frozenset(_strings(data, "interfaces")),
         direction=direction,
+        sha256=_sha256s(_strings(data, "sha256")),
         origin=origin,
         source=dict(data),
     )

@@ -307,3 +307,21 @@ def test_temporary_rules_come_first_and_end_on_time(monkeypatch: pytest.MonkeyPa
     assert rs.cached(key) is None  # ended: the cached decision went with it
     assert rs.decide(net_subject(), key).action == "ask"
     assert rs.decide(net_subject(port=80)).rule == "no plain web"  # until restart
+
+
+@pytest.mark.parametrize("domain", ["file", "net"])
+def test_sha256_rules_match_the_executable_by_its_content(tmp_path: Path, domain: str) -> None:
+    path = tmp_path / "rules.toml"
+    good = "ab" * 32
+    write(path, f'[[rule]]\nname = "known"\naction = "deny"\nsha256 = ["{good.upper()}"]\n')
+    rules = RuleSet([path], domain=domain)
+    assert rules.decide(subject(exe_sha256=good)).rule == "known"
+    assert rules.decide(subject(exe_sha256="cd" * 32)).rule == "default"
+    assert rules.decide(subject()).rule == "default"  # not known (yet): no match
+
+
+def test_a_bad_sha256_names_the_rule(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text('[[rule]]\naction = "deny"\n\n[[rule]]\naction = "deny"\nsha256 = "abc"\n')
+    with pytest.raises(RulesError, match=r"rules.toml:4: rule 2: sha256: 'abc' is not a sha256"):
+        RuleSet([path])
