@@ -68,6 +68,11 @@ def is_connection(request: dict[str, Any]) -> bool:
 def describe(request: dict[str, Any]) -> str:
     command = " ".join(request.get("cmdline") or []) or request.get("exe") or "?"
     who = f"  by pid {request.get('pid')} ({request.get('user') or request.get('uid')}): {command}"
+    sha256 = request.get("exe_sha256")
+    if sha256:  # the program's content; and whether it is not what was last decided about
+        who += f"\n  sha256 {sha256}"
+        if request.get("hash_changed"):
+            who += "  CHANGED since the last decision about this program"
     if not is_connection(request):
         return f"{request.get('kind')} {request.get('path')}\n{who}"
     if request.get("direction") == "in":

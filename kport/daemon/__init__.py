@@ -36,6 +36,7 @@ from kport.sources import file as file_source
 from kport.sources import net as net_source
 from kport.sources.file import FileSource
 from kport.sources.firewall import Plan
+from kport.sources.hashes import Hasher
 from kport.sources.net import NetSource
 from kport.sources.proc import ProcSource
 from kport.sources.sockets import all_processes
@@ -80,6 +81,19 @@ class Daemon:
             else None
         )
         self.delivery.redactor = self.redactor
+        #: executables' sha256 for the sources' events; None when [hash] is off
+        hcfg = config.hash
+        self.hasher = (
+            Hasher(
+                cache_entries=hcfg.cache_entries,
+                inline_max_bytes=int(hcfg.inline_max_mb * (1 << 20)),
+                inline_budget_s=hcfg.inline_budget_ms / 1000,
+                queue_limit=hcfg.queue_limit,
+                late=self.delivery.from_thread,
+            )
+            if hcfg.enabled
+            else None
+        )
         if config.journal.enabled:
             jcfg = config.journal
             self.delivery.journal = Journal(
@@ -163,6 +177,7 @@ class Daemon:
                 backend=self.config.proc.backend,
                 argv_max=self.config.proc.argv_max,
                 ring_bytes=self.config.proc.ring_kb * 1024,
+                hasher=self.hasher,
             )
         if self.config.file.enabled:
             self._setup_file(journal)
@@ -175,6 +190,8 @@ class Daemon:
             for port in self.ports.values():
                 await port.start()
                 started.append(port)
+            if self.hasher is not None:
+                self.hasher.start()
             for source in self.sources.values():
                 source.start()
             log.info(
@@ -188,6 +205,8 @@ class Daemon:
             log.info("stopping")
             for source in self.sources.values():
                 source.stop()
+            if self.hasher is not None:
+                self.hasher.stop()
             for decisions in self.decisions.values():
                 decisions.cancel()  # each answers its opener with the default on the way out
             for port in started:
@@ -259,6 +278,7 @@ class Daemon:
             max_asks=MAX_ASKS,
             default_verdict=cfg.default_verdict == "allow",
             trusted=lambda: decisions.deciders,
+            hasher=self.hasher,
         )
 
     # --- the firewall ------------------------------------------------------------------
@@ -302,6 +322,7 @@ class Daemon:
             processes=table,
             candidates=table.candidates if table is not None else all_processes,
             queue_length=cfg.queue_length,
+            hasher=self.hasher,
         )
 
     def status(self) -> dict[str, Any]:
@@ -323,6 +344,7 @@ class Daemon:
                 name: {**source.status(), "rate": round(self.delivery.rates[name].per_second(), 1)}
                 for name, source in self.sources.items()
             },
+            "hashes": self.hasher.status() if self.hasher is not None else None,
             "objects": len(self.namespace.entries) if self.namespace is not None else 0,
             "ports": {
                 name: {

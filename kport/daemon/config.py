@@ -12,6 +12,7 @@ import tomli_w
 from kport.daemon.redact import RedactError, compile_patterns
 from kport.rules import ACTIONS, NET_ACTIONS
 from kport.sources.file import NOTIFY_KINDS, PERMISSION_KINDS
+from kport.sources.hashes import CACHE_ENTRIES, INLINE_BUDGET_S, INLINE_MAX_BYTES, QUEUE_LIMIT
 from kport.sources.net import MAX_QUEUES, VERDICTS, queue_count
 from kport.sources.proc import BACKENDS, BATCH_ABOVE, BATCH_WINDOW_S
 from kport.sources.proc_bpf import RING_DEFAULT, size_error
@@ -189,6 +190,21 @@ class MetricsConfig:
 
 
 @dataclass
+class HashConfig:
+    """[hash]: the sha256 of executables on exec, file and net events (sources/hashes.py)."""
+
+    enabled: bool = True
+    #: files up to this size are hashed on the event path (within inline_budget_ms);
+    #: larger ones by a worker, their hash in a later ``hash`` event
+    inline_max_mb: float = INLINE_MAX_BYTES / (1 << 20)
+    inline_budget_ms: float = INLINE_BUDGET_S * 1000
+    #: files whose hash is kept, the least recently used dropped first (counted)
+    cache_entries: int = CACHE_ENTRIES
+    #: files waiting for the worker, at most; full: the event says so (counted)
+    queue_limit: int = QUEUE_LIMIT
+
+
+@dataclass
 class DaemonConfig:
     runtime_dir: str = ""
     state_dir: str = ""
@@ -206,6 +222,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     redact: RedactConfig = field(default_factory=RedactConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
     ports: dict[str, PortConfig] = field(
         default_factory=lambda: {
             "proc": PortConfig(groups=["kport"]),
@@ -264,6 +281,10 @@ def _fill(target: Any, data: dict[str, Any], where: str) -> None:
         setattr(target, key, float(value) if isinstance(current, float) else value)
 
 
+#: the sections that are one table each
+_SECTIONS = ("daemon", "proc", "journal", "file", "net", "export", "metrics", "redact", "hash")
+
+
 def load(path: str | Path | None) -> Config:
     """The effective configuration: built-in defaults, overridden by the file if given."""
     config = Config()
@@ -285,14 +306,14 @@ def load(path: str | Path | None) -> Config:
                     raise ConfigError(f"{path}: [ports.{name}] must be a table")
                 target = config.ports.setdefault(name, PortConfig())
                 _fill(target, port, f"{path}: ports.{name}")
-        elif section in ("daemon", "proc", "journal", "file", "net", "export", "metrics", "redact"):
+        elif section in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             _fill(getattr(config, section), value, f"{path}: {section}")
         else:
             raise ConfigError(
                 f"{path}: unknown section [{section}] "
-                "(known: daemon, proc, journal, file, net, export, metrics, redact, ports)"
+                "(known: daemon, proc, journal, file, net, export, metrics, redact, hash, ports)"
             )
     bad = set(config.proc.kinds) - PROC_KINDS
     if bad:
@@ -304,6 +325,10 @@ def load(path: str | Path | None) -> Config:
     wrong = size_error(config.proc.argv_max, config.proc.ring_kb * 1024)
     if wrong is not None:
         raise ConfigError(f"{path}: proc (argv_max, ring_kb): {wrong}")
+    if config.hash.cache_entries < 1 or config.hash.queue_limit < 1:
+        raise ConfigError(f"{path}: hash.cache_entries and hash.queue_limit must be >= 1")
+    if config.hash.inline_max_mb < 0 or config.hash.inline_budget_ms <= 0:
+        raise ConfigError(f"{path}: hash.inline_max_mb must be >= 0, inline_budget_ms > 0")
     if config.proc.batch_above < 0:
         raise ConfigError(f"{path}: proc.batch_above must be >= 0 (events per second)")
     if config.journal.max_age_days <= 0 or config.journal.max_size_mb <= 0:

@@ -35,6 +35,7 @@ from typing import Any, Final, Literal
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
 from kport.sources.ask import Ask, Asking
+from kport.sources.hashes import Hasher
 from kport.sources.subjects import Pending, ProcessTableView, Subjects
 
 log = logging.getLogger("kport.file")
@@ -84,6 +85,8 @@ _PRECEDENCE: Final = (
 )
 
 MarkOf = Literal["path", "mount", "filesystem"]
+#: what a record carries of its executable's hash (see kport.sources.hashes)
+_HASH_FIELDS: Final = ("exe_sha256", "exe_sha256_by", "exe_sha256_pending", "exe_sha256_error")
 
 #: reads of one group in a row, while each finds events, before polling again. When the
 #: opener shares a CPU with the daemon, its next open is queued by the time the answer to
@@ -168,6 +171,7 @@ class FileSource:
         permissions: Iterable[str] = DEFAULT_PERMISSIONS,
         events: Iterable[str] = DEFAULT_EVENTS,
         processes: ProcessTableView | None = None,
+        hasher: Hasher | None = None,
     ) -> None:
         unknown = [k for k in permissions if k not in PERMISSION_KINDS]
         unknown += [k for k in events if k not in NOTIFY_KINDS]
@@ -184,7 +188,8 @@ class FileSource:
         self.trusted = trusted
         self.permissions = tuple(permissions)
         self.events_reported = tuple(events)
-        self.subjects = Subjects(processes)
+        self.subjects = Subjects(processes, hasher)
+        self.hasher = hasher
         self.own_pid = os.getpid()
         self._content_mask = _mask(self.permissions, PERMISSION_KINDS) | _mask(events, FD_KINDS)
         self._names_mask = _mask(events, NAME_KINDS)
@@ -435,7 +440,12 @@ class FileSource:
         info = self.subjects.get(pid)
         # Unreadable (a kernel thread has no exe): rules still decide, on what is known,
         # and nothing is cached for it.
-        key = (pid, info["start_time"], info["exe"], path, kind) if info else None
+        # (the hash too: one still pending is not what a sha256 rule decides on)
+        key = (
+            (pid, info["start_time"], info["exe"], info.get("exe_sha256"), path, kind)
+            if info
+            else None
+        )
         info = info or {}
         decision = None if key is None else self.rules.cached(key)
         if decision is None:
@@ -466,11 +476,13 @@ class FileSource:
                 info.get("uid"),
                 info.get("gid"),
                 ancestors=tuple(info.get("ancestors") or ()),
+                exe_sha256=info.get("exe_sha256"),
             )
             self._last_info = info
         else:
             subject.kind = kind
             subject.path = path
+            subject.exe_sha256 = info.get("exe_sha256")  # a pending one may be known now
         return subject
 
     def _answer(self, group: fan.FanotifyGroup, event: fan.FanotifyEvent, allow: bool) -> None:
@@ -504,7 +516,10 @@ class FileSource:
             "user": record["user"],
             "cmdline": record["argv"],
             "ancestors": record["ancestors"],
+            "exe_sha256": record.get("exe_sha256"),
         }
+        if self.hasher is not None:
+            request["hash_changed"] = self.hasher.decided(record["exe"], record.get("exe_sha256"))
         self.asking.send(request, answered)
 
     def _finish(
@@ -594,4 +609,5 @@ class FileSource:
             "user": info.get("user"),
             "ancestors": info.get("ancestors"),
             "ktime": time.monotonic_ns(),
+            **{k: info[k] for k in _HASH_FIELDS if k in info},
         }

@@ -35,6 +35,7 @@ from kport.rules import RuleSet, Subject
 from kport.sources import firewall, nfqueue
 from kport.sources import packet as packets
 from kport.sources.ask import Ask, Asking
+from kport.sources.hashes import Hasher
 from kport.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket
 from kport.sources.sockets import Candidates, Owners, SocketDiag, all_processes
 from kport.sources.subjects import ProcessTableView, Subjects
@@ -96,6 +97,7 @@ class NetSource:
         processes: ProcessTableView | None = None,
         candidates: Candidates = all_processes,
         queue_length: int = 4096,
+        hasher: Hasher | None = None,
     ) -> None:
         if default_verdict not in VERDICTS:
             raise ValueError(f"default verdict must be one of {VERDICTS}, not {default_verdict!r}")
@@ -107,7 +109,8 @@ class NetSource:
         self.prefer = backend
         self.trusted = trusted
         self.queue_length = queue_length
-        self.subjects = Subjects(processes)
+        self.subjects = Subjects(processes, hasher)
+        self.hasher = hasher
         self.owners = Owners(candidates)
         self.diag: SocketDiag | None = None
         self.backend: firewall.Backend | None = None
@@ -396,7 +399,16 @@ class NetSource:
             return None
         direction = "in" if inbound else "out"
         key = (
-            (pid, info["start_time"], info["exe"], remote, port, flow.protocol, direction)
+            (
+                pid,
+                info["start_time"],
+                info["exe"],
+                info.get("exe_sha256"),  # one still pending is not what a rule decides on
+                remote,
+                port,
+                flow.protocol,
+                direction,
+            )
             if info
             else None
         )
@@ -421,6 +433,7 @@ class NetSource:
                 protocol=flow.protocol,
                 interface=interface,
                 direction=direction,
+                exe_sha256=info.get("exe_sha256"),
             )
             decision = self.rules.decide_afresh(subject, key)
         action = decision.action
@@ -540,8 +553,11 @@ class NetSource:
                 "uid",
                 "user",
                 "ancestors",
+                "exe_sha256",
             )
         }
+        if self.hasher is not None:
+            request["hash_changed"] = self.hasher.decided(record["exe"], record.get("exe_sha256"))
         request["kind"] = "connect" if record["direction"] == "out" else "accept"
         request["cmdline"] = record.get("argv")
         request["verdicts"] = list(VERDICTS)
@@ -588,10 +604,13 @@ class NetSource:
             "user": info.get("user"),
             "ancestors": info.get("ancestors"),
             "ktime": time.monotonic_ns(),
+            **{k: info[k] for k in _HASH_FIELDS if k in info},
         }
 
 
 _KIND: Final = {"allow": "allowed", "deny": "denied", "reject": "rejected"}
+#: what a record carries of its executable's hash (see kport.sources.hashes)
+_HASH_FIELDS: Final = ("exe_sha256", "exe_sha256_by", "exe_sha256_pending", "exe_sha256_error")
 
 
 def rule_for(request: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,9 @@ silent: a full ring, an overflow of the connector's socket (``ENOBUFS`` and the 
 gaps after it are one loss, counted by the socket's drops) and a full hand-off queue each
 become one ``lost`` event with its count, followed by a resync of the table from /proc
 (synthetic events, flagged).
+
+Given a hasher (kport.sources.hashes), each exec carries ``exe_sha256``, the content of the
+program it runs, and the table keeps it (a fork inherits it; file and net events read it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any, Final
 from kport import identity
 from kport.errors import KportError
 from kport.sources import netlink_proc, proc_bpf, procinfo
+from kport.sources.hashes import Hasher
 from kport.sources.proc_bpf import BpfUnavailable, ProcBpf
 
 log = logging.getLogger("kport.proc")
@@ -179,11 +183,13 @@ class ProcSource:
         backend: str = "auto",
         argv_max: int = 4096,
         ring_bytes: int = proc_bpf.RING_DEFAULT,
+        hasher: Hasher | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"proc backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.emit = emit
         self.threads = threads
+        self.hasher = hasher
         self.wanted = backend
         #: the backend in use once started, and why auto did not take eBPF
         self.backend: str | None = None
@@ -531,6 +537,10 @@ class ProcSource:
             "pid": rec.tgid,
             "parent_exe": self._parent_exe(rec.ppid),
         }
+        if self.hasher is not None:
+            hashed = self.hasher.of_process(rec.tgid, entry["exe"], event)
+            entry.update(hashed)
+            event.update(hashed)
         if argv_bytes is not None:
             event["argv_bytes"] = argv_bytes
         if truncated:
@@ -796,6 +806,13 @@ class ProcSource:
             event["gone"] = True
         event["thread"] = False
         self._identify(event, pid, entry)
+        if self.hasher is not None:
+            hashed = self.hasher.of_process(pid, event.get("exe"), event)
+            event.update(hashed)
+            current = self.table.procs.get(pid)
+            if current is not None:  # what it inherited at fork was its parent's program's
+                kept = {k: v for k, v in current.items() if not k.startswith("exe_sha256")}
+                self.table.procs[pid] = {**kept, **hashed}
         missing = [k for k in ("exe", "argv") if not event.get(k)]
         if missing:
             event["missing"] = missing

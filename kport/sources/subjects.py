@@ -6,7 +6,9 @@ reuse) and the executable (an ``exec`` keeps pid and start time). Everything els
 argv, uid, gid, user, the parent chain — is read once per identity: from the proc
 source's table when it runs (it is filled at exec time, before the process could open
 anything), from /proc otherwise. A process that changes its uid without an exec keeps
-the uid it was first seen with until its next exec.
+the uid it was first seen with until its next exec. Given a hasher, the sha256 of the
+executable is read once per identity too (the proc source's, from its exec, where the
+table has it); one still being hashed is asked for again at each lookup until it is known.
 
 A process gone before its lookup (a notification is read after the fact) is named from
 the table only once the proc source has applied its exit, and so every exec before it:
@@ -25,6 +27,7 @@ from collections import OrderedDict
 from typing import Any, Final, Protocol, overload
 
 from kport.sources import procinfo
+from kport.sources.hashes import Hasher
 
 Info = dict[str, Any]
 
@@ -64,8 +67,9 @@ PENDING: Final = Pending()
 class Subjects:
     """Process details by pid, checked against the process's identity on every lookup."""
 
-    def __init__(self, table: ProcessTableView | None = None) -> None:
+    def __init__(self, table: ProcessTableView | None = None, hasher: Hasher | None = None) -> None:
         self.table = table
+        self.hasher = hasher
         self._cache: OrderedDict[int, Info] = OrderedDict()
         #: pid → (its /proc directory fd, its start time), the oldest first
         self._pinned: dict[int, tuple[int, int]] = {}
@@ -133,6 +137,8 @@ class Subjects:
         if cached is not None and (cached["start_time"], cached["exe"]) == identity:
             self.hits += 1
             self._cache.move_to_end(pid)
+            if "exe_sha256_pending" in cached and self.hasher is not None:
+                self._hash(pid, cached)  # the worker may have finished it since
             return cached
         self.misses += 1
         info = self._read(pid, identity)
@@ -184,6 +190,8 @@ class Subjects:
             and entry.get("uid") is not None
         ):
             info = {k: entry.get(k) for k in ("argv", "uid", "gid", "user", "ppid")}
+            if entry.get("exe_sha256") and not entry.get("exe_sha256_by"):
+                info["exe_sha256"] = entry["exe_sha256"]  # hashed through its own exe
         else:
             described = self._describe(pid, start)
             if described is None:
@@ -192,7 +200,16 @@ class Subjects:
         info["start_time"] = start
         info["exe"] = exe
         info["ancestors"] = self._ancestors(info.get("ppid"))
+        if self.hasher is not None and "exe_sha256" not in info:
+            self._hash(pid, info)
         return info
+
+    def _hash(self, pid: int, info: Info) -> None:
+        """Put the executable's sha256 (or why not, or that it is pending) on ``info``."""
+        assert self.hasher is not None
+        for key in ("exe_sha256", "exe_sha256_by", "exe_sha256_pending", "exe_sha256_error"):
+            info.pop(key, None)
+        info.update(self.hasher.of_process(pid, info["exe"]))
 
     def _describe(self, pid: int, start: int) -> Info | None:
         """/proc's account of ``pid``, once its exec is through. The kernel names the new

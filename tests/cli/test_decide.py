@@ -59,6 +59,14 @@ def test_a_connection_is_shown_with_its_host_and_process() -> None:
     assert inbound.startswith("incoming tcp from 198.51.100.2 to port 22")
 
 
+def test_a_prompt_shows_the_program_hash_and_whether_it_changed() -> None:
+    sha = "ab" * 32
+    lines = describe({**CONNECT, "exe_sha256": sha, "hash_changed": False}).splitlines()
+    assert lines[2] == f"  sha256 {sha}"
+    changed = describe({**CONNECT, "exe_sha256": sha, "hash_changed": True}).splitlines()
+    assert changed[2] == f"  sha256 {sha}  CHANGED since the last decision about this program"
+
+
 def test_a_policy_answers_both_ports_in_their_reader_threads_and_stops_at_count(
     rundir: Path,
 ) -> None:

@@ -8,10 +8,15 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kport.sources.hashes import Hasher
+from tests.conftest import SLACK_S, mount_tmpfs
+from tests.daemon.test_daemon import Collector, start_daemon, stop_daemon
 
 
 def _sha(path: Path) -> str:
@@ -149,3 +154,66 @@ def test_hash_changed_compares_with_the_last_decision_about_that_path() -> None:
     assert not hasher.decided("/usr/bin/x", "a" * 64)
     assert hasher.decided("/usr/bin/x", "b" * 64)
     assert not hasher.decided("/usr/bin/y", "b" * 64)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.geteuid() != 0, reason="kport serve needs root")
+def test_a_binary_replaced_in_place_gets_its_new_hash_and_the_old_hash_rule_no_longer_matches(
+    rundir: Path, tmp_path: Path
+) -> None:
+    """End to end: the exec event's hash is the file's, a file rule by that hash denies,
+    and the same inode rewritten with another program is another program to both."""
+    program = tmp_path / "reader"
+    shutil.copy("/bin/cat", program)
+    inode = program.stat().st_ino
+    old = _sha(program)
+    with mount_tmpfs(tmp_path / "watched") as mount:
+        (mount / "secret.txt").write_text("s3cret\n")
+        rules = tmp_path / "rules.toml"
+        rules.write_text(
+            f'[[rule]]\nname = "known reader"\naction = "deny"\npath = ["{mount}/**"]\n'
+            f'sha256 = ["{old}"]\n'
+        )
+        config = tmp_path / "kport.toml"
+        config.write_text(
+            f'[file]\nenabled = true\npaths = ["{mount}"]\nrules = ["{rules}"]\n'
+            'default_action = "allow"\n'
+        )
+        daemon = start_daemon(rundir, "--config", str(config))
+        try:
+            collector = Collector(rundir)
+            try:
+
+                def run() -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+                    done = subprocess.Popen(
+                        [program, str(mount / "secret.txt")],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                    out, err = done.communicate(timeout=SLACK_S)
+                    deadline = time.monotonic() + SLACK_S
+                    while done.pid not in collector.by_pid("exec"):
+                        assert time.monotonic() < deadline, "no exec event"
+                        time.sleep(0.02)
+                    result = subprocess.CompletedProcess(done.args, done.returncode, out, err)
+                    return result, collector.by_pid("exec")[done.pid]
+
+                denied, exec_event = run()
+                assert denied.returncode != 0 and "Operation not permitted" in denied.stderr
+                assert exec_event["exe"] == str(program)
+                assert exec_event["exe_sha256"] == old
+
+                # the same inode, another program (nothing runs it now: no ETXTBSY)
+                _rewrite_in_place(program, Path("/usr/bin/head").read_bytes())
+                assert program.stat().st_ino == inode
+                new = _sha(program)
+                assert new != old
+
+                allowed, exec_event = run()
+                assert exec_event["exe_sha256"] == new
+                assert allowed.returncode == 0 and allowed.stdout == "s3cret\n"
+            finally:
+                collector.close()
+        finally:
+            stop_daemon(daemon, rundir)

@@ -753,6 +753,7 @@ function promptCard(p) {
   const card = el("article", { class: "prompt", dataset: { id: String(p.id) }, "aria-label": `prompt: ${what}` },
     el("h3", {}, what),
     el("div", { class: "who" }, who),
+    programHash(p.request),
     el("div", {}, p.domain === "net" ? "connection" : "file access", " · ", el("span", { class: "countdown", dataset: { deadline: String(p.deadline_ts) } }, "")),
     el("div", { class: "actions" },
       ...verdicts.map((v) => el("button", { type: "button", class: v, title: `${v} (${v[0]})`, onclick: () => answer(p, v, card) }, v[0].toUpperCase() + v.slice(1))),
@@ -764,6 +765,14 @@ function promptCard(p) {
     if (v && !e.ctrlKey && !e.metaKey && !e.altKey) { e.preventDefault(); answer(p, v, card); }
   });
   return card;
+}
+
+// The program's content: its sha256, and a warning when it is not the one the last
+// decision about that path saw (replaced or rebuilt since).
+function programHash(r) {
+  if (!r.exe_sha256) return el("div", { class: "hash muted" }, r.exe_sha256_pending ? "sha256: being computed" : "sha256: unknown");
+  return el("div", { class: r.hash_changed ? "hash changed" : "hash", title: r.exe_sha256 },
+    r.hash_changed ? "changed since the last decision about this program · " : "", `sha256 ${r.exe_sha256.slice(0, 16)}…`);
 }
 
 function settledCard(p) {
