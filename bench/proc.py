@@ -1,8 +1,9 @@
 """`kport bench proc`: exec storms captured at the same time by kport's two proc backends
 (bpf and the proc connector, one daemon each), by forkstat and by a bpftrace one-liner;
 kport at a steady 1,000 execs/s with its journal on, both daemons together, then each
-alone (three times, the backends taking turns); and the proc connector parser against
-pyroute2's.
+alone (three times, the backends taking turns); the /bin/true storm into an eBPF daemon
+with [hash] off and one with it on, in turn (what ``exe_sha256`` costs); and the proc
+connector parser against pyroute2's.
 
 The storms: a tiny static program (no loader, no libc) from 2 spawners and from 4
 (``--count`` execs each, 20,000 by default), and /bin/true from 2 (a quarter of that).
@@ -85,6 +86,9 @@ BPFTRACE_PROGRAM = (
     "str(args->filename)); }"
 )
 TRACEFS = "/sys/kernel/tracing"
+#: the hashing comparison: pairs of rounds (off, then on), and the most CPU it may add
+HASH_PAIRS = 4
+HASH_TARGET = 0.10
 BACKENDS = ("bpf", "connector")
 
 #: exit(0) as machine code, by architecture: the body of the storm's tiny program
@@ -492,14 +496,16 @@ class Daemon:
     """``kport serve`` with ``[proc] backend = BACKEND`` (the journal on, as by default),
     in its own runtime and state directories under ``workdir``."""
 
-    def __init__(self, workdir: Path, backend: str) -> None:
+    def __init__(self, workdir: Path, backend: str, hashing: bool = True) -> None:
         self.backend = backend
         base = workdir / f"kport-{backend}-{time.monotonic_ns()}"
         self.rundir, statedir = base / "run", base / "state"
         self.rundir.mkdir(parents=True)
         statedir.mkdir()
         config = base / "kport.toml"
-        config.write_text(tomli_w.dumps({"proc": {"backend": backend}}))
+        config.write_text(
+            tomli_w.dumps({"proc": {"backend": backend}, "hash": {"enabled": hashing}})
+        )
         self.log = base / "serve.log"
         serve = ["serve", "--runtime-dir", str(self.rundir), "--state-dir", str(statedir)]
         with self.log.open("wb") as out:
@@ -835,6 +841,123 @@ def _capture(storm: Storm, taps: list[Tap]) -> dict[str, Any]:
     return {"storm": storm.label, "spawners": storm.spawners, "tools": results, "machine": machine}
 
 
+# --- hashing executables -------------------------------------------------------------------
+
+
+def hashing(workdir: Path, program: str, count: int, pairs: int = HASH_PAIRS) -> dict[str, Any]:
+    """What ``exe_sha256`` costs: the same storm (``count`` execs of ``program`` from 2
+    spawners) into a bpf daemon with [hash] off and one with it on, ``pairs`` times in
+    turn (off first, then on first), each daemon fresh. With it on the program is hashed
+    at its first exec and every other is a cache hit (warm); what a miss costs (cold) is
+    timed in this process, through a live process's /proc/<pid>/exe and by path, with the
+    cache emptied before each."""
+    rounds: list[dict[str, Any]] = []
+    for n in range(1, pairs + 1):
+        # off-on, then on-off: whatever drifts in a run weighs on both alike
+        for on in (False, True) if n % 2 else (True, False):
+            with _daemons(workdir, ("bpf",), hashing=on) as (daemon,):
+                storm = Storm(
+                    f"h{int(on)}{n}", f"hash {'on' if on else 'off'} #{n}", program, count, 2
+                )
+                got = _capture(storm, [KportTap(daemon)])
+                row = got["tools"]["kport bpf"]
+                hashes = daemon.status().get("hashes")
+            rounds.append(
+                {
+                    "hash": on,
+                    "round": n,
+                    "spawned": row.get("spawned"),
+                    "captured": row.get("captured"),
+                    "cpu_s_per_1000": row.get("tool_cpu_s_per_1000"),
+                    "p99_us": row.get("latency_us", {}).get("p99"),
+                    "steal_cpu_s": got["machine"].get("steal_cpu_s"),
+                    "hashes": hashes,
+                }
+            )
+
+    def median(on: bool, key: str) -> float | None:
+        values = [r[key] for r in rounds if r["hash"] is on and r[key] is not None]
+        return statistics.median(values) if values else None
+
+    off_cpu, on_cpu = median(False, "cpu_s_per_1000"), median(True, "cpu_s_per_1000")
+    overhead = on_cpu / off_cpu - 1 if on_cpu is not None and off_cpu else None
+    lookup = lookup_cost(program)
+    # the same share from the lookup's own cost, which the machine's noise moves less
+    estimate = lookup["live_warm"] / (off_cpu * 1000) if off_cpu else None
+    return {
+        "program": program,
+        "execs": count,
+        "rounds": rounds,
+        "cpu_s_per_1000": {"off": off_cpu, "on_warm": on_cpu},
+        "p99_us": {"off": median(False, "p99_us"), "on_warm": median(True, "p99_us")},
+        "overhead": overhead,
+        "overhead_from_lookup": estimate,
+        "target": HASH_TARGET,
+        "met": overhead is not None and overhead <= HASH_TARGET,
+        "lookup_us": lookup,
+    }
+
+
+def lookup_cost(program: str, n: int = 2000) -> dict[str, float]:
+    """µs per Hasher.of_process: a cache hit and a miss (cold: the cache emptied first),
+    through a live process's exe, and by path for ``program`` (a process gone already)."""
+    from kport.sources.hashes import Hasher
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        exe = os.readlink(f"/proc/{sleeper.pid}/exe")
+        gone = 2**22 + 1  # above any pid_max: looked up by path
+        out: dict[str, float] = {}
+        for label, pid, path in (("live", sleeper.pid, exe), ("by_path", gone, program)):
+            hasher = Hasher()
+            hasher.of_process(pid, path)
+            warm = timeit.timeit(lambda: hasher.of_process(pid, path), number=n)  # noqa: B023
+            clear = hasher._cache.clear  # (a bench may: nothing else empties it)
+            cold = timeit.timeit(lambda: (clear(), hasher.of_process(pid, path)), number=n // 10)  # noqa: B023
+            out[f"{label}_warm"] = warm / n * 1e6
+            out[f"{label}_cold"] = cold / (n // 10) * 1e6
+            out[f"{label}_bytes"] = float(os.stat(path).st_size)
+        return out
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _show_hashing(result: dict[str, Any]) -> None:
+    print(f"\nexe_sha256 in a storm of {result['execs']:,} execs of {result['program']} (bpf):")
+    for r in result["rounds"]:
+        print(
+            f"  hash {'on ' if r['hash'] else 'off'} #{r['round']}: "
+            f"daemon CPU {_fmt_num(r['cpu_s_per_1000'], 3)} s per 1,000 execs, "
+            f"p99 {_fmt_num(r['p99_us'])} µs, captured {_fmt_int(r['captured'])} of "
+            f"{_fmt_int(r['spawned'])}, steal {_fmt_num(r['steal_cpu_s'], 2)} s"
+        )
+    cpu, p99, lookup = result["cpu_s_per_1000"], result["p99_us"], result["lookup_us"]
+    overhead = result["overhead"]
+    print(
+        f"  medians: off {_fmt_num(cpu['off'], 3)} s, on (warm cache) "
+        f"{_fmt_num(cpu['on_warm'], 3)} s per 1,000 execs; p99 off {_fmt_num(p99['off'])} µs, "
+        f"on {_fmt_num(p99['on_warm'])} µs"
+    )
+    print(
+        f"  one lookup, warm / cold: through /proc/<pid>/exe {lookup['live_warm']:.1f} / "
+        f"{lookup['live_cold']:.0f} µs ({lookup['live_bytes'] / 1024:.0f} KiB), by path "
+        f"{lookup['by_path_warm']:.1f} / {lookup['by_path_cold']:.0f} µs "
+        f"({lookup['by_path_bytes'] / 1024:.1f} KiB)"
+    )
+    verdict = "met" if result["met"] else "NOT met"
+    shown = "?" if overhead is None else f"{overhead * 100:+.1f} %"
+    print(
+        f"  target: hashing with a warm cache costs <= 10 % more CPU per exec: {shown}, {verdict}"
+    )
+    estimate = result["overhead_from_lookup"]
+    if estimate is not None:
+        print(
+            f"  (a warm lookup is {estimate * 100:.1f} % of the daemon's CPU per exec with "
+            "hashing off: the rest of any difference above is this machine's noise)"
+        )
+
+
 # --- the parser ---------------------------------------------------------------------------
 
 
@@ -872,11 +995,13 @@ def _install(tool: str) -> None:
 
 
 @contextlib.contextmanager
-def _daemons(workdir: Path, backends: tuple[str, ...]) -> Iterator[list[Daemon]]:
+def _daemons(
+    workdir: Path, backends: tuple[str, ...], hashing: bool = True
+) -> Iterator[list[Daemon]]:
     started: list[Daemon] = []
     try:
         for backend in backends:
-            started.append(Daemon(workdir, backend))
+            started.append(Daemon(workdir, backend, hashing))
         yield started
     finally:
         for daemon in started:
@@ -1129,6 +1254,7 @@ def run(count: int = 20_000, rounds: int = 5_000, json_dir: str | None = None) -
                     alone = _capture(paced_storm(f"p{backend[0]}{n}"), [KportTap(daemon)])
                     alone["storm"] = f"paced, {backend} alone #{n}"
                     paced.append({"mode": "alone", "round": n, **alone})
+        hashed = hashing(workdir, "/bin/true", true_count)
     parse = parser_speed()
     targets = _targets(storms, paced)
     if bpftrace_failed:
@@ -1137,6 +1263,7 @@ def run(count: int = 20_000, rounds: int = 5_000, json_dir: str | None = None) -
         said = next((s["tools"]["bpftrace"].get("stderr") for s in storms), "")
         bpftrace_note += f"; it ran, its stderr: {said!r}" if said else "; it ran"
     _show(storms, paced, parse, targets, bpftrace_note)
+    _show_hashing(hashed)
     seconds = time.monotonic() - started
     print(f"the bench took {seconds:.0f} s")
     result = {
@@ -1152,6 +1279,7 @@ def run(count: int = 20_000, rounds: int = 5_000, json_dir: str | None = None) -
         "storms": storms,
         "paced": paced,
         "parser": parse,
+        "hashing": hashed,
         "targets": targets,
         "seconds": seconds,
         "others_at_start": others,
