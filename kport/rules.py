@@ -201,7 +201,16 @@ class Rule:
         made = self._decision
         if made is None or made[0] != index:
             where = self.origin if index is None else f"rule {index + 1} ({self.origin})"
-            made = self._decision = (index, Decision(self.action, self.name or where))
+            file, _, line = self.origin.rpartition(":")
+            why = {
+                "by": "rule",
+                "rule": self.name or where,
+                "action": self.action,
+                # a rule from a file: its file and line; one kept in memory: for how long
+                **({"file": file, "line": int(line)} if line.isdigit() else {"kept": self.origin}),
+                "fields": {k: v for k, v in self.source.items() if k not in ("action", "name")},
+            }
+            made = self._decision = (index, Decision(self.action, self.name or where, why))
         return made[1]
 
     def matches(self, subject: Subject) -> bool:
@@ -262,9 +271,18 @@ class Decision:
     action: str
     #: the rule that decided, or "default"
     rule: str
+    #: why, for the event and `kport query --why`: ``by`` "rule" (its name, where it is,
+    #: its fields) or "default" (the default action); made once per rule, never changed
+    why: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
-_DEFAULT_DECISIONS: Final = {action: Decision(action, "default") for action in NET_ACTIONS}
+def _default(action: str) -> Decision:
+    return Decision(
+        action, "default", {"by": "default", "action": action, "reason": "no rule matched"}
+    )
+
+
+_DEFAULT_DECISIONS: Final = {action: _default(action) for action in NET_ACTIONS}
 
 
 def _ids(values: Any, what: str, lookup: Any) -> frozenset[int]:
@@ -555,7 +573,7 @@ class RuleSet:
         """:meth:`decide` for a caller that found ``cache_key`` missing from the cache
         already (:meth:`cached`): the rules answer, and the answer is cached."""
         self.misses += 1
-        decision = _DEFAULT_DECISIONS.get(self.default) or Decision(self.default, "default")
+        decision = _DEFAULT_DECISIONS.get(self.default) or _default(self.default)
         for rule in self.temporary:
             if rule.matches(subject):
                 decision = rule.decision(None)

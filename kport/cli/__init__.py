@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=1000, help="at most this many (0: all)")
     q.add_argument("--newest-first", action="store_true", help="newest events first")
     q.add_argument("--json", action="store_true", help="one JSON object per line")
+    q.add_argument(
+        "--why",
+        type=int,
+        metavar="SEQ",
+        help="explain the verdict of event SEQ: the rule (and what it matched), the default, "
+        "or the decision client that decided",
+    )
     q.add_argument("--db", help="read this journal file directly instead of asking the daemon")
     q.add_argument("--runtime-dir", help="where the ports' sockets are")
     q.add_argument("--fleet", metavar="URL", help="answer from the fleet's stream at this URL")

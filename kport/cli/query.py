@@ -139,6 +139,10 @@ def command(args: argparse.Namespace) -> int:
             filters["since_ns"] = parse_time(args.since)
         if args.until:
             filters["until_ns"] = parse_time(args.until)
+        if args.why is not None:
+            if args.fleet:
+                raise ValueError("--why is for this host's journal, not --fleet")
+            return _why(args)
         if args.fleet:
             return _fleet(args, filters)
         if args.host or args.stream_seq is not None or args.config:
@@ -147,6 +151,37 @@ def command(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"kport query: {err}", file=sys.stderr)
         return 2
+
+
+def _why(args: argparse.Namespace) -> int:
+    """`kport query --why SEQ`: that event's verdict explained (see :mod:`kport.cli.why`)."""
+    from kport.cli.why import explain
+
+    seq = args.why
+    filters = {"first": seq, "last": seq, "limit": 1}
+    if args.db is not None:
+        if not Path(args.db).exists():
+            print(f"kport query: no journal at {args.db}", file=sys.stderr)
+            return 1
+        found = list(JournalReader(Path(args.db)).query(Query.from_mapping(filters)))
+    else:
+        found = list(history(runtime_dir=args.runtime_dir, **filters))
+    if not found:
+        print(f"kport query: the journal holds no event with seq {seq}", file=sys.stderr)
+        return 1
+    event = found[0]
+    if "why" not in event:
+        print(
+            f"kport query: event {seq} ({event.get('source')} {event.get('kind')}) is not a "
+            "verdict: only file and net decisions have one",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(event, default=repr))
+    else:
+        print("\n".join(explain(event)))
+    return 0
 
 
 def fleet_options(config: str | None) -> dict[str, Any]:

@@ -19,7 +19,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Final
 
 from kport.daemon.redact import Redactor
@@ -132,9 +133,9 @@ class Decisions:
         """``done``, and the time until it was called kept in :attr:`latency`."""
         asked = time.monotonic()
 
-        def timed(verdict: str, why: str) -> None:
+        def timed(verdict: str, why: str, client: Mapping[str, Any] | None = None) -> None:
             took = time.monotonic() - asked
-            done(verdict, why)  # the verdict first: the metrics wait
+            done(verdict, why, client)  # the verdict first: the metrics wait
             self.latency.observe((verdict, "client" if why == "decided" else "default"), took)
 
         return timed
@@ -176,7 +177,7 @@ class Decisions:
         if verdict not in self.verdicts:
             done(default, f"the decision client answered {reply!r:.60}, not {self._choices()}")
             return
-        done(verdict, "decided")
+        done(verdict, "decided", _client(conn))
         if self.on_reply is not None and len(reply) > 1:  # remember, a duration...
             task = asyncio.get_running_loop().create_task(self._apply(request, reply))
             self._tasks.add(task)
@@ -191,6 +192,14 @@ class Decisions:
 
     def _choices(self) -> str:
         return " or ".join(self.verdicts)
+
+
+def _client(conn: ServerConnection) -> dict[str, Any]:
+    """Which decision client answered: its connection, process and user."""
+    client: dict[str, Any] = {"connection": conn.id, "pid": conn.pid, "uid": conn.uid}
+    with contextlib.suppress(OSError):
+        client["comm"] = Path(f"/proc/{conn.pid}/comm").read_text().strip()
+    return client
 
 
 # --- what an answer leaves behind -------------------------------------------------------

@@ -10,12 +10,17 @@ any thread, and the source bounds how many of its asks are in flight at once (th
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-#: done(verdict, why): why is "decided" when a client answered; called exactly once,
-#: from any thread
-Done = Callable[[str, str], None]
+
+class Done(Protocol):
+    """done(verdict, why, client): why is "decided" when a client answered, and then
+    ``client`` says which; called exactly once, from any thread."""
+
+    def __call__(self, verdict: str, why: str, client: Mapping[str, Any] | None = None) -> None: ...
+
+
 #: a source's way to ask: ask(request, done)
 Ask = Callable[[dict[str, Any], Done], None]
 
@@ -59,13 +64,26 @@ class Asking:
         assert self.ask is not None
         once = threading.Lock()
 
-        def done(verdict: str, why: str) -> None:
+        def done(verdict: str, why: str, client: Mapping[str, Any] | None = None) -> None:
             if not once.acquire(blocking=False):
                 return  # answered already
             with self._lock:
                 self.in_flight -= 1
                 if why != "decided":
                     self.defaulted += 1
-            answered(verdict, why)
+            answered(verdict, why, client)
 
         self.ask(request, done)
+
+
+def outcome(
+    why: str, client: Mapping[str, Any] | None, verdict: str, rule: str | None
+) -> dict[str, Any]:
+    """Why an ask ended in ``verdict``, for the event and `kport query --why`: a client
+    answered (which one), or the default verdict applied (the deadline passed, no client,
+    too many asks...). ``rule`` is the rule that sent it to be asked."""
+    asked = {"asked_by_rule": rule} if rule else {}
+    if why == "decided":
+        return {"by": "client", "verdict": verdict, "client": dict(client or {}), **asked}
+    by = "deadline" if why.startswith("no answer within") else "default"
+    return {"by": by, "verdict": verdict, "setting": "default_verdict", "reason": why, **asked}

@@ -28,13 +28,13 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from kport.rules import RuleSet, Subject
 from kport.sources import fanotify as fan
-from kport.sources.ask import Ask, Asking
+from kport.sources.ask import Ask, Asking, outcome
 from kport.sources.hashes import Hasher
 from kport.sources.subjects import Pending, ProcessTableView, Subjects
 
@@ -461,6 +461,7 @@ class FileSource:
         allow = decision.action == "log"
         self._answer(group, event, allow)  # the verdict first, everything else after
         record["verdict"] = "allow" if allow else "deny"
+        record["why"] = decision.why
         return record
 
     def _subject(self, kind: str, path: str | None, info: dict[str, Any]) -> Subject:
@@ -500,11 +501,16 @@ class FileSource:
     def _ask(self, group: fan.FanotifyGroup, event: fan.FanotifyEvent, record: Event) -> None:
         why = self.asking.reserve()
         if why is not None:
+            record["why"] = outcome(
+                why, None, "allow" if self.default_verdict else "deny", record.get("rule")
+            )
             self._finish(group, event, record, self.default_verdict, why)
             return
 
-        def answered(verdict: str, why: str) -> None:
-            self._finish(group, event, record, verdict == "allow", why)
+        def answered(verdict: str, why: str, client: Mapping[str, Any] | None = None) -> None:
+            allow = verdict == "allow"
+            record["why"] = outcome(why, client, "allow" if allow else "deny", record.get("rule"))
+            self._finish(group, event, record, allow, why)
 
         request = {
             "kind": record["kind"],

@@ -28,13 +28,13 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from kport.rules import RuleSet, Subject
 from kport.sources import firewall, nfqueue
 from kport.sources import packet as packets
-from kport.sources.ask import Ask, Asking
+from kport.sources.ask import Ask, Asking, outcome
 from kport.sources.hashes import Hasher
 from kport.sources.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket
 from kport.sources.sockets import Candidates, Owners, SocketDiag, all_processes
@@ -456,6 +456,7 @@ class NetSource:
         record["verdict"] = verdict
         record["rule"] = decision.rule
         record["decided_by"] = "rule" if decision.rule != "default" else "default"
+        record["why"] = decision.why
         return record
 
     def _owner(
@@ -523,18 +524,20 @@ class NetSource:
         if why is not None:
             if self.default_verdict != "allow":
                 self._settle(flow, self.default_verdict)
+            record["why"] = outcome(why, None, self.default_verdict, record.get("rule"))
             return self._finish([pkt], record, self.default_verdict, f"default: {why}")
 
-        def answered(verdict: str, why: str) -> None:
+        def answered(verdict: str, why: str, client: Mapping[str, Any] | None = None) -> None:
             with self._lock:
                 held = self._pending.pop(slot, [])
-            if why != "decided":
-                why = f"default: {why}"
             if verdict not in VERDICTS:
                 verdict = self.default_verdict
+            decided = dict(record, why=outcome(why, client, verdict, record.get("rule")))
+            if why != "decided":
+                why = f"default: {why}"
             if verdict != "allow":
                 self._settle(flow, verdict)
-            self.emit([self._finish(held, dict(record), verdict, why)])
+            self.emit([self._finish(held, decided, verdict, why)])
 
         request = {
             k: record.get(k)

@@ -22,6 +22,7 @@ import websockets.exceptions
 import websockets.sync.client
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+import kport
 from bench.common import free_port
 from bench.ui import BROWSER_ARGS, CHROMIUM, wait_until
 from tests.conftest import SLACK_S, mount_tmpfs
@@ -298,6 +299,26 @@ def test_answering_a_file_prompt_allows_or_denies_the_opener(
         page.keyboard.press("d")
         thread.join(timeout=10)
         assert result["code"] == 1
+
+
+def test_a_verdicts_detail_says_which_rule_gave_it_and_what_it_matched(
+    stack: Stack, browser: Browser
+) -> None:
+    path = str(stack.mount / "data.txt")
+    with kport.connect("file-decide", runtime_dir=stack.rundir) as conn:  # as an editor would
+        listing = conn.send({"op": "rules"})
+        rule = {"action": "deny", "name": "no data here", "path": path}
+        conn.send({"op": "save", "rules": [rule], "version": listing["editable"]["version"]})
+    with opened(browser, stack) as page:
+        assert subprocess.run(["cat", path], check=False, capture_output=True).returncode == 1
+        page.fill("#f-text", path)
+        row = page.locator(".row:not(.head):not([hidden])", has_text="DENY").first
+        expect(row).to_be_visible(timeout=SLACK_S * 1000)
+        row.click()
+        why = page.locator("#detail-why")
+        expect(why).to_be_visible()
+        expect(why).to_contain_text("decided: DENY by rule 'no data here' (")
+        expect(why).to_contain_text(f'path = "{path}"')
 
 
 def test_rules_are_added_reordered_and_deleted_and_apply_at_once(

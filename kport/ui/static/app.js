@@ -539,9 +539,44 @@ function select(index, open) {
   if (open || !$("detail").hidden) showDetail(state.view[index]);
 }
 
+// a rule's field → the event's field it looks at (as `kport query --why` says it)
+const LOOKS_AT = { kinds: "kind", path: "path", exe: "exe", uids: "uid", users: "uid", gids: "gid", groups: "gid", ancestors: "ancestors", cmdline: "argv", hosts: "host", addresses: "dst", ports: "dport", protocols: "protocol", interfaces: "interface", direction: "direction" };
+
+// why a verdict was given: the same lines as `kport query --why SEQ`
+function explainWhy(e) {
+  const w = e.why;
+  if (!w) return "";
+  const verdict = String(e.verdict ?? "?").toUpperCase();
+  const shown = (v) => v == null ? "(not known)" : Array.isArray(v) ? v.join(" ") : String(v);
+  const lines = [];
+  if (w.by === "rule") {
+    const where = w.file ? `${w.file}:${w.line}` : `kept ${w.kept ?? ""}`;
+    lines.push(`decided: ${verdict} by rule '${w.rule}' (${where})`, `its action: ${w.action}`);
+    const fields = Object.entries(w.fields || {});
+    if (fields.length) {
+      lines.push("matched:");
+      for (const [name, wanted] of fields) lines.push(`  ${name} = ${JSON.stringify(wanted)}  \u2190  ${shown(e[LOOKS_AT[name] ?? name])}`);
+    } else lines.push("matched: everything (the rule has no criteria)");
+  } else if (w.by === "client") {
+    const c = w.client || {};
+    lines.push(`decided: ${verdict} by a decision client: pid ${c.pid}${c.comm ? " (" + c.comm + ")" : ""}, uid ${c.uid}, connection ${c.connection}`);
+  } else if (w.by === "deadline") {
+    lines.push(`decided: ${verdict} by the default verdict (default_verdict): the deadline passed (${w.reason})`);
+  } else if (w.setting === "default_verdict") {
+    lines.push(`decided: ${verdict} by the default verdict (default_verdict): ${w.reason}`);
+  } else {
+    lines.push(`decided: ${verdict} by the default action (${w.action}): ${w.reason ?? "no rule matched"}`);
+  }
+  if (w.asked_by_rule) lines.push(`asked because of rule '${w.asked_by_rule}' (action ask)`);
+  return lines.join("\n");
+}
+
 function showDetail(e) {
   const { _text, ...plain } = e;
   $("detail-json").textContent = JSON.stringify(plain, null, 2);
+  const why = explainWhy(e);
+  $("detail-why").textContent = why;
+  $("detail-why").hidden = $("detail-why-head").hidden = !why;
   const list = $("detail-ancestry");
   list.replaceChildren();
   for (const p of ancestry(e)) {
