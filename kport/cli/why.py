@@ -26,6 +26,7 @@ _LOOKS_AT: dict[str, str] = {
     "protocols": "protocol",
     "interfaces": "interface",
     "direction": "direction",
+    "sha256": "exe_sha256",
 }
 
 

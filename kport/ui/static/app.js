@@ -540,7 +540,7 @@ function select(index, open) {
 }
 
 // a rule's field → the event's field it looks at (as `kport query --why` says it)
-const LOOKS_AT = { kinds: "kind", path: "path", exe: "exe", uids: "uid", users: "uid", gids: "gid", groups: "gid", ancestors: "ancestors", cmdline: "argv", hosts: "host", addresses: "dst", ports: "dport", protocols: "protocol", interfaces: "interface", direction: "direction" };
+const LOOKS_AT = { kinds: "kind", path: "path", exe: "exe", uids: "uid", users: "uid", gids: "gid", groups: "gid", ancestors: "ancestors", cmdline: "argv", hosts: "host", addresses: "dst", ports: "dport", protocols: "protocol", interfaces: "interface", direction: "direction", sha256: "exe_sha256" };
 
 // why a verdict was given: the same lines as `kport query --why SEQ`
 function explainWhy(e) {
