@@ -175,6 +175,11 @@ def test_rules_allow_deny_and_reject_and_every_decision_is_reported(
         rejected = events(rundir, "rejected")
         assert rejected[0]["rule"] == "no 8081" and rejected[0]["dport"] == 8081
         assert events(rundir, "denied")[0]["rule"] == "no 8082"
+        # and why: the rule, where it is and its fields; or the default, no rule matching
+        why = rejected[0]["why"]
+        assert (why["by"], why["rule"], why["action"]) == ("rule", "no 8081", "reject")
+        assert why["line"] == 2 and why["fields"] == {"ports": [8081]}
+        assert allowed["why"] == {"by": "default", "action": "allow", "reason": "no rule matched"}
         net = kport_status(rundir)["sources"]["net"]
         assert net["allowed"] >= 1 and net["rejected"] >= 1 and net["denied"] >= 1
         assert net["without_process"] == 0
@@ -221,6 +226,8 @@ def test_an_ask_is_answered_by_a_client_both_ways(server: Netns, rundir: Path) -
             assert {e["dport"] for e in asked} == {8080, 8081}
             allowed = next(e for e in events(rundir, "allowed") if e["dport"] == 8080)
             assert allowed["decided_by"] == "client" and allowed["argv"][-1] == "m-ask"
+            why = allowed["why"]  # which client answered
+            assert why["by"] == "client" and why["client"]["pid"] == client.pid
         finally:
             client.kill()
             out, _ = client.communicate()
@@ -280,6 +287,7 @@ def test_a_stuck_client_gets_the_default_at_the_deadline_and_is_told_it_missed(
             wait_until(lambda: len(events(rundir, "denied")) == 1)
             denied = events(rundir, "denied")[0]
             assert denied["decided_by"].startswith("default: no answer within 1.5 s")
+            assert denied["why"]["by"] == "deadline" and denied["why"]["verdict"] == "deny"
             net = kport_status(rundir)["sources"]["net"]
             # the SYN sent again while asked, and after, got the same answer: one prompt
             assert net["asked"] == 1 and net["retransmissions"] >= 1
