@@ -134,7 +134,14 @@ async def history(
     """The fleet's events that pass ``query``, from the stream as it stands now: from a
     stream sequence (``since_seq``), from ``query.since_ns``, or from the start; each
     (host, seq) once; oldest first, or newest first as the query says."""
-    nc = await _connect(url, max_reconnect_attempts=1, **{"error_cb": _quiet, **(options or {})})
+    # one answer wanted: no reconnecting, so a refusal is raised as itself, not as "no
+    # servers" after an error the client reports on its own time
+    nc = await _connect(
+        url,
+        allow_reconnect=False,
+        max_reconnect_attempts=1,
+        **{"error_cb": _quiet, **(options or {})},
+    )
     try:
         js = nc.jetstream()
         try:
