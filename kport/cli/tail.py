@@ -8,6 +8,7 @@ import fnmatch
 import json
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -81,7 +82,7 @@ def format_line(event: dict[str, Any]) -> str:
     if source == "file":
         return f"{head}{_file_target(event)}{_verdict(event)}  by {command}"
     if source == "net":
-        return f"{head}{_connection(event)}{_verdict(event)}  by {command}"
+        return f"{head}{connection(event)}{_verdict(event)}  by {command}"
     extra = ""
     if kind == "exit":
         extra = (
@@ -112,7 +113,7 @@ def _file_target(event: dict[str, Any]) -> str:
     return text + (f" [{', '.join(notes)}]" if notes else "")
 
 
-def _connection(event: dict[str, Any]) -> str:
+def connection(event: Mapping[str, Any]) -> str:
     """The peer of a connection, as a person would say it."""
     protocol = event.get("protocol") or "?"
     if event.get("direction") == "in":

@@ -9,6 +9,8 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
+from kport.cli.tail import connection
+
 #: a rule's field → the event's field it looks at
 _LOOKS_AT: dict[str, str] = {
     "kinds": "kind",
@@ -89,15 +91,8 @@ def explain(event: Mapping[str, Any]) -> list[str]:
 def _headline(event: Mapping[str, Any]) -> str:
     ts = event.get("ts")
     when = dt.datetime.fromtimestamp(ts / 1e9).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if ts else ""
-    what = event.get("path") or _peer(event)
+    what = event.get("path") or connection(event)
     return f"seq {event.get('seq')}  {when}  {event.get('source')} {event.get('kind')}  {what}"
-
-
-def _peer(event: Mapping[str, Any]) -> str:
-    if event.get("direction") == "in":
-        return f"{event.get('protocol')} from {event.get('src')} to port {event.get('dport')}"
-    host = f" ({event['host']})" if event.get("host") else ""
-    return f"{event.get('protocol')} to {event.get('dst')}{host} port {event.get('dport')}"
 
 
 def _subject(event: Mapping[str, Any]) -> list[str]:

@@ -144,8 +144,11 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
-        up = GaugeMetricFamily("kport_up", "1 while the daemon's event loop answers scrapes")
-        up.add_metric([], 1 if snap is not None else 0)
+        up = GaugeMetricFamily(
+            "kport_up",
+            "1 while the daemon's event loop answers scrapes",
+            value=1 if snap is not None else 0,
+        )
         yield up
         if snap is not None:
             yield from self._events(snap)
@@ -165,14 +168,14 @@ class DaemonCollector(Collector):
             for kind, count in sorted(kinds.items()):
                 events.add_metric([source, kind], count)
         yield events
-        seq = GaugeMetricFamily("kport_seq", "The last seq handed out: events_total counts to it")
-        seq.add_metric([], snap["seq"])
-        yield seq
-        filtered = CounterMetricFamily(
-            "kport_filtered", "Process events the daemon-side filters held back"
+        yield GaugeMetricFamily(
+            "kport_seq", "The last seq handed out: events_total counts to it", value=snap["seq"]
         )
-        filtered.add_metric([], status["filtered"])
-        yield filtered
+        yield CounterMetricFamily(
+            "kport_filtered",
+            "Process events the daemon-side filters held back",
+            value=status["filtered"],
+        )
         lost = CounterMetricFamily(
             "kport_lost",
             "Events lost, by source and where: reason=source before delivery (a kernel "
@@ -196,16 +199,16 @@ class DaemonCollector(Collector):
         yield backlog
         proc = status["sources"].get("proc", {})
         if "kernel_records" in proc:  # eBPF: what the kernel's programs made and dropped
-            made = CounterMetricFamily(
-                "kport_proc_kernel_records", "Records the eBPF programs made (taken + dropped)"
+            yield CounterMetricFamily(
+                "kport_proc_kernel_records",
+                "Records the eBPF programs made (taken + dropped)",
+                value=proc["kernel_records"],
             )
-            made.add_metric([], proc["kernel_records"])
-            yield made
-            dropped = CounterMetricFamily(
-                "kport_proc_kernel_dropped", "Records the full eBPF ring refused"
+            yield CounterMetricFamily(
+                "kport_proc_kernel_dropped",
+                "Records the full eBPF ring refused",
+                value=proc["kernel_dropped"],
             )
-            dropped.add_metric([], proc["kernel_dropped"])
-            yield dropped
 
     def _ports(self, ports: dict[str, Any]) -> Iterator[Metric]:
         clients = GaugeMetricFamily("kport_port_clients", "Clients connected", labels=["port"])
@@ -284,9 +287,7 @@ class DaemonCollector(Collector):
             ),
         }
         for name, (doc, value) in gauges.items():
-            family = GaugeMetricFamily(name, doc)
-            family.add_metric([], value)
-            yield family
+            yield GaugeMetricFamily(name, doc, value=value)
         counters = {
             "kport_journal_written": ("Events committed", journal["written"]),
             "kport_journal_dropped": (
@@ -300,9 +301,7 @@ class DaemonCollector(Collector):
             ),
         }
         for name, (doc, value) in counters.items():
-            counter = CounterMetricFamily(name, doc)
-            counter.add_metric([], value)
-            yield counter
+            yield CounterMetricFamily(name, doc, value=value)
         store = self.daemon.journal
         if store is not None:
             yield _histogram(

@@ -24,13 +24,13 @@ from typing import Any, Final
 
 from kport.errors import BadRequest
 from kport.fleet import reader, subjects
-from kport.ui.bridge import EVENT_PORTS, STATS_SECONDS, Page, PortState
+
+# RING: the fleet's recent events kept for pages that open, as for this host's (the oldest
+# go first; how many went is in the status): the stream holds the rest (kport query --fleet)
+from kport.ui.bridge import EVENT_PORTS, RING, STATS_SECONDS, Page, PortState
 
 log = logging.getLogger("kport.ui")
 
-#: the fleet's recent events the UI keeps for pages that open (the oldest go first; how
-#: many went is in the status): the stream holds the rest (`kport query --fleet`)
-RING: Final = 20_000
 #: events sent to an opening page per WebSocket message
 RECENT_CHUNK: Final = 2_000
 #: where a UI started without ``--since`` begins: this far back in the stream

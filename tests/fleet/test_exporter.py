@@ -135,6 +135,23 @@ def delivered_locally(host: Host) -> bool:
     return False
 
 
+def export_until_it_exits(
+    broker: Broker, host: Host, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`kport export` for host h1, run to its end (a refusal ends it), its output kept."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "kport.cli", "export", "--nats", broker.url, "--host", "h1"),
+            *("--runtime-dir", str(host.run_dir), "--state-dir", str(host.where / "export")),
+            *extra,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_a_broker_that_is_not_there_is_said_and_tried_again(one_host: tuple[Broker, Host]) -> None:
     broker, host = one_host  # never started
     host.start_exporter()
@@ -161,17 +178,7 @@ def test_refused_credentials_are_one_line_and_exit_1(
     broker.start()
     config = tmp_path / "export.toml"
     config.write_text('[export]\nuser = "kport"\npassword = "wrong"\n')
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "kport.cli", "export", "--nats", broker.url, "--host", "h1"),
-            *("--config", str(config), "--runtime-dir", str(host.run_dir)),
-            *("--state-dir", str(host.where / "export")),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = export_until_it_exits(broker, host, "--config", str(config))
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("kport export: the broker at") and "refused the credentials" in last
@@ -193,16 +200,7 @@ def test_a_stream_with_other_subjects_is_one_line_and_exit_1(
         await nc.close()
 
     asyncio.run(make())
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "kport.cli", "export", "--nats", broker.url, "--host", "h1"),
-            *("--runtime-dir", str(host.run_dir), "--state-dir", str(host.where / "export")),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = export_until_it_exits(broker, host)
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "stream KPORT exists and takes ['other.>'], not kport.h1.>" in last, last
